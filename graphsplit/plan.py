@@ -1,0 +1,174 @@
+"""The plan: which node runs which layers, in which order, and what that is predicted to cost.
+
+Contract between the splitter (writes plans: `split-model --json`, `split-model --out`) and the
+bridge (reads them: exo legacy / current exo / the MLX runner). Plain Python.
+
+Format "mlx-split/plan", version 1::
+
+    {
+      "format": "mlx-split/plan", "version": 1,
+      "model": {"name": "llama-3-8b", "n_layers": 32, "config_hash": "sha256:..."},
+      "runtime": "exo-current",          # exo-legacy | exo-current | mlx-pipeline
+      "objective": "latency",            # latency | ttft | throughput | pareto
+      "workload": {"prompt_tokens": 512, "context_tokens": 1024, "streams": 1},
+      "stages": [{"node": "studio", "start_layer": 0, "end_layer": 20},
+                 {"node": "mini", "start_layer": 20, "end_layer": 32}],
+      "predicted": {"tpot_s": ..., "ttft_s": ..., "throughput_tps": ...,
+                    "stage_memory_bytes": {"studio": ..., "mini": ...}, ...},
+      "solver": {"name": "bitmask-dp", "optimal": true, "message": "...", "solve_s": 0.01},
+      "baselines": {"exo-legacy": {"stages": [...], "predicted": {...}},
+                    "exo-current": {...}, "even": {...}},
+      "cluster_file": "cluster.json" | null,   # for re-planning when nodes change
+      "nodes": {"studio": {"memory_bytes": ..., "estimated": false, "profile": "..."}, ...}
+    }
+
+Stages are in execution order; layer ranges are HALF-OPEN over transformer blocks
+[start_layer, end_layer), contiguous, covering 0..n_layers. The first stage also runs the
+embedding, the last the final norm and head (where the runtime keeps them on every rank, their
+memory is counted on every stage). All predicted numbers are derived from measured cost tables.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from profiler.costtable import atomic_write_json
+from profiler.errors import UserError
+
+FORMAT = "mlx-split/plan"
+VERSION = 1
+RUNTIMES = ("exo-legacy", "exo-current", "mlx-pipeline")
+
+
+class PlanError(UserError):
+    """A plan file that cannot be used; the message says which file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    node: str
+    start_layer: int  # first block, inclusive
+    end_layer: int  # one past the last block (half-open)
+
+    @property
+    def n_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+
+@dataclass
+class Plan:
+    model: dict[str, Any]
+    stages: list[Stage]
+    predicted: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "exo-current"
+    objective: str = "latency"
+    workload: dict[str, Any] = field(default_factory=dict)
+    solver: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cluster_file: str | None = None
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model["n_layers"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "runtime": self.runtime,
+            "objective": self.objective,
+            "workload": self.workload,
+            "stages": [asdict(s) for s in self.stages],
+            "predicted": self.predicted,
+            "solver": self.solver,
+            "baselines": self.baselines,
+            "cluster_file": self.cluster_file,
+            "nodes": self.nodes,
+        }
+
+
+def check_stages(stages: list[Stage], n_layers: int, source: str = "plan") -> None:
+    """Stages must be contiguous, non-empty, half-open, cover [0, n_layers), one per node."""
+    if not stages:
+        raise PlanError(f"{source}: no stages")
+    seen = set()
+    expect = 0
+    for i, s in enumerate(stages):
+        if s.node in seen:
+            raise PlanError(f"{source}: node {s.node!r} appears in two stages; a node runs one "
+                            "contiguous range")
+        seen.add(s.node)
+        if s.start_layer != expect:
+            raise PlanError(f"{source}: stage {i} ({s.node}) starts at layer {s.start_layer}, "
+                            f"expected {expect}; stages must be contiguous and in order")
+        if s.end_layer <= s.start_layer:
+            raise PlanError(f"{source}: stage {i} ({s.node}) has an empty range "
+                            f"[{s.start_layer}, {s.end_layer})")
+        expect = s.end_layer
+    if expect != n_layers:
+        raise PlanError(f"{source}: stages end at layer {expect} but the model has {n_layers} "
+                        "layers; the last stage must end at n_layers")
+
+
+def stages_from_json(items: Any, source: str) -> list[Stage]:
+    if not isinstance(items, list):
+        raise PlanError(f"{source}: 'stages' must be a list of {{node, start_layer, end_layer}}")
+    out = []
+    for i, it in enumerate(items):
+        try:
+            out.append(Stage(str(it["node"]), int(it["start_layer"]), int(it["end_layer"])))
+        except (KeyError, TypeError, ValueError):
+            raise PlanError(f"{source}: stage {i} is {it!r}; each stage needs node, start_layer "
+                            "and end_layer") from None
+    return out
+
+
+def plan_from_dict(data: Any, source: str = "<dict>") -> Plan:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise PlanError(f"{source}: not a plan (format must be {FORMAT!r}); write one with "
+                        "`split-model CLUSTER --out PLAN.json`")
+    if data.get("version") != VERSION:
+        raise PlanError(f"{source}: plan version {data.get('version')!r} is not supported "
+                        f"(this release reads version {VERSION}); re-run split-model")
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("n_layers"), int):
+        raise PlanError(f"{source}: model.n_layers is missing")
+    runtime = data.get("runtime", "exo-current")
+    if runtime not in RUNTIMES:
+        raise PlanError(f"{source}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    stages = stages_from_json(data.get("stages"), source)
+    check_stages(stages, model["n_layers"], source)
+    return Plan(
+        model=model,
+        stages=stages,
+        predicted=data.get("predicted", {}),
+        runtime=runtime,
+        objective=data.get("objective", "latency"),
+        workload=data.get("workload", {}),
+        solver=data.get("solver", {}),
+        baselines=data.get("baselines", {}),
+        cluster_file=data.get("cluster_file"),
+        nodes=data.get("nodes", {}),
+    )
+
+
+def read_plan(path: str | Path) -> Plan:
+    p = Path(path)
+    if not p.exists():
+        raise PlanError(f"plan {p}: no such file; write one with `split-model CLUSTER --out {p}`")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"plan {p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return plan_from_dict(data, source=f"plan {p}")
+
+
+def write_plan(plan: Plan, path: str | Path) -> Path:
+    check_stages(plan.stages, plan.n_layers, f"plan {path}")
+    atomic_write_json(path, plan.to_dict())
+    return Path(path)

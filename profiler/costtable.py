@@ -1,0 +1,396 @@
+"""The cost table: what `profile-model` measured on one machine for one model, as versioned JSON.
+
+This module is the contract between the profiler (which writes tables) and the splitter (which
+reads them). It is plain Python: no MLX import, so `split-model` runs anywhere.
+
+Format "mlx-split/cost-table", version 1 (see docs/cost-table.md for the field-by-field text)::
+
+    {
+      "format": "mlx-split/cost-table", "version": 1,
+      "complete": true,                 # false while a run is in progress (resume file)
+      "created": "2026-11-22T10:00:00Z",
+      "model": {"name": "llama-3-8b", "repo_id": "mlx-community/Meta-Llama-3-8B-Instruct-4bit",
+                "source": "builtin", "model_type": "llama", "config_hash": "sha256:...",
+                "n_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+                "vocab_size": 128256, "tie_word_embeddings": false},
+      "dtype": "bfloat16",               # activation / unquantized weight dtype
+      "quantization": {"bits": 4, "group_size": 64} | null,
+      "device": {"host": "studio", "name": "Apple M2 Ultra", "backend": "metal",
+                 "mlx_version": "0.32.4", "platform": "Darwin-arm64",
+                 "memory_total_bytes": ..., "memory_usable_bytes": ...,
+                 "memory_bandwidth_gbs": 610.2, "matmul_tflops": 21.3,
+                 "microbench": {...how both were measured...}},
+      "grids": {"prefill_tokens": [16, 64, 256], "decode_context": [128, 1024]},
+      "method": {"warmup": 2, "repeats": 7, "statistic": "median", "max_rel_spread": 0.15, ...},
+      "rows": [
+        {"name": "embed", "kind": "embed", "layer": null, ...},
+        {"name": "layers.0", "kind": "block", "layer": 0,
+         "weight_bytes": 109051904, "activation_bytes_per_token": 8192,
+         "kv_bytes_per_token": 4096, "peak_memory_bytes": 150000000,
+         "prefill_s": [..one per prefill_tokens..], "prefill_spread": [...],
+         "decode_s": [..one per decode_context..], "decode_spread": [...],
+         "measured_from": "layers.0"},
+        ...,
+        {"name": "head", "kind": "head", "layer": null, ...}   # final norm + LM head
+      ]
+    }
+
+Times are seconds (median of the repeats); spread is (max - min) / median of the kept repeats.
+`prefill_s[i]` is the time for the layer to process a prompt of `prefill_tokens[i]` tokens
+from an empty cache; `decode_s[j]` is the time for one new token with the KV cache holding
+`decode_context[j]` tokens. `measured_from` names the row whose measurement a row carries
+(its own name when measured itself; blocks of identical structure may share one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from profiler.errors import UserError
+
+FORMAT = "mlx-split/cost-table"
+VERSION = 1
+ROW_KINDS = ("embed", "block", "head")
+DEFAULT_DIR = Path("data") / "profiles"
+
+
+class CostTableError(UserError):
+    """A cost table that cannot be used: the message names the file and what is wrong."""
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    config_hash: str
+    n_layers: int
+    hidden_size: int
+    model_type: str = "llama"
+    repo_id: str | None = None
+    source: str = "builtin"  # builtin | local | config
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class DeviceInfo:
+    host: str
+    name: str
+    backend: str  # cpu | metal | cuda
+    mlx_version: str
+    memory_total_bytes: int
+    memory_usable_bytes: int
+    memory_bandwidth_gbs: float  # measured by the microbenchmark
+    matmul_tflops: float  # measured, in the profiled dtype
+    platform: str = ""
+    microbench: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerRow:
+    name: str  # "embed", "layers.<i>", "head"
+    kind: str  # embed | block | head
+    layer: int | None  # block index for blocks, None otherwise
+    weight_bytes: int
+    activation_bytes_per_token: int  # bytes leaving this layer per token
+    kv_bytes_per_token: int  # true KV-cache bytes per token (0 for embed/head)
+    peak_memory_bytes: int  # peak MLX memory while the layer ran, weights included
+    prefill_s: list[float]
+    prefill_spread: list[float]
+    decode_s: list[float]
+    decode_spread: list[float]
+    measured_from: str  # name of the row whose measurement this row carries
+
+
+@dataclass
+class CostTable:
+    model: ModelInfo
+    dtype: str
+    quantization: dict[str, int] | None
+    device: DeviceInfo
+    prefill_tokens: list[int]
+    decode_context: list[int]
+    rows: list[LayerRow]
+    method: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
+    created: str = ""
+
+    # -- access ---------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
+
+    def row(self, name: str) -> LayerRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def embed(self) -> LayerRow:
+        return self.row("embed")
+
+    @property
+    def head(self) -> LayerRow:
+        return self.row("head")
+
+    def blocks(self) -> list[LayerRow]:
+        """Block rows ordered by layer index."""
+        return sorted((r for r in self.rows if r.kind == "block"), key=lambda r: r.layer)
+
+    def prefill_time(self, row: LayerRow, tokens: float) -> float:
+        """Seconds for `row` to prefill `tokens` tokens: piecewise-linear in the measured grid,
+        linear extrapolation beyond it (derived from measurements)."""
+        return interpolate(self.prefill_tokens, row.prefill_s, tokens, through_origin=True)
+
+    def decode_time(self, row: LayerRow, context: float) -> float:
+        """Seconds for `row` to decode one token at KV context `context` (derived, as above)."""
+        return interpolate(self.decode_context, row.decode_s, context, through_origin=False)
+
+    # -- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": self.complete,
+            "created": self.created or now_iso(),
+            "model": asdict(self.model),
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "device": asdict(self.device),
+            "grids": {"prefill_tokens": list(self.prefill_tokens),
+                      "decode_context": list(self.decode_context)},
+            "method": self.method,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def interpolate(xs: list[int], ys: list[float], x: float, through_origin: bool) -> float:
+    """Piecewise-linear interpolation of measured points (xs strictly increasing).
+
+    Beyond the grid: linear extrapolation from the two nearest points, never below zero.
+    With a single point: proportional to x when `through_origin` (prefill work grows with
+    the prompt), else constant. The result is derived from measurements, not measured.
+    """
+    if len(xs) == 1:
+        return ys[0] * (x / xs[0]) if through_origin else ys[0]
+    if x <= xs[0]:
+        if through_origin:
+            # below the smallest measured prompt, scale towards the origin from the first point
+            # using the fixed cost implied by the first two points (time = a + b x, clipped).
+            b = (ys[1] - ys[0]) / (xs[1] - xs[0])
+            return max(ys[0] - b * (xs[0] - x), ys[0] * x / xs[0], 0.0)
+        i = 0
+    elif x >= xs[-1]:
+        i = len(xs) - 2
+    else:
+        i = max(k for k in range(len(xs) - 1) if xs[k] <= x)
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+
+
+# -- paths and writing -------------------------------------------------------------------------
+
+def slug(text: str) -> str:
+    """File-name-safe form of a host or model name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "unnamed"
+
+
+def default_path(host: str, model: str, variant: str | None = None,
+                 directory: str | os.PathLike = DEFAULT_DIR) -> Path:
+    """`data/profiles/<host>--<model>[--<variant>].json`, relative to the working directory."""
+    name = f"{slug(host)}--{slug(model)}" + (f"--{slug(variant)}" if variant else "")
+    return Path(directory) / f"{name}.json"
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_table(table: CostTable, path: str | os.PathLike) -> Path:
+    """Validate and write atomically. A partial table (complete=False) may lack rows."""
+    data = table.to_dict()
+    validate(data, source=str(path), allow_partial=not table.complete)
+    atomic_write_json(path, data)
+    return Path(path)
+
+
+# -- reading and validation ----------------------------------------------------------------
+
+def read_table(path: str | os.PathLike, allow_partial: bool = False) -> CostTable:
+    """Read and validate a cost table; any problem raises CostTableError with one clear line."""
+    p = Path(path)
+    if not p.exists():
+        raise CostTableError(f"cost table {p}: no such file; run `profile-model MODEL` on that "
+                             "machine first")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CostTableError(f"cost table {p}: not valid JSON ({e.msg}, line {e.lineno}); "
+                             "re-run profile-model to rewrite it") from None
+    return from_dict(data, source=str(p), allow_partial=allow_partial)
+
+
+def from_dict(data: Any, source: str = "<dict>", allow_partial: bool = False) -> CostTable:
+    validate(data, source=source, allow_partial=allow_partial)
+    g = data["grids"]
+    return CostTable(
+        model=ModelInfo(**_known(ModelInfo, data["model"])),
+        dtype=data["dtype"],
+        quantization=data.get("quantization"),
+        device=DeviceInfo(**_known(DeviceInfo, data["device"])),
+        prefill_tokens=list(g["prefill_tokens"]),
+        decode_context=list(g["decode_context"]),
+        rows=[LayerRow(**_known(LayerRow, r)) for r in data["rows"]],
+        method=data.get("method", {}),
+        complete=bool(data.get("complete", True)),
+        created=data.get("created", ""),
+    )
+
+
+def _known(cls, d: dict) -> dict:
+    names = cls.__dataclass_fields__.keys()
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _num_ok(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def validate(data: Any, source: str = "<dict>", allow_partial: bool = False) -> None:
+    """Check everything the splitter relies on. Raises CostTableError(one line) on the first
+    problem: wrong format or version, missing fields, missing rows, NaN / negative / infinite
+    numbers, grids that are not increasing positive integers, row lists that do not match them."""
+
+    def bad(msg: str) -> CostTableError:
+        return CostTableError(f"cost table {source}: {msg}")
+
+    if not isinstance(data, dict):
+        raise bad("top level is not a JSON object; this is not a cost table")
+    if data.get("format") != FORMAT:
+        raise bad(f"format is {data.get('format')!r}, expected {FORMAT!r}; this is not a cost "
+                  "table written by profile-model")
+    if data.get("version") != VERSION:
+        raise bad(f"version {data.get('version')!r} is not supported (this reader knows version "
+                  f"{VERSION}); re-run profile-model with this release to rewrite it")
+    for key in ("model", "dtype", "device", "grids", "rows"):
+        if key not in data:
+            raise bad(f"missing field {key!r}; re-run profile-model to rewrite it")
+    if not data.get("complete", True) and not allow_partial:
+        raise bad("the run that wrote it did not finish (complete=false); re-run the same "
+                  "profile-model command to resume it")
+    model, device, grids = data["model"], data["device"], data["grids"]
+    for key in ("name", "config_hash", "n_layers", "hidden_size"):
+        if key not in model:
+            raise bad(f"model.{key} is missing")
+    n_layers = model["n_layers"]
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
+        raise bad(f"model.n_layers is {n_layers!r}; it must be a positive integer")
+    for key in ("host", "name", "backend", "memory_total_bytes", "memory_usable_bytes",
+                "memory_bandwidth_gbs", "matmul_tflops"):
+        if key not in device:
+            raise bad(f"device.{key} is missing")
+    for key in ("memory_total_bytes", "memory_usable_bytes", "memory_bandwidth_gbs",
+                "matmul_tflops"):
+        if not _num_ok(device[key]):
+            raise bad(f"device.{key} is {device[key]!r}; it must be a finite number >= 0")
+    grid_lens = {}
+    for key in ("prefill_tokens", "decode_context"):
+        g = grids.get(key)
+        if (not isinstance(g, list) or not g
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g)):
+            raise bad(f"grids.{key} is {g!r}; it must be a non-empty list of positive integers")
+        if any(b <= a for a, b in zip(g, g[1:])):
+            raise bad(f"grids.{key} {g} is not strictly increasing")
+        grid_lens[key] = len(g)
+    rows = data["rows"]
+    if not isinstance(rows, list):
+        raise bad("rows is not a list")
+    names = set()
+    measured = set()
+    for i, r in enumerate(rows):
+        where = f"row {i} ({r.get('name', '?') if isinstance(r, dict) else '?'})"
+        if not isinstance(r, dict):
+            raise bad(f"{where} is not an object")
+        for key in LayerRow.__dataclass_fields__:
+            if key not in r:
+                raise bad(f"{where}: field {key!r} is missing")
+        if r["kind"] not in ROW_KINDS:
+            raise bad(f"{where}: kind {r['kind']!r} is not one of {', '.join(ROW_KINDS)}")
+        if r["name"] in names:
+            raise bad(f"{where}: duplicate row name {r['name']!r}")
+        names.add(r["name"])
+        if r["kind"] == "block":
+            if not isinstance(r["layer"], int) or not 0 <= r["layer"] < n_layers:
+                raise bad(f"{where}: layer {r['layer']!r} is outside 0..{n_layers - 1}")
+            if r["name"] != f"layers.{r['layer']}":
+                raise bad(f"{where}: a block row must be named layers.{r['layer']}")
+        elif r["name"] != r["kind"]:
+            raise bad(f"{where}: an {r['kind']} row must be named {r['kind']!r}")
+        for key in ("weight_bytes", "activation_bytes_per_token", "kv_bytes_per_token",
+                    "peak_memory_bytes"):
+            if not _num_ok(r[key]):
+                raise bad(f"{where}: {key} is {r[key]!r}; it must be a finite number >= 0")
+        for key, grid in (("prefill_s", "prefill_tokens"), ("prefill_spread", "prefill_tokens"),
+                          ("decode_s", "decode_context"), ("decode_spread", "decode_context")):
+            v = r[key]
+            if not isinstance(v, list) or len(v) != grid_lens[grid]:
+                raise bad(f"{where}: {key} has {len(v) if isinstance(v, list) else 'no'} values "
+                          f"but grids.{grid} has {grid_lens[grid]}; the grids do not match")
+            for x in v:
+                if not _num_ok(x):
+                    raise bad(f"{where}: {key} contains {x!r}; times and spreads must be "
+                              "finite numbers >= 0")
+        if r["measured_from"] == r["name"]:
+            measured.add(r["name"])
+    for r in rows:
+        if r["measured_from"] not in measured:
+            raise bad(f"row {r['name']}: measured_from {r['measured_from']!r} is not a row that "
+                      "was measured itself")
+    if not allow_partial:
+        expected = {"embed", "head"} | {f"layers.{i}" for i in range(n_layers)}
+        missing = sorted(expected - names, key=_row_order)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                              else "")
+            raise bad(f"rows missing: {shown}; re-run profile-model to complete it")
+
+
+def _row_order(name: str) -> tuple[int, int]:
+    if name == "embed":
+        return (0, 0)
+    if name == "head":
+        return (2, 0)
+    return (1, int(name.split(".")[1]))

@@ -1,0 +1,1 @@
+"""Shared test fixtures. Tests use real MLX, real files, real processes; nothing is mocked."""
