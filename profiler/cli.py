@@ -1,0 +1,149 @@
+"""`profile-model MODEL`: measure a model layer by layer on this machine, write the cost table.
+
+    profile-model llama-3-8b                       # built-in, defaults, data/profiles/<host>--llama-3-8b.json
+    profile-model mlx-community/Llama-3.2-1B-Instruct-4bit --prefill-tokens 16,64,256
+    profile-model ./my-model-dir --self-check      # local directory, its own weights
+    profile-model llama-3-70b --no-quant --dtype bfloat16   # larger than RAM: streamed
+
+Errors in what the user typed are one line on stderr and exit code 2 (profiler.errors.guard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+from profiler.errors import UserError, guard
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, "
+                                         "e.g. 16,64") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one value, e.g. 16,64")
+    return vals
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user error
+        raise UserError(f"{message} (see profile-model --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="profile-model",
+                description="Measure a model layer by layer on this machine and write a cost "
+                            "table (JSON) for split-model.")
+    p.add_argument("model", help="built-in name (llama-3-8b, ...), exo / Hugging Face repo id, "
+                                 "local model directory, or config.json path")
+    p.add_argument("--out", help="cost table path (default data/profiles/<host>--<model>"
+                                 "[--<variant>].json)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="activation / unquantized weight dtype (auto: bfloat16 on Metal/CUDA, "
+                        "float32 for quantized models on the CPU build; a local dir keeps its own)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--bits", type=int, default=None,
+                   help="quantize weights to this many bits (default 4, as exo's mlx-community "
+                        "models; a quantized local dir keeps its own)")
+    q.add_argument("--no-quant", action="store_true", help="measure unquantized weights")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size (64)")
+    p.add_argument("--prefill-tokens", type=_int_list, default=None,
+                   help="prompt lengths to time, comma-separated (default 16,64)")
+    p.add_argument("--decode-context", type=_int_list, default=None,
+                   help="KV-cache contexts to time decode at (default 64,256)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (3)")
+    p.add_argument("--max-spread", type=float, default=0.15,
+                   help="re-measure a point when (max-min)/median exceeds this (0.15)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (1)")
+    p.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="wall (default) or process: CPU time of this process, for CPU-backend "
+                        "machines shared with other busy processes (equals wall time when idle)")
+    p.add_argument("--every-layer", action="store_true",
+                   help="measure every block (default: identical blocks share one measurement)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard a table already at --out instead of resuming it")
+    p.add_argument("--self-check", action="store_true",
+                   help="after profiling, run the whole model end to end and compare predicted "
+                        "(sum of rows) with measured time")
+    p.add_argument("--json", action="store_true", help="print the cost table JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--no-microbench", action="store_true",
+                   help="skip the bandwidth / matmul microbenchmarks (their fields are then 0; "
+                        "for quick tests)")
+    return p
+
+
+def default_out(model_name: str, opts) -> Path:
+    from profiler.costtable import default_path
+
+    parts = []
+    if opts.dtype != "auto":
+        parts.append(opts.dtype)
+    if opts.bits in (0, None):
+        parts.append("fp")
+    elif opts.bits != "auto":
+        parts.append(f"q{opts.bits}g{opts.group_size}")
+    elif opts.group_size != 64:
+        parts.append(f"g{opts.group_size}")
+    host = socket.gethostname().split(".")[0] or "localhost"
+    return default_path(host, model_name, "-".join(parts) or None)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from profiler.models import resolve_model
+
+    spec = resolve_model(args.model)  # unknown names fail here, before MLX is imported
+    from profiler.profile import DEFAULT_DECODE, DEFAULT_PREFILL, ProfileOptions, check_options
+
+    opts = ProfileOptions(
+        dtype=args.dtype,
+        bits=0 if args.no_quant else ("auto" if args.bits is None else args.bits),
+        group_size=args.group_size,
+        prefill_tokens=args.prefill_tokens or list(DEFAULT_PREFILL),
+        decode_context=args.decode_context or list(DEFAULT_DECODE),
+        warmup=args.warmup, repeats=args.repeats, max_rel_spread=args.max_spread,
+        every_layer=args.every_layer, batch=args.batch, restart=args.restart,
+        microbench=not args.no_microbench, clock=args.clock)
+    check_options(opts)
+    out = Path(args.out) if args.out else default_out(spec.name, opts)
+    if out.exists() and out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file path ending in .json")
+
+    from profiler.profile import profile_model
+    from profiler.report import ProgressBar, summary
+
+    bar = ProgressBar(quiet=args.quiet)
+    if not args.quiet:
+        print(f"profile-model {spec.name} ({spec.source}"
+              f"{', ' + spec.repo_id if spec.repo_id else ''}) -> {out}", file=sys.stderr)
+    t0 = time.perf_counter()
+    table = profile_model(spec, opts, out, progress=bar)
+    wall = time.perf_counter() - t0
+    if not args.quiet:
+        print(summary(table, out), file=sys.stderr)
+        print(f"this run: {wall:.1f} s wall (measured)", file=sys.stderr)
+    if args.self_check:
+        from profiler.selfcheck import format_result, self_check
+
+        res = self_check(spec, table, progress=bar)
+        print(format_result(res), file=sys.stderr)
+    if args.json:
+        json.dump(table.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    return 0
+
+
+main = guard(_main)
+"""The console script: `profile-model ...` -> exit code (0 ok, 2 user error, 130 Ctrl-C)."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Timing one row of the cost table: the embedding, one transformer block, or norm + LM head.
+
+What each time means (all measured, medians of the repeats):
+
+* block prefill at P: the block processes a (B, P, hidden) hidden state (normal noise of the
+  activation dtype) with a causal mask into an EMPTY KV cache, outputs and cache evaluated;
+* block decode at C: the block's KV cache really holds C tokens (written directly with noise of
+  the right shape and dtype, as a prefill would leave it), one new token is processed; the cache
+  is rewound to C before every repeat;
+* embed: token ids -> hidden states, for P tokens (prefill) and 1 token (decode; context does not
+  change it, measured once and reported at every context);
+* head: the final norm and the LM head on the LAST position only (what producing the next token
+  needs), so its prefill time barely depends on P; decode likewise measured once.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from profiler.measure import Timing, time_fn
+
+
+@dataclass
+class Method:
+    """How to time: grids, repeats, and the spread rule."""
+
+    prefill_tokens: list[int]
+    decode_context: list[int]
+    warmup: int = 1
+    repeats: int = 3
+    max_rel_spread: float = 0.15
+    max_rounds: int = 2
+    batch: int = 1
+    seed: int = 0
+    flush: bool = True  # evict caches before every timed run (see flush_caches)
+    clock: str = "wall"  # wall | process (see measure.time_fn)
+
+
+def cache_arrays(cache) -> list:
+    """Every array a cache holds (to evaluate what a step wrote)."""
+    if cache is None:
+        return []
+    state = cache.state
+    return [a for _, a in tree_flatten(state) if isinstance(a, mx.array)] if not isinstance(
+        state, mx.array) else [state]
+
+
+def hidden(batch: int, tokens: int, hidden_size: int, dtype, seed: int = 0) -> mx.array:
+    x = mx.random.normal((batch, tokens, hidden_size), key=mx.random.key(seed)).astype(dtype)
+    mx.eval(x)
+    return x
+
+
+def _mask(x, cache):
+    from mlx_lm.models.base import create_attention_mask
+
+    return create_attention_mask(x, cache)
+
+
+def fill_cache(block, template_cache, context: int, x1: mx.array, seed: int = 1):
+    """A cache for `block` holding `context` tokens. KV-style caches are written directly with
+    normal noise of the shape and dtype the block's own keys/values have (found by running one
+    token through a scratch cache); other caches are filled by a real prefill."""
+    probe = copy.deepcopy(template_cache)
+    out = block(x1, _mask(x1, probe), probe)
+    mx.eval(out, *cache_arrays(probe))
+    cache = copy.deepcopy(template_cache)
+    if hasattr(cache, "update_and_fetch") and getattr(probe, "keys", None) is not None \
+            and isinstance(probe.keys, mx.array):
+        kshape = list(probe.keys.shape)
+        vshape = list(probe.values.shape)
+        kshape[2] = vshape[2] = context
+        key = mx.random.key(seed)
+        k1, k2 = mx.random.split(key)
+        keys = mx.random.normal(kshape, key=k1).astype(probe.keys.dtype)
+        values = mx.random.normal(vshape, key=k2).astype(probe.values.dtype)
+        cache.update_and_fetch(keys, values)
+    else:  # unknown cache kind: fill it the expensive, exact way
+        xb = mx.random.normal((x1.shape[0], context, x1.shape[2])).astype(x1.dtype)
+        cache_out = block(xb, _mask(xb, cache), cache)
+        mx.eval(cache_out)
+    mx.eval(*cache_arrays(cache))
+    return cache
+
+
+def rewind(cache, context: int) -> None:
+    """Put a cache back to `context` tokens after a timed decode step."""
+    if hasattr(cache, "offset") and cache.offset > context:
+        if hasattr(cache, "trim") and cache.is_trimmable():
+            cache.trim(cache.offset - context)
+        else:
+            cache.offset = context
+
+
+_FLUSH: list = []
+
+
+def flush_caches() -> None:
+    """Evict the CPU / GPU caches (read a 64 MiB buffer, untimed) so that every timed run
+    streams its weights from memory, as a layer does inside a whole model whose weights do
+    not fit in cache - without this, small layers are timed with hot caches and the rows
+    under-predict the whole model."""
+    if not _FLUSH:
+        _FLUSH.append(mx.random.uniform(shape=(16 * 2**20,)))
+        mx.eval(_FLUSH[0])
+    mx.eval(mx.sum(_FLUSH[0]))  # reads 64 MiB, allocates nothing
+
+
+def _t(fn, m: Method, setup=None) -> Timing:
+    def prepare():
+        if setup is not None:
+            setup()
+        if m.flush:
+            flush_caches()
+
+    return time_fn(fn, warmup=m.warmup, repeats=m.repeats, max_rel_spread=m.max_rel_spread,
+                   max_rounds=m.max_rounds, setup=prepare, clock=m.clock)
+
+
+def time_block(block, template_cache, hidden_size: int, dtype, m: Method):
+    """(prefill timings per P, decode timings per C) of one materialised block."""
+    prefill = []
+    for i, p in enumerate(m.prefill_tokens):
+        x = hidden(m.batch, p, hidden_size, dtype, seed=m.seed + i)
+
+        def run(x=x):
+            cache = copy.deepcopy(template_cache)
+            y = block(x, _mask(x, cache), cache)
+            mx.eval(y, *cache_arrays(cache))
+
+        prefill.append(_t(run, m))
+        del x
+    decode = []
+    x1 = hidden(m.batch, 1, hidden_size, dtype, seed=m.seed + 101)
+    for j, c in enumerate(m.decode_context):
+        cache = fill_cache(block, template_cache, c, x1, seed=m.seed + 200 + j)
+
+        def step(cache=cache):
+            y = block(x1, _mask(x1, cache), cache)
+            mx.eval(y, *cache_arrays(cache))
+
+        decode.append(_t(step, m, setup=lambda cache=cache, c=c: rewind(cache, c)))
+        del cache
+    return prefill, decode
+
+
+def time_embed(embed, vocab_size: int, m: Method):
+    prefill = []
+    for i, p in enumerate(m.prefill_tokens):
+        ids = mx.random.randint(0, vocab_size, (m.batch, p), key=mx.random.key(m.seed + i))
+        mx.eval(ids)
+        prefill.append(_t(lambda ids=ids: mx.eval(embed(ids)), m))
+    ids1 = mx.random.randint(0, vocab_size, (m.batch, 1), key=mx.random.key(m.seed + 7))
+    mx.eval(ids1)
+    one = _t(lambda: mx.eval(embed(ids1)), m)
+    return prefill, [one] * len(m.decode_context)
+
+
+def head_fn(norm, lm_head, embed):
+    """The head as a function of the last hidden states: final norm + LM head (tied: the
+    embedding used as a linear layer)."""
+    proj = lm_head if lm_head is not None else embed.as_linear
+
+    def head(h):
+        return proj(norm(h[:, -1:, :]))
+
+    return head
+
+
+def time_head(head, hidden_size: int, dtype, m: Method):
+    prefill = []
+    for i, p in enumerate(m.prefill_tokens):
+        x = hidden(m.batch, p, hidden_size, dtype, seed=m.seed + 50 + i)
+        prefill.append(_t(lambda x=x: mx.eval(head(x)), m))
+    x1 = hidden(m.batch, 1, hidden_size, dtype, seed=m.seed + 99)
+    one = _t(lambda: mx.eval(head(x1)), m)
+    return prefill, [one] * len(m.decode_context)
+
+
+def kv_bytes_per_token(block, template_cache, x1: mx.array) -> int:
+    """True KV-cache bytes one token adds to this block's cache (keys + values; the cache's
+    256-token allocation steps are not counted). 0 for blocks without a KV-style cache."""
+    probe = copy.deepcopy(template_cache)
+    out = block(x1, _mask(x1, probe), probe)
+    mx.eval(out, *cache_arrays(probe))
+    k, v = getattr(probe, "keys", None), getattr(probe, "values", None)
+    if not isinstance(k, mx.array) or not isinstance(v, mx.array) or k.ndim != 4:
+        return 0
+    return int(k.shape[1] * k.shape[3] * k.itemsize + v.shape[1] * v.shape[3] * v.itemsize)

@@ -1,0 +1,198 @@
+"""Profiling tiny models for real: MLX, timing, files, a killed and resumed process."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from profiler.build import safetensors_bytes, save_model_dir
+from profiler.costtable import read_table
+from profiler.models import config_hash, resolve_model
+from profiler.profile import ProfileOptions, profile_model
+from profiler.tiny import tiny_config
+
+FAST = dict(prefill_tokens=[8, 32], decode_context=[32, 128], repeats=2, warmup=1,
+            microbench=False)
+
+
+def _config_file(tmp_path, **kw):
+    cfg = tiny_config(**kw)
+    p = tmp_path / "tiny-config.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def test_profile_a_builtin_style_config_and_read_it_back(tmp_path):
+    spec = resolve_model(str(_config_file(tmp_path, n_layers=3)))
+    out = tmp_path / "t.json"
+    table = profile_model(spec, ProfileOptions(**FAST), out)
+    back = read_table(out)  # the reader accepts it
+    assert back.complete and [r.name for r in back.rows] == \
+        ["embed", "layers.0", "layers.1", "layers.2", "head"]
+    assert back.model.config_hash == config_hash(spec.config)
+    assert back.quantization == {"bits": 4, "group_size": 64}  # the exo default
+    assert back.dtype in ("float32", "bfloat16")
+    for r in back.rows:
+        assert len(r.prefill_s) == 2 and len(r.decode_s) == 2
+        assert all(t > 0 and math.isfinite(t) for t in r.prefill_s + r.decode_s)
+        assert r.weight_bytes > 0 and r.peak_memory_bytes > 0
+    blk = back.row("layers.1")
+    assert blk.measured_from == "layers.0"  # identical structure: shared
+    assert blk.kv_bytes_per_token == 2 * 2 * 16 * 4  # k+v x kv heads x head_dim x float32
+    assert blk.activation_bytes_per_token == 64 * 4
+    assert table.row("head").kind == "head"
+
+
+def test_every_layer_measures_each_block_unquantized(tmp_path):
+    spec = resolve_model(str(_config_file(tmp_path, n_layers=2)))
+    out = tmp_path / "e.json"
+    events = []
+    t = profile_model(spec, ProfileOptions(**FAST, every_layer=True, bits=0,
+                                           dtype="float32"), out, progress=events.append)
+    assert [r.measured_from for r in t.blocks()] == ["layers.0", "layers.1"]
+    done = [e["name"] for e in events if e["event"] == "row_done"]
+    assert done == ["embed", "layers.0", "layers.1", "head"] and events[-1]["event"] == "finish"
+    assert t.quantization is None
+    # unquantized float32 block: 4 attention + 3 MLP matrices + 2 norms
+    h, i, kv = 64, 128, 2 * 16
+    assert t.row("layers.0").weight_bytes == 4 * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
+
+
+@pytest.mark.parametrize("quant", [None, {"bits": 4, "group_size": 64}])
+def test_local_dir_profiles_with_its_own_weights(tmp_path, quant):
+    d = save_model_dir(tmp_path / "m", tiny_config(n_layers=2), seed=1, quantize=quant)
+    spec = resolve_model(str(d))
+    assert spec.source == "local"
+    t = profile_model(spec, ProfileOptions(**FAST), tmp_path / "l.json")
+    assert t.quantization == quant  # a local dir is profiled as stored
+    assert t.model.source == "local" and t.dtype == "float32"
+    for i in range(2):
+        assert t.row(f"layers.{i}").weight_bytes == safetensors_bytes(d, f"model.layers.{i}")
+    assert t.row("embed").weight_bytes == safetensors_bytes(d, "model.embed_tokens")
+    assert t.row("head").weight_bytes == (safetensors_bytes(d, "model.norm")
+                                          + safetensors_bytes(d, "lm_head"))
+    assert "real weights" in t.method["weights"]
+
+
+def test_save_model_dir_loads_with_mlx_lm(tmp_path):
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    d = save_model_dir(tmp_path / "q", tiny_config(n_layers=2, tie=True), quantize=4)
+    model, config = load_model(d)
+    assert config["quantization"] == {"group_size": 64, "bits": 4}
+    out = model(mx.array([[1, 2, 3]]))
+    assert out.shape == (1, 3, 256)
+
+
+def test_quantized_local_dir_refuses_other_bits(tmp_path):
+    from profiler.errors import UserError
+
+    d = save_model_dir(tmp_path / "q", tiny_config(n_layers=1), quantize=4)
+    with pytest.raises(UserError, match="stored 4-bit"):
+        profile_model(resolve_model(str(d)), ProfileOptions(**FAST, bits=8), tmp_path / "x.json")
+
+
+@pytest.mark.slow
+def test_self_check_agrees_with_the_rows(tmp_path):
+    """End to end vs the sum of rows on a small model whose layers take 10-250 ms, timed with
+    the process clock (CPU time: robust to the other processes of a shared 2-core machine).
+    Best of three attempts (the table's rows, or the rows re-timed alongside) within 25% for
+    prefill and decode: a lost or doubled layer (50% with two layers) fails; the machine's
+    noise does not."""
+    from profiler.selfcheck import self_check
+
+    spec = resolve_model(str(_config_file(tmp_path, n_layers=2, hidden=1024,
+                                          intermediate=2048)))
+    t = profile_model(spec, ProfileOptions(prefill_tokens=[32], decode_context=[64], repeats=5,
+                                           warmup=2, bits=0, dtype="float32", clock="process",
+                                           microbench=False), tmp_path / "s.json")
+    assert t.method["clock"] == "process"
+    best = {"prefill": 9.0, "decode": 9.0}
+    for _ in range(3):
+        res = self_check(spec, t)
+        assert res.chain_max_abs_diff == pytest.approx(0.0, abs=1e-3)
+        for p in res.points:
+            assert p.predicted_now_s > 0 and p.measured_s > 0
+            best[p.phase] = min(best[p.phase], abs(p.error), abs(p.error_now))
+        if best["prefill"] < 0.10 and best["decode"] < 0.10:
+            break
+    assert best["prefill"] < 0.25 and best["decode"] < 0.25, best
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "profiler.cli", *args]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes(tmp_path):
+    cfg = _config_file(tmp_path, n_layers=8, hidden=256, intermediate=512)
+    out = tmp_path / "r.json"
+    cmd = _cli(str(cfg), "--out", str(out), "--every-layer", "--prefill-tokens", "16,64",
+               "--decode-context", "64,256", "--repeats", "3", "--no-microbench")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    rows_before = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists():
+                data = json.loads(out.read_text())
+                if len(data["rows"]) >= 3:
+                    rows_before = data["rows"]
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert rows_before is not None, "the run never wrote 3 rows"
+    partial = read_table(out, allow_partial=True)
+    assert not partial.complete and 3 <= len(partial.rows) < 10
+    kept = {r.name: r.prefill_s for r in partial.rows}
+    with pytest.raises(Exception, match="did not finish"):
+        read_table(out)  # a partial table is not usable by the splitter
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "resuming" in p.stderr and "skipping" in p.stderr
+    done = read_table(out)
+    assert done.complete and len(done.rows) == 10
+    for name, pre in kept.items():  # finished rows were kept, not re-measured
+        assert done.row(name).prefill_s == pre
+    # the same command again: nothing to do
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "already complete" in p.stderr
+    # other options against that file: refused with one line, unless --restart
+    p = subprocess.run(cmd[:-1] + ["--repeats", "2", "--prefill-tokens", "8"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "--restart" in last
+    assert p.stderr.count("error:") == 1
+
+
+def test_cli_json_output_and_bad_options(tmp_path):
+    cfg = _config_file(tmp_path, n_layers=2)
+    out = tmp_path / "j.json"
+    p = subprocess.run(_cli(str(cfg), "--out", str(out), "--json", "--quiet",
+                            "--prefill-tokens", "8", "--decode-context", "16", "--repeats", "2",
+                            "--no-microbench"), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    assert data["complete"] and len(data["rows"]) == 4
+    # the table is complete: a rerun with --self-check measures nothing and checks it
+    p = subprocess.run([sys.executable, "-m", "profiler", str(cfg), "--out", str(out),
+                        "--self-check", "--prefill-tokens", "8", "--decode-context", "16",
+                        "--repeats", "2", "--no-microbench"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "already complete" in p.stderr and "self-check" in p.stderr
+    assert "predicted ms" in p.stderr and "max |logit diff| 0" in p.stderr
+    for bad in (["--prefill-tokens", "64,16"], ["--prefill-tokens", "x"], ["--bits", "7"],
+                ["--dtype", "int8"]):
+        p = subprocess.run(_cli(str(cfg), "--out", str(tmp_path / "b.json"), *bad),
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2, (bad, p.stderr)
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, bad
