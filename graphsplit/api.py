@@ -1,0 +1,112 @@
+"""One call from a cluster to a plan: solve, predict, compare with exo's baselines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graphsplit.baselines import BASELINES, exo_current_partition
+from graphsplit.costmodel import OBJECTIVES, Workload, check_runtime, predict
+from graphsplit.plan import Plan
+from graphsplit.result import SplitResult
+from profiler.errors import UserError
+
+SOLVERS = ("auto", "bitmask", "fixed-order", "milp", "brute")
+BITMASK_MAX_NODES = 12
+
+
+class NoFitError(UserError):
+    """The model does not fit the cluster; the message says which nodes fall short, by how much."""
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def shortfall_message(cluster, workload: Workload, runtime: str) -> str:
+    """Why nothing fits: the shortfalls of a memory-proportional split over every node."""
+    nodes = [(n.id, n.memory_bytes) for n in cluster.nodes][:cluster.n_layers]
+    stages = exo_current_partition(nodes, cluster.n_layers)
+    pr = predict(cluster, stages, workload, runtime)
+    need = sum(pr.stage_memory_bytes.values())
+    have = sum(pr.stage_capacity_bytes.values())
+    parts = [f"{n} short by {_gib(b)} ({b} bytes)" for n, b in sorted(pr.shortfalls.items())]
+    what = "; ".join(parts) if parts else "no single split avoids every shortfall"
+    return (f"the model does not fit these nodes (runtime {runtime}, {workload.kv_tokens} tokens "
+            f"of KV x {workload.streams} stream(s)): with layers in proportion to memory, {what} "
+            f"(needs {_gib(need)}, has {_gib(have)}); add a node or memory, or lower "
+            "--context-tokens / --streams")
+
+
+def solve(cluster, objective: str = "latency", workload: Workload = Workload(),
+          runtime: str = "exo-current", use_all_nodes: bool = False,
+          solver: str = "auto") -> SplitResult:
+    """Run one solver on the chain model of `cluster`."""
+    from graphsplit import solve_dp
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if solver not in SOLVERS:
+        raise UserError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
+    check_runtime(runtime)
+    if use_all_nodes and len(cluster.nodes) > cluster.n_layers:
+        raise UserError(f"--use-all-nodes: {len(cluster.nodes)} nodes cannot each get one of "
+                        f"{cluster.n_layers} layers")
+    if solver == "auto":
+        solver = "bitmask" if len(cluster.nodes) <= BITMASK_MAX_NODES else "fixed-order"
+    if solver == "bitmask":
+        return solve_dp.solve_bitmask(cluster, objective, workload, runtime, use_all_nodes)
+    if solver == "fixed-order":
+        return solve_dp.solve_fixed_order(cluster, objective, workload, runtime, use_all_nodes)
+    if solver == "brute":
+        if len(cluster.nodes) > 6 or cluster.n_layers > 16:
+            raise UserError("--solver brute is a test oracle for at most 6 nodes and 16 layers; "
+                            "use --solver bitmask (exact) instead")
+        from graphsplit.brute import brute_force
+        return brute_force(cluster, objective, workload, runtime, use_all_nodes)
+    if objective == "pareto":
+        raise UserError("--solver milp does not enumerate a Pareto frontier; use --solver "
+                        "bitmask or fixed-order for --objective pareto")
+    from graphsplit.solve_milp import solve_milp_chain
+    return solve_milp_chain(cluster, objective, workload, runtime, use_all_nodes)
+
+
+def baseline_entries(cluster, workload: Workload, runtime: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, fn in BASELINES.items():
+        try:
+            st = fn(cluster)
+        except UserError as e:
+            out[name] = {"stages": [], "predicted": {}, "error": str(e)}
+            continue
+        out[name] = {"stages": [s.__dict__.copy() for s in st],
+                     "predicted": predict(cluster, st, workload, runtime).to_dict()}
+    return out
+
+
+def node_entries(cluster) -> dict[str, dict[str, Any]]:
+    return {n.id: {"memory_bytes": int(n.memory_bytes), "available_bytes": int(n.available_bytes),
+                   "total_bytes": int(n.total_bytes), "estimated": n.estimated,
+                   "profile": n.profile, "device": n.table.device.name,
+                   "derive_from": n.derive_from} for n in cluster.nodes}
+
+
+def make_plan(cluster, objective: str = "latency", workload: Workload = Workload(),
+              runtime: str = "exo-current", use_all_nodes: bool = False, solver: str = "auto",
+              cluster_file: str | None = None) -> Plan:
+    """Solve, predict the plan and each of exo's baselines; raise NoFitError if nothing fits."""
+    res = solve(cluster, objective, workload, runtime, use_all_nodes, solver)
+    if res.stages is None:
+        raise NoFitError(shortfall_message(cluster, workload, runtime))
+    pred = predict(cluster, res.stages, workload, runtime).to_dict()
+    pred["derived_from"] = "measured cost tables" + (
+        " (some nodes roofline-estimated)" if pred["estimated"] else "")
+    if objective == "pareto" and "frontier" in res.extra:
+        pred["pareto"] = [
+            {"stages": [s.__dict__.copy() for s in p["stages"]],
+             "tpot_s": p["tpot_s"], "bottleneck_s": p["bottleneck_s"],
+             "throughput_tps": min(workload.streams / p["tpot_s"], 1 / p["bottleneck_s"])}
+            for p in res.extra["frontier"]]
+    return Plan(model=cluster.model_info(), stages=list(res.stages), predicted=pred,
+                runtime=runtime, objective=objective, workload=workload.to_dict(),
+                solver=res.to_dict(), baselines=baseline_entries(cluster, workload, runtime),
+                cluster_file=cluster_file, nodes=node_entries(cluster))
+

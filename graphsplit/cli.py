@@ -1,0 +1,95 @@
+"""`split-model CLUSTER --objective latency|ttft|throughput|pareto`: measured, optimal splits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from profiler.errors import UserError, guard
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        raise UserError(f"{message} (see split-model --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="split-model", description=(
+        "Split a model's layers over a cluster from measured cost tables: the plan with the "
+        "lowest time per output token (latency), time to first token (ttft), the highest "
+        "throughput for concurrent streams, or the latency/throughput Pareto frontier; "
+        "compared with exo's own splits."))
+    p.add_argument("cluster", help="cluster file (JSON: nodes with cost tables, links)")
+    p.add_argument("--objective", default="latency",
+                   choices=["latency", "ttft", "throughput", "pareto"])
+    p.add_argument("--runtime", default="exo-current",
+                   choices=["exo-current", "exo-legacy", "mlx-pipeline"])
+    p.add_argument("--prompt-tokens", type=int, default=512, metavar="P")
+    p.add_argument("--context-tokens", type=int, default=1024, metavar="C")
+    p.add_argument("--streams", type=int, default=1, metavar="B")
+    p.add_argument("--use-all-nodes", action="store_true",
+                   help="every node gets at least one layer (as current exo does)")
+    p.add_argument("--solver", default="auto",
+                   choices=["auto", "bitmask", "fixed-order", "milp", "brute"])
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--out", metavar="PLAN.json", help="write the plan file")
+    p.add_argument("--plot", metavar="FILE.png", help="draw per-layer cost and the timeline")
+    p.add_argument("--simulate", action="store_true",
+                   help="replay the plan in the discrete-event simulator too")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from graphsplit.api import make_plan
+    from graphsplit.cluster import load_cluster
+    from graphsplit.costmodel import Workload
+    from graphsplit.plan import write_plan
+    workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
+                        streams=args.streams)
+    cluster = load_cluster(args.cluster)
+    plan = make_plan(cluster, args.objective, workload, args.runtime, args.use_all_nodes,
+                     args.solver, cluster_file=args.cluster)
+    if args.simulate:
+        from graphsplit.simulate import simulate
+        sim = simulate(cluster, plan.stages, workload, args.runtime)
+        plan.predicted["simulated"] = sim.to_dict()
+    if args.out:
+        write_plan(plan, args.out)
+    if args.plot:
+        from graphsplit.plot import plot_plan
+        plot_plan(cluster, plan, workload, args.plot)
+    if args.json:
+        json.dump(plan.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        from graphsplit.report import render
+        print(render(plan))
+        if args.simulate:
+            s = plan.predicted["simulated"]
+            print(f"\nsimulated ({s['requests']} requests, {workload.streams} stream(s)): "
+                  f"ttft {s['ttft_s'] * 1e3:.2f} ms, tpot {s['tpot_s'] * 1e3:.2f} ms, "
+                  f"{s['throughput_tps']:.2f} tok/s; utilisation "
+                  + ", ".join(f"{n} {u:.0%}" for n, u in s["utilisation"].items()))
+        if args.out:
+            print(f"\nplan written to {args.out}")
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def _main_pipe_safe(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # e.g. `split-model ... --json | head`
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+_main = main
+main = guard(_main_pipe_safe)
+
+if __name__ == "__main__":
+    sys.exit(main())

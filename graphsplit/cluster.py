@@ -1,0 +1,317 @@
+"""The cluster: which machines (each with a measured or derived cost table), and the links between.
+
+Cluster file (JSON)::
+
+    {"model": "llama-3-8b",
+     "nodes": [{"id": "studio", "profile": "data/profiles/studio--llama-3-8b.json"},
+               {"id": "mini", "profile": "mini.json", "memory_bytes": 17179869184},
+               {"id": "m3-ultra", "derive_from": "studio",
+                "chip": {"memory_bandwidth_gbs": 800, "fp16_tflops": 54,
+                         "memory_bytes": 206158430208}}],
+     "links": [{"from": "studio", "to": "mini", "latency_ms": 0.2, "bandwidth_gbps": 40}],
+     "default_link": {"latency_ms": 2.0, "bandwidth_gbps": 1.0}}
+
+* ``profile``: a cost table written by ``profile-model`` (path relative to the cluster file).
+  Optional overrides: ``memory_bytes`` (usable memory the splitter fits into),
+  ``available_bytes`` (what exo-current's placement sees; default memory_bytes),
+  ``total_bytes`` (what legacy exo's placement sees; default the table's device total).
+* ``chip`` + ``derive_from``: a machine that was not profiled. Its table is the measured table of
+  ``derive_from`` scaled by the roofline: decode times by the memory-bandwidth ratio, prefill
+  times by the compute (TFLOPS) ratio. ``chip.memory_bytes`` is its total memory; usable memory is
+  scaled by the measured node's usable/total ratio. Such nodes are ``estimated``.
+* ``links``: DIRECTED pairs, latency in milliseconds, bandwidth in gigaBITS per second; add
+  ``"both_ways": true`` to describe both directions at once. Missing pairs use ``default_link``
+  (itself defaulting to 1 ms, 10 Gbit/s).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from profiler.costtable import CostTable, read_table
+from profiler.errors import UserError
+
+DEFAULT_LINK = {"latency_ms": 1.0, "bandwidth_gbps": 10.0}
+
+
+class ClusterError(UserError):
+    """A cluster file that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_s: float
+    bandwidth_Bps: float  # bytes per second
+
+    def time(self, nbytes: float) -> float:
+        """alpha + bytes / beta (seconds)."""
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+
+@dataclass
+class Node:
+    id: str
+    table: CostTable
+    memory_bytes: int  # usable memory the splitter fits stages into
+    available_bytes: int | None = None  # exo-current placement input (psutil available)
+    total_bytes: int | None = None  # legacy exo placement input (total memory)
+    estimated: bool = False  # table derived from another node's by roofline scaling
+    profile: str | None = None  # path of the measured table (of derive_from when estimated)
+    derive_from: str | None = None
+
+    def __post_init__(self):
+        if self.available_bytes is None:
+            self.available_bytes = int(self.memory_bytes)
+        if self.total_bytes is None:
+            self.total_bytes = int(self.table.device.memory_total_bytes)
+
+
+@dataclass
+class Cluster:
+    model: str
+    nodes: list[Node]
+    links: dict[tuple[str, str], Link] = field(default_factory=dict)
+    default_link: Link = field(default_factory=lambda: _link_from(DEFAULT_LINK, "default"))
+    path: str | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.nodes[0].table.n_layers
+
+    @property
+    def ids(self) -> list[str]:
+        return [n.id for n in self.nodes]
+
+    @property
+    def config_hash(self) -> str:
+        return self.nodes[0].table.model.config_hash
+
+    @property
+    def hidden_size(self) -> int:
+        return self.nodes[0].table.model.hidden_size
+
+    def node(self, node_id: str) -> Node:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    def link(self, a: str, b: str) -> Link:
+        """The directed link a -> b (the default link when none was described)."""
+        return self.links.get((a, b), self.default_link)
+
+    def model_info(self) -> dict[str, Any]:
+        m = self.nodes[0].table.model
+        return {"name": self.model, "n_layers": m.n_layers, "config_hash": m.config_hash}
+
+
+def _link_from(d: Any, where: str) -> Link:
+    if not isinstance(d, dict):
+        raise ClusterError(f"{where}: a link must be an object with latency_ms and bandwidth_gbps")
+    try:
+        lat = float(d.get("latency_ms", DEFAULT_LINK["latency_ms"]))
+        bw = float(d.get("bandwidth_gbps", DEFAULT_LINK["bandwidth_gbps"]))
+    except (TypeError, ValueError):
+        raise ClusterError(f"{where}: latency_ms and bandwidth_gbps must be numbers") from None
+    if not (math.isfinite(lat) and lat >= 0):
+        raise ClusterError(f"{where}: latency_ms is {lat}; it must be a finite number >= 0")
+    if not (math.isfinite(bw) and bw > 0):
+        raise ClusterError(f"{where}: bandwidth_gbps is {bw}; it must be a finite number > 0")
+    return Link(lat / 1000.0, bw * 1e9 / 8.0)
+
+
+def derive_table(base: CostTable, memory_bandwidth_gbs: float, tflops: float,
+                 memory_bytes: int | None = None, host: str = "derived") -> CostTable:
+    """Roofline-scale a measured table to another chip (an ESTIMATE, not a measurement).
+
+    Decode is memory-bandwidth bound: decode_s *= base_bandwidth / new_bandwidth.
+    Prefill is compute bound: prefill_s *= base_tflops / new_tflops.
+    Memory: total = memory_bytes, usable scaled by the base's usable/total ratio.
+    """
+    bd = base.device
+    if bd.memory_bandwidth_gbs <= 0 or bd.matmul_tflops <= 0:
+        raise ClusterError(f"cannot derive from host {bd.host}: its table reports zero memory "
+                           "bandwidth or TFLOPS; re-profile it or profile the new chip directly")
+    if memory_bandwidth_gbs <= 0 or tflops <= 0:
+        raise ClusterError("a chip needs memory_bandwidth_gbs > 0 and fp16_tflops > 0")
+    t = copy.deepcopy(base)
+    kd = bd.memory_bandwidth_gbs / memory_bandwidth_gbs
+    kp = bd.matmul_tflops / tflops
+    for r in t.rows:
+        r.decode_s = [x * kd for x in r.decode_s]
+        r.prefill_s = [x * kp for x in r.prefill_s]
+    d = t.device
+    if memory_bytes is not None:
+        ratio = (bd.memory_usable_bytes / bd.memory_total_bytes) if bd.memory_total_bytes else 0.8
+        d.memory_total_bytes = int(memory_bytes)
+        d.memory_usable_bytes = int(memory_bytes * ratio)
+    d.memory_bandwidth_gbs = float(memory_bandwidth_gbs)
+    d.matmul_tflops = float(tflops)
+    d.host = host
+    d.name = f"{host} (derived from {bd.host} by roofline scaling)"
+    t.method = dict(t.method, derived_from=bd.host, decode_scale=kd, prefill_scale=kp)
+    return t
+
+
+def _int_field(d: dict, key: str, where: str) -> int | None:
+    if key not in d:
+        return None
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ClusterError(f"{where}: {key} is {v!r}; it must be a positive number of bytes")
+    return int(v)
+
+
+def _check_same_model(nodes: list[Node], where: str) -> None:
+    ref = nodes[0]
+    for n in nodes[1:]:
+        a, b = ref.table.model, n.table.model
+        if a.config_hash != b.config_hash or a.n_layers != b.n_layers:
+            raise ClusterError(f"{where}: node {n.id!r} was profiled on model {b.name} "
+                               f"({b.config_hash[:19]}, {b.n_layers} layers) but node {ref.id!r} "
+                               f"on {a.name} ({a.config_hash[:19]}, {a.n_layers} layers); "
+                               "profile every node with the same model")
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    """Read a cluster file; any problem raises ClusterError with one line saying what to fix."""
+    p = Path(path)
+    where = f"cluster file {p}"
+    if not p.exists():
+        raise ClusterError(f"{where}: no such file")
+    if p.is_dir():
+        raise ClusterError(f"{where}: is a directory, expected a JSON file")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ClusterError(f"{where}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ClusterError(f"{where}: not a text file") from None
+    return cluster_from_dict(data, base_dir=p.parent, where=where, path=str(p))
+
+
+def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "cluster",
+                      path: str | None = None) -> Cluster:
+    """Build a Cluster from the parsed JSON of a cluster file (see the module docstring)."""
+    base_dir = Path(base_dir)
+    if not isinstance(data, dict):
+        raise ClusterError(f"{where}: the top level must be a JSON object with 'nodes'")
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise ClusterError(f"{where}: 'nodes' must be a non-empty list of "
+                           "{\"id\", \"profile\"} or {\"id\", \"chip\", \"derive_from\"}")
+    specs: dict[str, dict] = {}
+    for i, nd in enumerate(raw_nodes):
+        if not isinstance(nd, dict) or not isinstance(nd.get("id"), str) or not nd["id"]:
+            raise ClusterError(f"{where}: node {i} needs a string 'id'")
+        if nd["id"] in specs:
+            raise ClusterError(f"{where}: node id {nd['id']!r} appears twice")
+        if ("profile" in nd) == ("chip" in nd):
+            raise ClusterError(f"{where}: node {nd['id']!r} needs exactly one of 'profile' (a "
+                               "cost table) or 'chip' (with 'derive_from')")
+        specs[nd["id"]] = nd
+    tables: dict[str, CostTable] = {}
+    profiles: dict[str, str] = {}
+    for nid, nd in specs.items():
+        if "profile" in nd:
+            if not isinstance(nd["profile"], str):
+                raise ClusterError(f"{where}: node {nid!r}: 'profile' must be a path")
+            tp = Path(nd["profile"])
+            if not tp.is_absolute():
+                tp = base_dir / tp
+            if not tp.exists():
+                raise ClusterError(f"{where}: node {nid!r}: profile {tp} does not exist; run "
+                                   "`profile-model` on that machine and copy the table here")
+            tables[nid] = read_table(tp)
+            profiles[nid] = str(tp)
+    nodes: list[Node] = []
+    for nid, nd in specs.items():
+        nw = f"{where}: node {nid!r}"
+        estimated = False
+        derive = None
+        if "chip" in nd:
+            chip = nd["chip"]
+            derive = nd.get("derive_from")
+            if not isinstance(chip, dict):
+                raise ClusterError(f"{nw}: 'chip' must be an object with memory_bandwidth_gbs, "
+                                   "fp16_tflops and memory_bytes")
+            if derive not in tables:
+                raise ClusterError(f"{nw}: 'derive_from' must name a node with a measured "
+                                   f"profile (one of {', '.join(sorted(tables)) or 'none'})")
+            try:
+                bw = float(chip["memory_bandwidth_gbs"])
+                tf = float(chip.get("fp16_tflops", chip.get("tflops")))
+            except (KeyError, TypeError, ValueError):
+                raise ClusterError(f"{nw}: chip needs numbers memory_bandwidth_gbs and "
+                                   "fp16_tflops") from None
+            mem = _int_field(chip, "memory_bytes", f"{nw} chip")
+            if mem is None:
+                raise ClusterError(f"{nw}: chip needs memory_bytes (total memory)")
+            table = derive_table(tables[derive], bw, tf, mem, host=nid)
+            estimated = True
+            profile = profiles[derive]
+        else:
+            table = tables[nid]
+            profile = profiles[nid]
+        memory = _int_field(nd, "memory_bytes", nw)
+        nodes.append(Node(
+            id=nid, table=table,
+            memory_bytes=memory if memory is not None else int(table.device.memory_usable_bytes),
+            available_bytes=_int_field(nd, "available_bytes", nw),
+            total_bytes=_int_field(nd, "total_bytes", nw),
+            estimated=estimated, profile=profile, derive_from=derive))
+    _check_same_model(nodes, where)
+    model = data.get("model", nodes[0].table.model.name)
+    m = nodes[0].table.model
+    if not isinstance(model, str) or model not in (m.name, m.repo_id):
+        raise ClusterError(f"{where}: model {model!r} does not match the cost tables' model "
+                           f"{m.name!r}; fix 'model' or use tables of that model")
+    default = _link_from(data.get("default_link", DEFAULT_LINK), f"{where}: default_link")
+    links: dict[tuple[str, str], Link] = {}
+    raw_links = data.get("links", [])
+    if not isinstance(raw_links, list):
+        raise ClusterError(f"{where}: 'links' must be a list of {{from, to, latency_ms, "
+                           "bandwidth_gbps}}")
+    for i, ln in enumerate(raw_links):
+        lw = f"{where}: link {i}"
+        if not isinstance(ln, dict) or ln.get("from") not in specs or ln.get("to") not in specs:
+            raise ClusterError(f"{lw}: 'from' and 'to' must name nodes of this file")
+        if ln["from"] == ln["to"]:
+            raise ClusterError(f"{lw}: a link joins two different nodes")
+        lk = _link_from(ln, lw)
+        links[(ln["from"], ln["to"])] = lk
+        if ln.get("both_ways"):
+            links.setdefault((ln["to"], ln["from"]), lk)
+    return Cluster(model=model, nodes=nodes, links=links, default_link=default, path=path)
+
+
+def cluster_from_tables(tables: dict[str, CostTable], links: dict | None = None,
+                        default_link: Link | dict | None = None,
+                        memory: dict[str, int] | None = None) -> Cluster:
+    """Programmatic cluster (for re-planning from a live topology).
+
+    `links` maps (from, to) to a Link or to {"latency_ms", "bandwidth_gbps"}; `memory` maps a node
+    id to its usable bytes (default: the table's memory_usable_bytes). Node order = dict order.
+    """
+    if not tables:
+        raise ClusterError("cluster: no nodes")
+    nodes = []
+    for nid, t in tables.items():
+        mem = (memory or {}).get(nid, int(t.device.memory_usable_bytes))
+        nodes.append(Node(id=str(nid), table=t, memory_bytes=int(mem)))
+    _check_same_model(nodes, "cluster")
+    if default_link is None:
+        dl = _link_from(DEFAULT_LINK, "default")
+    elif isinstance(default_link, Link):
+        dl = default_link
+    else:
+        dl = _link_from(default_link, "default_link")
+    lk = {}
+    for key, v in (links or {}).items():
+        lk[tuple(key)] = v if isinstance(v, Link) else _link_from(v, f"link {key}")
+    return Cluster(model=nodes[0].table.model.name, nodes=nodes, links=lk, default_link=dl)

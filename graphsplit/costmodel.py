@@ -1,0 +1,303 @@
+"""The cost model of pipelined LLM inference, from measured cost tables.
+
+Notation: stages s = 1..S in execution order, stage s runs blocks [a_s, b_s) on node d_s; the first
+stage also runs the embedding, the last the final norm + LM head and the sampling. All times are
+derived from the measured tables (interpolated in prompt length / KV context); nothing is assumed.
+
+Per stage (decode, one token of one stream at KV context C)::
+
+    compute_s = sum_{i in [a_s, b_s)} decode_{d_s}(i, C)  [+ embed if s = 1] [+ head + sampling if s = S]
+    out_s     = alpha(d_s, d_{s+1}) + e_{b_s - 1} / beta(d_s, d_{s+1})        for s < S
+    out_S     = alpha(d_S, d_1) + token_bytes / beta(d_S, d_1)                  (ring closure; 0 if S = 1)
+    T_s       = compute_s + out_s        (a stage is busy while it sends: synchronous send)
+
+where e_i is the measured activation bytes per token leaving block i. Then
+
+* time per output token (one stream):  tpot = sum_s T_s
+* bottleneck (B streams in flight):    T_max = max_s T_s
+* throughput for B streams:             min(B / tpot, 1 / T_max) tokens/s  (a ring of S stages
+  with B requests in flight is either latency bound or bound by its slowest stage)
+* time to first token for P prompt tokens: the same sum with prefill times at P tokens and
+  P x e bytes crossing each link; with K chunks (`prefill_chunks`):
+  sum_s U_s + (K - 1) max_s U_s, U_s the stage time for P/K tokens.
+
+Memory of a stage (must fit the node's usable memory)::
+
+    weights (blocks) + KV (max(C, P) x B x sum kv_bytes_per_token) + buffers + resident embed/head
+
+buffers = max over the rows the stage runs of (measured peak memory - weights). Resident
+embedding / head by runtime: ``exo-current`` and ``mlx-pipeline`` keep embedding, norm and head on
+EVERY rank; ``exo-legacy`` loads the embedding on the first shard and the norm + head on the last
+(and the embedding again on the last when the model ties them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from graphsplit.plan import RUNTIMES, Stage, check_stages
+from profiler.errors import UserError
+
+OBJECTIVES = ("latency", "ttft", "throughput", "pareto")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the cluster is asked to do. context_tokens is the KV length a decode step sees."""
+    prompt_tokens: int = 512
+    context_tokens: int = 1024
+    streams: int = 1
+    sampling_s: float = 0.0  # extra per-token time on the last stage (the head row is measured)
+    prefill_chunks: int = 1
+    token_bytes: int = 4  # the sampled token id sent back to the first node
+
+    def __post_init__(self):
+        for k in ("prompt_tokens", "context_tokens", "streams", "prefill_chunks"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"workload: {k} is {v!r}; it must be a positive integer")
+        if self.sampling_s < 0:
+            raise UserError("workload: sampling_s must be >= 0")
+
+    @property
+    def kv_tokens(self) -> int:
+        return max(self.context_tokens, self.prompt_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise UserError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+
+
+def resident_bytes(table, runtime: str, first: bool, last: bool) -> int:
+    """Embedding / norm / head weight bytes a stage keeps resident under `runtime`."""
+    e, h = table.embed.weight_bytes, table.head.weight_bytes
+    if runtime in ("exo-current", "mlx-pipeline"):
+        return int(e + h)
+    out = 0
+    if first:
+        out += e
+    if last:
+        out += h
+        if table.model.tie_word_embeddings and not first:
+            out += e
+    return int(out)
+
+
+def stage_memory(node, start: int, end: int, workload: Workload, runtime: str,
+                 first: bool, last: bool) -> int:
+    """Bytes a stage over blocks [start, end) needs on `node` (see the module docstring)."""
+    t = node.table
+    rows = [t.row(f"layers.{i}") for i in range(start, end)]
+    run = rows + ([t.embed] if first else []) + ([t.head] if last else [])
+    weights = sum(r.weight_bytes for r in rows)
+    kv = workload.kv_tokens * workload.streams * sum(r.kv_bytes_per_token for r in rows)
+    buffers = max((max(0, r.peak_memory_bytes - r.weight_bytes) for r in run), default=0)
+    return int(weights + kv + buffers + resident_bytes(t, runtime, first, last))
+
+
+@dataclass
+class Prediction:
+    """Predicted numbers for one plan (all derived from measured cost tables)."""
+    tpot_s: float
+    ttft_s: float
+    throughput_tps: float
+    bottleneck_s: float
+    stage_memory_bytes: dict[str, int]
+    stage_capacity_bytes: dict[str, int]
+    stage_compute_s: dict[str, float]  # decode compute per stage at the context length
+    stage_link_s: dict[str, float]  # outgoing transfer per decode token (closure for the last)
+    stage_prefill_s: dict[str, float]  # prefill compute per stage at the prompt length
+    roofline_tpot_s: float  # sum of (stage weights / node memory bandwidth): the memory roofline
+    estimated: bool  # some stage runs on a node whose table is a roofline estimate
+    shortfalls: dict[str, int] = field(default_factory=dict)  # node -> bytes over its memory
+
+    @property
+    def fits(self) -> bool:
+        return not self.shortfalls
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fits"] = self.fits
+        return d
+
+
+def predict(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
+            runtime: str = "exo-current") -> Prediction:
+    """Evaluate a plan with the cost model above (direct sums: the reference the solvers match)."""
+    check_runtime(runtime)
+    stages = list(stages)
+    L = cluster.n_layers
+    check_stages(stages, L, "stages")
+    known = set(cluster.ids)
+    for st in stages:
+        if st.node not in known:
+            raise UserError(f"stage node {st.node!r} is not in the cluster (nodes: "
+                            f"{', '.join(cluster.ids)})")
+    S = len(stages)
+    P, C = workload.prompt_tokens, workload.context_tokens
+    comp, prefill, out, outp, mem, cap = {}, {}, {}, {}, {}, {}
+    roof = 0.0
+    est = False
+    chunk_P = P / workload.prefill_chunks
+    outc = {}
+    for s, st in enumerate(stages):
+        node = cluster.node(st.node)
+        t = node.table
+        est = est or node.estimated
+        first, last = s == 0, s == S - 1
+        rows = [t.row(f"layers.{i}") for i in range(st.start_layer, st.end_layer)]
+        run = ([t.embed] if first else []) + rows + ([t.head] if last else [])
+        c = sum(t.decode_time(r, C) for r in run) + (workload.sampling_s if last else 0.0)
+        pf = sum(t.prefill_time(r, P) for r in run) + (workload.sampling_s if last else 0.0)
+        pfc = sum(t.prefill_time(r, chunk_P) for r in run) + (workload.sampling_s if last else 0.0)
+        if S == 1:
+            o = op = oc = 0.0
+        elif not last:
+            lk = cluster.link(st.node, stages[s + 1].node)
+            e = rows[-1].activation_bytes_per_token
+            o, op, oc = lk.time(e), lk.time(P * e), lk.time(chunk_P * e)
+        else:
+            lk = cluster.link(st.node, stages[0].node)
+            o = op = oc = lk.time(workload.token_bytes)
+        comp[st.node], prefill[st.node], out[st.node], outp[st.node] = c, pf, o, op
+        outc[st.node] = pfc + oc
+        mem[st.node] = stage_memory(node, st.start_layer, st.end_layer, workload, runtime,
+                                    first, last)
+        cap[st.node] = int(node.memory_bytes)
+        bw = t.device.memory_bandwidth_gbs * 1e9
+        wb = sum(r.weight_bytes for r in run)
+        roof += wb / bw if bw > 0 else float("inf")
+    T = [comp[st.node] + out[st.node] for st in stages]
+    tpot = sum(T)
+    bott = max(T)
+    if workload.prefill_chunks == 1:
+        ttft = sum(prefill[n] + outp[n] for n in comp)
+    else:
+        U = list(outc.values())
+        ttft = sum(U) + (workload.prefill_chunks - 1) * max(U)
+    thr = min(workload.streams / tpot, 1.0 / bott) if tpot > 0 else float("inf")
+    short = {n: mem[n] - cap[n] for n in mem if mem[n] > cap[n]}
+    return Prediction(tpot_s=tpot, ttft_s=ttft, throughput_tps=thr, bottleneck_s=bott,
+                      stage_memory_bytes=mem, stage_capacity_bytes=cap, stage_compute_s=comp,
+                      stage_link_s=out, stage_prefill_s=prefill, roofline_tpot_s=roof,
+                      estimated=est, shortfalls=short)
+
+
+def objective_value(pred: Prediction, objective: str, workload: Workload) -> float:
+    """The scalar a solver minimises: tpot, ttft, or 1 / throughput (= max(tpot / B, T_max))."""
+    if objective == "latency":
+        return pred.tpot_s
+    if objective == "ttft":
+        return pred.ttft_s
+    if objective == "throughput":
+        return max(pred.tpot_s / workload.streams, pred.bottleneck_s)
+    raise UserError(f"objective {objective!r} is not one of latency, ttft, throughput")
+
+
+class ChainCosts:
+    """Dense per-node cost arrays of the chain model, for the DP solvers.
+
+    For node index d (in `ids` order), with L blocks:
+
+    * ``comp[d, b, c]``: compute of stage [b, c) on d (embedding at b = 0, head + sampling at
+      c = L), +inf where b >= c or the stage does not fit d's memory (runtime-aware);
+    * ``out[d, q, c]``: the link d -> q carrying the activations of the cut at c (0 < c < L);
+    * ``close[d, f]``: the ring closure d -> f (token id), 0 when d = f.
+
+    `metric` "decode" uses decode times at the context and one token per transfer; "prefill"
+    uses prefill times at the prompt length and P tokens per transfer. Stage time
+    T = comp + out (or + close for the last stage), exactly as :func:`predict`.
+    Building costs O(D L^2) time and memory plus O(D^2 L) for links.
+    """
+
+    def __init__(self, cluster, workload: Workload, runtime: str = "exo-current",
+                 metric: str = "decode", ids: Sequence[str] | None = None):
+        check_runtime(runtime)
+        self.ids = list(ids) if ids is not None else sorted(cluster.ids)
+        self.cluster, self.workload, self.runtime, self.metric = cluster, workload, runtime, metric
+        L = self.L = cluster.n_layers
+        D = self.D = len(self.ids)
+        P, C, B = workload.prompt_tokens, workload.context_tokens, workload.streams
+        tokens = 1 if metric == "decode" else P
+        inf = np.inf
+        self.comp = np.full((D, L + 1, L + 1), inf)
+        self.mem = np.zeros((D, L + 1, L + 1))
+        self.cap = np.zeros(D)
+        self.out = np.full((D, D, L + 1), inf)
+        self.close = np.zeros((D, D))
+        self.prefix = np.zeros((D, L + 1))  # prefix sums of block times (no memory masking)
+        self.t_embed = np.zeros(D)
+        self.t_head = np.zeros(D)  # head + sampling
+        mins = np.full(L, inf)
+        min_e = min_h = inf
+        b_idx, c_idx = np.meshgrid(np.arange(L + 1), np.arange(L + 1), indexing="ij")
+        valid = b_idx < c_idx
+        for d, nid in enumerate(self.ids):
+            node = cluster.node(nid)
+            t = node.table
+            blocks = [t.row(f"layers.{i}") for i in range(L)]
+            if metric == "decode":
+                tt = np.array([t.decode_time(r, C) for r in blocks])
+                te, th = t.decode_time(t.embed, C), t.decode_time(t.head, C)
+            else:
+                tt = np.array([t.prefill_time(r, P) for r in blocks])
+                te, th = t.prefill_time(t.embed, P), t.prefill_time(t.head, P)
+            th += workload.sampling_s
+            mins = np.minimum(mins, tt)
+            min_e, min_h = min(min_e, te), min(min_h, th)
+            pre = np.concatenate([[0.0], np.cumsum(tt)])
+            self.prefix[d], self.t_embed[d], self.t_head[d] = pre, te, th
+            comp = pre[None, :] - pre[:, None]
+            comp[0, :] += te
+            comp[:, L] += th
+            # memory
+            w = np.array([r.weight_bytes for r in blocks], dtype=float)
+            kv = np.array([r.kv_bytes_per_token for r in blocks], dtype=float)
+            buf = np.array([max(0, r.peak_memory_bytes - r.weight_bytes) for r in blocks],
+                           dtype=float)
+            wpre = np.concatenate([[0.0], np.cumsum(w)])
+            kvpre = np.concatenate([[0.0], np.cumsum(kv)])
+            mem = (wpre[None, :] - wpre[:, None]) + workload.kv_tokens * B * (
+                kvpre[None, :] - kvpre[:, None])
+            # range max of buffers: bm[b, c] = max(buf[b:c])
+            bm = np.zeros((L + 1, L + 1))
+            for b in range(L):
+                bm[b, b + 1:] = np.maximum.accumulate(buf[b:])
+            eb = max(0, t.embed.peak_memory_bytes - t.embed.weight_bytes)
+            hb = max(0, t.head.peak_memory_bytes - t.head.weight_bytes)
+            bm[0, :] = np.maximum(bm[0, :], eb)
+            bm[:, L] = np.maximum(bm[:, L], hb)
+            mem += bm
+            if runtime in ("exo-current", "mlx-pipeline"):
+                mem += resident_bytes(t, runtime, False, False)
+            else:
+                mem[0, :] += t.embed.weight_bytes
+                mem[:, L] += t.head.weight_bytes
+                if t.model.tie_word_embeddings:
+                    mem[1:, L] += t.embed.weight_bytes
+            self.cap[d] = node.memory_bytes
+            # integer-exact memory test (the same rounding as predict: int() of the sum)
+            fits = np.floor(mem + 1e-6) <= node.memory_bytes
+            comp[~(valid & fits)] = inf
+            self.comp[d] = comp
+            self.mem[d] = np.where(valid, mem, 0)
+            e = np.array([r.activation_bytes_per_token for r in blocks], dtype=float)
+            for q, qid in enumerate(self.ids):
+                if q == d:
+                    continue
+                lk = cluster.link(nid, qid)
+                self.out[d, q, 1:L] = lk.latency_s + tokens * e[:L - 1] / lk.bandwidth_Bps
+                self.close[d, q] = lk.time(workload.token_bytes)
+        # lower bound on the sum of stage times of blocks b..L-1 (fastest node per block, no
+        # links), shrunk by a relative 1e-9 so rounding never prunes an optimal plan
+        suf = np.concatenate([np.cumsum(mins[::-1])[::-1], [0.0]]) + min_h
+        suf[0] += min_e
+        suf[L] = 0.0
+        self.lower_bound = suf * (1 - 1e-9)

@@ -1,0 +1,83 @@
+"""Human-readable rendering of a plan (what `split-model` prints without --json)."""
+
+from __future__ import annotations
+
+from graphsplit.plan import Plan
+
+
+def _gib(x) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def _ms(x) -> str:
+    return f"{x * 1e3:.2f}" if x is not None else "-"
+
+
+def _ratio(base: float, ours: float, higher_is_better: bool) -> str:
+    if not ours or not base:
+        return "-"
+    r = (ours / base) if higher_is_better else (base / ours)
+    return f"{r:.2f}x"
+
+
+def render(plan: Plan) -> str:
+    p = plan.predicted
+    w = plan.workload
+    est = {n for n, d in plan.nodes.items() if d.get("estimated")}
+    lines = [
+        f"split-model: {plan.model['name']} ({plan.n_layers} layers) on {len(plan.nodes)} node(s), "
+        f"runtime {plan.runtime}, objective {plan.objective}",
+        f"workload: prompt {w.get('prompt_tokens')} tokens, context {w.get('context_tokens')} "
+        f"tokens, {w.get('streams')} stream(s)",
+        "all times predicted from measured cost tables"
+        + (" (* = node estimated by roofline scaling of another node's measurements)"
+           if est else ""),
+        "",
+        f"{'stage':>5}  {'node':<16} {'layers':<10} {'n':>4} {'decode ms':>10} {'link ms':>8} "
+        f"{'prefill ms':>11}  {'memory GiB used / usable':>25}",
+    ]
+    for i, s in enumerate(plan.stages):
+        n = s.node
+        name = n + ("*" if n in est else "")
+        used, cap = p["stage_memory_bytes"][n], p["stage_capacity_bytes"][n]
+        lines.append(
+            f"{i + 1:>5}  {name:<16} {f'{s.start_layer}-{s.end_layer - 1}':<10} "
+            f"{s.end_layer - s.start_layer:>4} {_ms(p['stage_compute_s'][n]):>10} "
+            f"{_ms(p['stage_link_s'][n]):>8} {_ms(p['stage_prefill_s'][n]):>11}  "
+            f"{_gib(used) + ' / ' + _gib(cap):>25}")
+    unused = [n for n in plan.nodes if n not in {s.node for s in plan.stages}]
+    if unused:
+        lines.append(f"       unused: {', '.join(unused)} (faster without them)")
+    sv = plan.solver
+    lines += ["", f"solver {sv.get('name')}: "
+              f"{'proven optimal' if sv.get('optimal') else 'NOT proven optimal'}"
+              f" ({sv.get('message')}), {sv.get('solve_s', 0):.3f} s", ""]
+    hdr = (f"{'plan':<12} {'stages':>6} {'tpot ms':>9} {'ttft ms':>9} {'tok/s':>8} {'fits':>5}"
+           f"   {'tpot gain':>9} {'ttft gain':>9} {'tok/s gain':>10}")
+    lines.append(hdr)
+
+    def row(name, pred, n_st):
+        if not pred:
+            return f"{name:<12} {'-':>6} (not applicable)"
+        return (f"{name:<12} {n_st:>6} {_ms(pred['tpot_s']):>9} {_ms(pred['ttft_s']):>9} "
+                f"{pred['throughput_tps']:>8.2f} {'yes' if pred.get('fits') else 'NO':>5}"
+                f"   {_ratio(pred['tpot_s'], p['tpot_s'], False):>9}"
+                f" {_ratio(pred['ttft_s'], p['ttft_s'], False):>9}"
+                f" {_ratio(pred['throughput_tps'], p['throughput_tps'], True):>10}")
+
+    lines.append(row("ours", p, len(plan.stages)))
+    for name, b in plan.baselines.items():
+        lines.append(row(name, b.get("predicted"), len(b.get("stages", []))))
+        if b.get("predicted") and b["predicted"].get("shortfalls"):
+            sf = ", ".join(f"{n} by {_gib(v)} GiB" for n, v in b["predicted"]["shortfalls"].items())
+            lines.append(f"{'':<12} does not fit: {sf}")
+    lines.append("(gain = how much better ours is than that baseline; tpot = time per output "
+                 "token of one stream, ttft = time to first token, tok/s for the streams)")
+    if p.get("pareto"):
+        lines += ["", "Pareto frontier (latency vs throughput):",
+                  f"{'tpot ms':>9} {'bottleneck ms':>14} {'tok/s':>8}  stages"]
+        for q in p["pareto"]:
+            st = " ".join(f"{s['node']}[{s['start_layer']}:{s['end_layer']}]" for s in q["stages"])
+            lines.append(f"{_ms(q['tpot_s']):>9} {_ms(q['bottleneck_s']):>14} "
+                         f"{q['throughput_tps']:>8.2f}  {st}")
+    return "\n".join(lines)

@@ -1,0 +1,499 @@
+"""Exact dynamic programs for chain splits: fixed node order, and free order + subset (bitmask).
+
+Problem. Blocks 0..L-1 form a chain; nodes d have per-block times (from measured tables), usable
+memory and directed links. A plan is a sequence of distinct nodes d_1..d_S (a ring: d_S sends the
+token back to d_1) with contiguous ranges covering the blocks. Stage time
+T_s = compute + outgoing transfer (see graphsplit.costmodel). Objectives:
+
+* ``latency``: min sum_s T_s (decode metric)   * ``ttft``: the same with the prefill metric
+* ``throughput``: min max(sum_s T_s / B, max_s T_s) (= 1 / tokens per second)
+* ``pareto``: every non-dominated (sum, max) pair.
+
+Method. States (first node f, set of used nodes, current node d, first block b of d's stage),
+value = min sum of the finished stages. A transition closes d's stage at c and opens node q at c
+(cost comp_d[b, c] + link(d, q, c)); the last stage pays the ring closure back to f. An optional
+per-stage cap (every T_s <= cap) gives S(cap) = min sum s.t. max <= cap.
+
+* latency / ttft: one uncapped run.
+* throughput: S(T) is non-increasing in T, so the smallest T among the finitely many possible
+  stage times with S(T) <= B T is found by binary search (about 16 runs at 80 x 8); the optimum
+  of max(S / B, max) is the plan at that T or the min-sum plan at the candidate just below it.
+  Only T >= max(S_min / B, S_min / D) can qualify, and runs in the search are pruned at B T.
+* pareto: min sum, then min sum with every stage strictly below the last plan's bottleneck,
+  until infeasible: the exact (sum, max) frontier (at most MAX_PARETO_POINTS points).
+
+Complexity: fixed order O(D^3 L^2) per run (per key, numpy L x L min-plus products). Bitmask:
+O(2^D D^3 L log L) work per run, vectorised over all states of one subset size: a stage [b, c)
+on d costs P_d[c] - P_d[b], memory and cap are monotone in b, so min over b is a range-minimum
+query over an admissible suffix, answered from sparse tables; branch and bound with a
+fixed-order seed (fastest nodes first) and a fastest-node-per-block lower bound. Exact: the state
+space is complete; ties resolve to the first index (smallest block, smallest node index), and
+node indices follow node ids (bitmask) or the given order (fixed), so answers are deterministic.
+
+Reference: PipeEdge (Hu et al., 2022) bitmask DP over device subsets; min-sum / min-max
+contiguous partitioning (classical DP, e.g. Pinar & Aykanat 2004).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from graphsplit.costmodel import ChainCosts, Workload, predict
+from graphsplit.plan import Stage
+from graphsplit.result import SplitResult
+
+INF = np.inf
+MAX_PARETO_POINTS = 200
+REL = 1e-9  # relative tolerance: sums of the same times in another order differ by rounding
+
+
+def _ring_dp(cc: ChainCosts, order: Sequence[int] | None, use_all: bool, cap: float = INF,
+             incumbent: float = INF):
+    """Min sum of stage times subject to every stage time <= cap.
+
+    order=None: bitmask mode (any order, any subset); else nodes are used in this order (a
+    subsequence of it; the whole of it when use_all). Returns (value, [(node_index, b, c)], work).
+    """
+    D, L = cc.D, cc.L
+    comp, out, close = cc.comp, cc.out, cc.close
+    lb = cc.lower_bound  # lb[b]: lower bound on the sum of stage times for blocks b..L-1
+    capped = np.isfinite(cap)
+    best_val, best_path = incumbent, None
+    work = 0
+    if order is None:
+        K = D
+        node_of = list(range(D))
+        n_keys = (1 << D) * D
+    else:
+        K = len(order)
+        node_of = list(order)
+        n_keys = K
+    firsts = [0] if (order is not None and use_all) else range(K)
+    full = (1 << K) - 1
+    for f in firsts:
+        V = np.full((n_keys, L + 1), INF)
+        BPK = np.full((n_keys, L + 1), -1, dtype=np.int64)
+        BPB = np.full((n_keys, L + 1), -1, dtype=np.int64)
+        fn = node_of[f]
+        start = ((1 << f) * D + f) if order is None else f
+        V[start, 0] = 0.0
+        found = None
+        if order is None:
+            keys = ((m, p) for m in range(1, full + 1) if m >> f & 1
+                    for p in range(K) if m >> p & 1)
+        else:
+            keys = ((0, p) for p in range(f, K))
+        for mask, p in keys:
+            key = mask * D + p if order is None else p
+            v = V[key]
+            vb = v + lb
+            alive = vb < best_val
+            if not alive.any():
+                continue
+            work += 1
+            v = np.where(alive, v, INF)
+            d = node_of[p]
+            # close the ring here: the stage [b, L) on d is the last one
+            final_ok = (mask == full) if (order is None and use_all) else \
+                (p == K - 1 if use_all else True)
+            if final_ok:
+                tl = comp[d, :, L] + (close[d, fn] if d != fn else 0.0)
+                if capped:
+                    tl = np.where(tl <= cap, tl, INF)
+                tot = v + tl
+                b = int(np.argmin(tot))
+                if tot[b] < best_val:
+                    best_val, found = float(tot[b]), (key, b, d)
+            # open the next node q at cut c
+            if order is None:
+                qs = [q for q in range(K) if not mask >> q & 1]
+            else:
+                qs = [p + 1] if use_all else list(range(p + 1, K))
+                qs = [q for q in qs if q < K]
+            if not qs:
+                continue
+            qn = [node_of[q] for q in qs]
+            if not capped:
+                tot = v[:, None] + comp[d]  # (b, c)
+                bb = np.argmin(tot, axis=0)
+                g = tot[bb, np.arange(L + 1)]
+                cand = g[None, :] + out[d, qn]  # (nq, c)
+                bsel = np.broadcast_to(bb, cand.shape)
+            else:
+                M = comp[d][None, :, :] + out[d, qn][:, None, :]  # (nq, b, c)
+                M = np.where(M <= cap, M, INF)
+                tot = v[None, :, None] + M
+                bsel = np.argmin(tot, axis=1)
+                cand = np.take_along_axis(tot, bsel[:, None, :], axis=1)[:, 0, :]
+            if order is None:
+                nk = np.array([((mask | 1 << q) * D + q) for q in qs])
+            else:
+                nk = np.array(qs)
+            cur = V[nk]
+            better = cand < cur
+            if better.any():
+                V[nk] = np.where(better, cand, cur)
+                BPK[nk] = np.where(better, key, BPK[nk])
+                BPB[nk] = np.where(better, bsel, BPB[nk])
+        if found is not None:
+            key, b, d = found
+            path = [(d, b, L)]
+            c = b
+            while True:
+                pk, pb = int(BPK[key, c]), int(BPB[key, c])
+                if pk < 0:
+                    break
+                pd = node_of[pk % D] if order is None else node_of[pk]
+                path.append((pd, pb, c))
+                key, c = pk, pb
+            best_path = list(reversed(path))
+    return best_val, best_path, work
+
+
+def _range_lo(cc: ChainCosts, cap: float) -> np.ndarray:
+    """lo[d, q, c]: the first block b such that the stage [b, c) on d followed by q fits memory
+    and has T = comp + out <= cap. comp[d, :, c] is non-increasing in b, so the admissible b form
+    the suffix [lo, c); lo = c when none (c = 0 or L, q = d: empty)."""
+    D, L = cc.D, cc.L
+    lo = np.empty((D, D, L + 1), dtype=np.int64)
+    below = np.arange(L + 1)[:, None] < np.arange(L + 1)[None, :]  # b < c
+    for d in range(D):
+        t = cc.comp[d][None, :, :] + cc.out[d][:, None, :]  # (q, b, c)
+        ok = np.isfinite(t) & (t <= cap)
+        bad = below[None] & ~ok
+        lo[d] = bad.sum(axis=1)
+    return lo
+
+
+def _sparse_table(u: np.ndarray, J: int):
+    """Range-minimum tables over the last axis: mn[j][..., b] = min u[..., b : b + 2^j] and the
+    leftmost argmin ix (ties to the smaller block index)."""
+    n = u.shape[-1]
+    mn = np.empty((J,) + u.shape)
+    ix = np.empty((J,) + u.shape, dtype=np.int64)
+    mn[0] = u
+    ix[0] = np.arange(n)
+    for j in range(1, J):
+        h = 1 << (j - 1)
+        a, b = mn[j - 1][..., :n - h], mn[j - 1][..., h:]
+        take_b = b < a
+        mn[j][..., :n - h] = np.where(take_b, b, a)
+        ix[j][..., :n - h] = np.where(take_b, ix[j - 1][..., h:], ix[j - 1][..., :n - h])
+        mn[j][..., n - h:] = INF
+        ix[j][..., n - h:] = 0
+    return mn, ix
+
+
+def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: float = INF,
+                    max_bytes: int = 400 << 20):
+    """The bitmask program, vectorised over all states of one subset size (same answers as
+    _ring_dp(order=None)). States (f, mask, d, b): first node f, used nodes mask, node d in mask
+    whose stage starts at block b. A stage [b, c) on d costs P_d[c] - P_d[b] (+ embedding at
+    b = 0), so min_b (V[b] + cost) over the admissible suffix b in [lo, c) is a range-minimum
+    query, answered for a whole batch of (mask, d in mask, q not in mask, c) from sparse tables:
+    O(2^D D^3 L log L) work in O(D) numpy passes per subset size (first nodes batched while the
+    state arrays stay under max_bytes)."""
+    D, L = cc.D, cc.L
+    full = (1 << D) - 1
+    capped = bool(np.isfinite(cap))
+    lo = _range_lo(cc, cap)  # (d, q, c)
+    cs = np.arange(L + 1)
+    # without a cap the admissible range does not depend on q (memory only): (d, c)
+    lo_use = lo if capped else np.minimum(lo.min(axis=1), cs)
+    length = cs - lo_use
+    valid = length > 0
+    kk = np.zeros_like(length)
+    kk[valid] = np.floor(np.log2(length[valid])).astype(np.int64)
+    rs = np.where(valid, cs - (1 << kk), 0)
+    lo_c = np.where(valid, lo_use, 0)
+    J = int(kk.max()) + 1 if valid.any() else 1
+    addc = cc.prefix[:, None, :] + np.where(lo < cs, cc.out, INF)  # (d, q, c)
+    emb = np.where(cs == 0, cc.t_embed[:, None], 0.0)  # (d, b)
+    u_off = emb - cc.prefix  # (d, b)
+    u_off[:, L] = INF
+    popc = np.array([bin(m).count("1") for m in range(full + 1)])
+    dbit = ((np.arange(full + 1)[:, None] >> np.arange(D)[None, :]) & 1).astype(bool)
+    levels = {}
+    for k in range(1, D + 1):
+        Mk = np.nonzero(popc == k)[0]
+        bits = dbit[Mk]
+        levels[k] = (Mk, np.nonzero(bits)[1].reshape(len(Mk), k),
+                     np.nonzero(~bits)[1].reshape(len(Mk), D - k))
+    lb = cc.lower_bound
+    best_val, best_path, work = incumbent, None, 0
+    per_f = (full + 1) * D * (L + 1) * 12
+    G = max(1, min(D, max_bytes // max(per_f, 1)))
+    for g0 in range(0, D, G):
+        fs = np.arange(g0, min(D, g0 + G))
+        nf = len(fs)
+        V = np.full((nf, full + 1, D, L + 1), INF)
+        BPd = np.full((nf, full + 1, D, L + 1), -1, dtype=np.int8)
+        BPb = np.full((nf, full + 1, D, L + 1), -1, dtype=np.int16)
+        V[np.arange(nf), 1 << fs, fs, 0] = 0.0
+        close_f = np.where(np.arange(D)[None, :] == fs[:, None], 0.0, cc.close[:, fs].T)
+        tl = cc.comp[None, :, :, L] + close_f[:, :, None]  # (f, d, b)
+        if capped:
+            tl = np.where(tl <= cap, tl, INF)
+        found = None
+        for k in range(1, D + 1):
+            Mk, memk, nonk = levels[k]
+            mi, fi = np.nonzero(dbit[Mk][:, fs])
+            if mi.size == 0:
+                continue
+            Ms, mem, non = Mk[mi], memk[mi], nonk[mi]
+            U = V[fi[:, None], Ms[:, None], mem]  # (n, k, b)
+            U = np.where(U + lb < best_val, U, INF)
+            alive = np.isfinite(U).any(axis=(1, 2))
+            if not alive.any():
+                break
+            fi, Ms, mem, non, U = fi[alive], Ms[alive], mem[alive], non[alive], U[alive]
+            n = Ms.size
+            work += n
+            if not use_all or k == D:
+                tot = U + tl[fi[:, None], mem]
+                i = int(np.argmin(tot))
+                v = float(tot.flat[i])
+                if v < best_val:
+                    n_, dp_, b = np.unravel_index(i, tot.shape)
+                    best_val = v
+                    found = (int(fi[n_]), int(Ms[n_]), int(mem[n_, dp_]), int(b))
+            if k == D:
+                break
+            Q = D - k
+            mn, ix = _sparse_table(U + u_off[mem], J)  # (J, n, k, b)
+            mnf, ixf = mn.ravel(), ix.ravel()
+            slab = n * k * (L + 1)
+            rowoff = (np.arange(n * k).reshape(n, k) * (L + 1))
+            if not capped:
+                kk_g, lo_g, rs_g = kk[mem], lo_c[mem], rs[mem]  # (n, k, c)
+                base = kk_g * slab + rowoff[:, :, None]
+                left, right = mnf.take(base + lo_g), mnf.take(base + rs_g)
+                take_r = right < left
+                rmq = np.where(take_r, right, left)
+                barg = np.where(take_r, ixf.take(base + rs_g), ixf.take(base + lo_g))
+                val = rmq[:, :, None, :] + addc[mem[:, :, None], non[:, None, :]]  # (n,k,Q,c)
+                dpos = np.argmin(val, axis=1)  # (n, Q, c)
+                vbest = np.take_along_axis(val, dpos[:, None], axis=1)[:, 0]
+                bbest = np.take_along_axis(barg.reshape(n, -1),
+                                           (dpos * (L + 1) + cs).reshape(n, -1),
+                                           axis=1).reshape(n, Q, L + 1)
+            else:
+                dI, qI = mem[:, :, None], non[:, None, :]
+                kk_g, lo_g, rs_g = kk[dI, qI], lo_c[dI, qI], rs[dI, qI]  # (n, k, Q, c)
+                base = kk_g * slab + rowoff[:, :, None, None]
+                left, right = mnf.take(base + lo_g), mnf.take(base + rs_g)
+                val = np.minimum(left, right) + addc[dI, qI]
+                dpos = np.argmin(val, axis=1)  # (n, Q, c)
+
+                def sel(A):
+                    return np.take_along_axis(A, dpos[:, None], axis=1)[:, 0]
+
+                vbest = sel(val)
+                b_s = sel(base)
+                bbest = np.where(sel(right) < sel(left), ixf.take(b_s + sel(rs_g)),
+                                 ixf.take(b_s + sel(lo_g)))
+            dbest = np.take_along_axis(mem, dpos.reshape(n, -1), axis=1).reshape(n, Q, L + 1)
+            tgt = Ms[:, None] | (1 << non)  # (n, Q)
+            fI = fi[:, None]
+            V[fI, tgt, non] = vbest
+            BPd[fI, tgt, non] = dbest
+            BPb[fI, tgt, non] = bbest
+        if found is not None:
+            j, mask, d, b = found
+            f = int(fs[j])
+            path = [(d, b, L)]
+            while not (mask == 1 << f and b == 0):
+                pd, pb = int(BPd[j, mask, d, b]), int(BPb[j, mask, d, b])
+                mask ^= 1 << d
+                path.append((pd, pb, b))
+                d, b = pd, pb
+            best_path = list(reversed(path))
+    return best_val, best_path, work
+
+
+def _to_stages(cc: ChainCosts, path) -> list[Stage]:
+    return [Stage(cc.ids[d], b, c) for d, b, c in path]
+
+
+def _stage_times(cc: ChainCosts, path) -> list[float]:
+    S = len(path)
+    ts = []
+    for s, (d, b, c) in enumerate(path):
+        if s < S - 1:
+            ts.append(cc.comp[d, b, c] + cc.out[d, path[s + 1][0], c])
+        else:
+            f = path[0][0]
+            ts.append(cc.comp[d, b, c] + (cc.close[d, f] if d != f else 0.0))
+    return ts
+
+
+def _candidate_caps(cc: ChainCosts, upto: float) -> np.ndarray:
+    """Every stage time a plan can have (sorted, unique, <= upto): the bottleneck is one."""
+    L = cc.L
+    vals = [(cc.comp[:, None, :, 1:L] + cc.out[:, :, None, 1:L]).ravel(),
+            (cc.comp[:, None, :, L] + cc.close[:, :, None]).ravel(),
+            cc.comp[:, :, L].ravel()]  # single stage: no closure
+    v = np.concatenate(vals)
+    v = v[np.isfinite(v) & (v <= upto)]
+    return np.unique(v)
+
+
+def _solve(cluster, objective: str, workload: Workload, runtime: str, use_all_nodes: bool,
+           order: Sequence[str] | None, name: str) -> SplitResult:
+    t0 = time.perf_counter()
+    ids = sorted(cluster.ids) if order is None else list(order)
+    metric = "prefill" if objective == "ttft" else "decode"
+    cc = ChainCosts(cluster, workload, runtime, metric, ids=ids)
+    idx_order = None if order is None else list(range(len(ids)))
+    B = workload.streams
+    work_total = [0]
+
+    def dp(cap=INF, bound=INF):
+        """min sum s.t. every stage <= cap; only plans with sum < bound are looked for."""
+        if order is None:
+            v, p, w = _bitmask_dp_vec(cc, use_all_nodes, cap, bound)
+        else:
+            v, p, w = _ring_dp(cc, idx_order, use_all_nodes, cap, bound)
+        work_total[0] += w
+        return (v, p) if p is not None else (INF, None)
+
+    seed = INF
+    if order is None and len(ids) > 1:
+        # branch-and-bound seed: the fixed-order DP with the fastest nodes first (cheap)
+        speed = cc.prefix[:, -1]
+        ordr = sorted(range(len(ids)), key=lambda d: (speed[d], d))
+        v, p, w = _ring_dp(cc, ordr, use_all_nodes)
+        work_total[0] += w
+        if p is not None:
+            seed = v * (1 + 1e-9) + 1e-15
+
+    where = "all node orders and subsets" if order is None else "the given node order"
+    val, path = dp(bound=seed)
+    if path is None:
+        return _infeasible(name, t0, work_total[0])
+    if objective in ("latency", "ttft"):
+        return SplitResult(_to_stages(cc, path), val, True, 0, f"optimal {objective} over {where}",
+                           name, time.perf_counter() - t0, work_total[0])
+    if objective not in ("throughput", "pareto"):
+        raise ValueError(objective)
+    m0 = max(_stage_times(cc, path))
+    if objective == "throughput":
+        # minimise max(S / B, M): S(T) = min sum with every stage <= T is non-increasing in T;
+        # binary search the smallest candidate T with S(T) / B <= T (see module docstring)
+        best = (max(val / B, m0), path)
+        n_dp = 1
+        if val / B < m0:
+            cands = _candidate_caps(cc, m0)
+            # S(T) <= B T needs T >= S_min / B, and a plan of at most D stages has
+            # max >= sum / D >= S_min / D: the search starts at the first candidate above both
+            floor_ = max(val / B, val / len(ids)) * (1 - 1e-12)
+            lo_i = min(int(np.searchsorted(cands, floor_)), len(cands) - 1)
+            hi_i = len(cands) - 1  # predicate true at hi (cands[-1] == m0)
+            res_at = {hi_i: (val, path)}
+            if order is None and len(ids) > 2:
+                # a fixed-order optimum (cheap) bounds the answer: its plan p has
+                # max(S_p / B, M_p) = f, so S(T) <= S_p <= B f <= B T for every T >= f
+                fo = _solve(cluster, "throughput", workload, runtime, use_all_nodes,
+                            [ids[d] for d in sorted(range(len(ids)),
+                                                    key=lambda d: (cc.prefix[d, -1], d))],
+                            "seed")
+                if fo.stages is not None and fo.fun < best[0]:
+                    fpath = [(ids.index(st.node), st.start_layer, st.end_layer)
+                             for st in fo.stages]
+                    best = (max(sum(_stage_times(cc, fpath)) / B, max(_stage_times(cc, fpath))),
+                            fpath)
+                    j = int(np.searchsorted(cands, fo.fun * (1 - 1e-12)))
+                    if j < hi_i:
+                        hi_i = j
+                        res_at = {}
+                        lo_i = min(lo_i, hi_i)
+            while lo_i < hi_i:
+                mid = (lo_i + hi_i) // 2
+                # the predicate S(T) <= B T only needs plans with sum <= B T: prune beyond
+                v, p = dp(cands[mid], bound=B * cands[mid] * (1 + 1e-9) + 1e-15)
+                n_dp += 1
+                if p is not None and v / B <= cands[mid]:
+                    # p witnesses the predicate down to T' = max(M_p, S_p / B) <= T: jump there
+                    t2 = max(max(_stage_times(cc, p)), v / B)
+                    hi_i = max(lo_i, min(mid, int(np.searchsorted(cands, t2 * (1 - 1e-12)))))
+                    res_at = {hi_i: (v, p)}
+                else:
+                    lo_i = mid + 1
+            for i in (hi_i, hi_i - 1):
+                if i < 0:
+                    continue
+                if i not in res_at:
+                    res_at[i] = dp(cands[i])
+                    n_dp += 1
+                v, p = res_at[i]
+                if p is not None:
+                    f = max(v / B, max(_stage_times(cc, p)))
+                    if f < best[0]:
+                        best = (f, p)
+        return SplitResult(_to_stages(cc, best[1]), best[0], True, 0,
+                           f"optimal throughput for {B} stream(s) over {where} ({n_dp} DP runs)",
+                           name, time.perf_counter() - t0, work_total[0])
+    # pareto: walk the cap down from the min-sum plan's bottleneck
+    frontier = [(val, m0, path)]
+    cap = m0 * (1 - REL)  # "strictly lower" up to rounding of sums
+    complete = True
+    while True:
+        if len(frontier) >= MAX_PARETO_POINTS:
+            complete = False
+            break
+        v, p = dp(cap)
+        if p is None:
+            break
+        m = max(_stage_times(cc, p))
+        frontier.append((v, m, p))
+        cap = m * (1 - REL)
+    pts = []
+    for s_, m, p in frontier:  # drop dominated points (equal sum up to rounding, larger max)
+        if pts and s_ <= pts[-1][0] * (1 + REL):
+            pts[-1] = (s_, m, p)
+        else:
+            pts.append((s_, m, p))
+    extra = {"frontier": [{"tpot_s": s_, "bottleneck_s": m,
+                           "throughput_tps": min(B / s_, 1 / m) if s_ > 0 else INF,
+                           "stages": _to_stages(cc, p)} for s_, m, p in pts]}
+    s_, m, p = pts[0]  # the plan shown is the latency-optimal end of the frontier
+    msg = (f"exact Pareto frontier of latency vs bottleneck over {where}: {len(pts)} points"
+           + ("" if complete else f" (stopped at {MAX_PARETO_POINTS}; lower bottlenecks exist)"))
+    return SplitResult(_to_stages(cc, p), s_, True, 0, msg, name, time.perf_counter() - t0,
+                       work_total[0], extra)
+
+
+def _infeasible(name, t0, work) -> SplitResult:
+    return SplitResult(None, INF, True, 2, "infeasible: no split fits the nodes' memory", name,
+                       time.perf_counter() - t0, work)
+
+
+def solve_fixed_order(cluster, objective: str = "latency", workload: Workload = Workload(),
+                      runtime: str = "exo-current", use_all_nodes: bool = False,
+                      order: Sequence[str] | None = None) -> SplitResult:
+    """Exact DP for a chain with the node order fixed (default: the cluster file's order).
+
+    Nodes may be skipped unless use_all_nodes. O(D^3 L^2) time per DP run, O(D L) memory.
+    """
+    return _solve(cluster, objective, workload, runtime, use_all_nodes,
+                  list(order) if order is not None else cluster.ids, "fixed-order-dp")
+
+
+def solve_bitmask(cluster, objective: str = "latency", workload: Workload = Workload(),
+                  runtime: str = "exo-current", use_all_nodes: bool = False) -> SplitResult:
+    """Exact DP over node order AND subset (bitmask over nodes sorted by id).
+
+    O(2^D D^3 L log L) work per DP run (vectorised range-minimum queries), pruned by branch
+    and bound; O(2^D D L) memory per batch of first nodes.
+    Practical up to about 12 nodes.
+    """
+    return _solve(cluster, objective, workload, runtime, use_all_nodes, None, "bitmask-dp")
+
+
+def verify(cluster, result: SplitResult, objective: str, workload: Workload, runtime: str):
+    """Recompute the objective of a result with the reference cost model (for tests)."""
+    from graphsplit.costmodel import objective_value
+    return objective_value(predict(cluster, result.stages, workload, runtime), objective, workload)
