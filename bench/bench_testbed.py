@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""The measured benchmark: our split against exo's on an emulated heterogeneous cluster.
+
+One command (root, Linux; about 10-15 minutes on a 2-core machine):
+
+    python bench/bench_testbed.py
+
+Steps, all real:
+
+1. A llama-shaped model directory with random weights (16 blocks, hidden 1024, float32, vocab
+   4096; about 720 MB; several hundred ms per token on these CPUs) is written once under
+   `~/.cache/mlx-split/` (`profiler.build.save_model_dir`).
+2. The testbed (`exo_bridge.testbed`): 4 nodes with unequal CPU quotas (0.9, 0.5, 0.3, 0.25 of
+   a core; they sum under the 2 cores) and unequal links (1-6 ms, 50-1000 Mbit/s), each node in
+   its own network namespace and cgroup.
+3. Each node is profiled UNDER ITS QUOTA, inside its namespace and cgroup: `profile-model DIR`
+   at the benchmark's prompt length and decode context -> `data/bench/profiles/NODE.json`.
+4. Every link is measured with `profile-link mlx` (mx.distributed send/recv between the two
+   nodes' namespaces and cgroups, the runner's own path) over the emulated path and written
+   into the cluster file (`data/bench/cluster.json`); `--link-method tcp` uses plain TCP.
+5. `graphsplit.api.make_plan` (what `split-model` runs) plans for latency with the baselines
+   (exo legacy, current exo, even) -> `data/bench/plan.json`.
+6. The runner (`exo_bridge.runner.run_stages`) runs ours and each baseline on the testbed: one
+   process per stage in the stage's node (namespace + cgroup), ring hostfiles through the
+   link emulation; measured TPOT / TTFT / tokens/s against the predictions.
+
+Prints the table and writes everything to `data/bench/result.json`. `--reuse` keeps existing
+profiles and link measurements (re-runs only the splitter and the runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exo_bridge.profile_link import LinkMeasurement, write_link  # noqa: E402
+from exo_bridge.runner import format_breakdown, format_table, model_spec, run_stages  # noqa: E402
+from exo_bridge.testbed import LinkSpec, NodeSpec, Testbed, TestbedSpec, available  # noqa: E402
+from graphsplit.plan import write_plan  # noqa: E402
+
+MODEL_CONFIG = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 16,
+                "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
+                "vocab_size": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                "max_position_embeddings": 2048, "torch_dtype": "float32"}
+MODEL_NAME = "bench-llama-16x1024"
+GB = 1 << 30
+MB = 1 << 20
+
+# id, cpu share, usable memory the splitter fits into, total / available memory exo's placement
+# sees. The fast node is a small-RAM machine; the big-RAM machines are slow (the case where a
+# memory-proportional split hurts).
+NODES = [
+    ("fast", 0.9, 400 * MB, 8 * GB),
+    ("mid", 0.5, 600 * MB, 16 * GB),
+    ("slow", 0.3, 900 * MB, 32 * GB),
+    ("slowest", 0.25, 900 * MB, 64 * GB),
+]
+LINKS = [  # both ways: latency ms, rate Mbit/s
+    ("fast", "mid", 1.0, 1000), ("fast", "slow", 2.0, 500), ("fast", "slowest", 4.0, 100),
+    ("mid", "slow", 3.0, 200), ("mid", "slowest", 3.0, 200), ("slow", "slowest", 6.0, 50),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_model(d: Path) -> Path:
+    if (d / "config.json").exists() and (d / "model.safetensors").exists():
+        return d
+    from profiler.build import save_model_dir
+
+    log(f"writing the benchmark model to {d}")
+    return save_model_dir(d, MODEL_CONFIG, seed=0)
+
+
+def profile_node(tb: Testbed, node: str, model_dir: Path, out: Path, prompt: int,
+                 context: int) -> None:
+    cmd = tb.wrapper(node) + [sys.executable, "-c",
+                              "import sys; from profiler.cli import main; sys.exit(main())",
+                              str(model_dir), "--out",
+                              str(out), "--prefill-tokens", str(prompt), "--decode-context",
+                              str(context), "--warmup", "2", "--repeats", "7", "--quiet",
+                              "--restart"]
+    # Wall clock on purpose: a CPU quota slows a node by throttling, which CPU time never sees
+    # (`--clock process` would profile every quota-limited node at full speed).
+    cmd += ["--clock", "wall"]
+    t = time.time()
+    cp = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if cp.returncode != 0:
+        raise SystemExit(f"profiling {node} failed: {cp.stderr.strip()[-2000:]}")
+    log(f"profiled {node} under its quota in {time.time() - t:.0f} s -> {out}")
+
+
+def write_cluster(path: Path, profiles: dict[str, Path]) -> None:
+    data = {"model": MODEL_NAME,
+            "nodes": [{"id": n, "profile": os.path.relpath(profiles[n], path.parent),
+                       "memory_bytes": mem,
+                       "total_bytes": tot, "available_bytes": tot}
+                      for n, _, mem, tot in NODES],
+            "links": [], "default_link": {"latency_ms": 5.0, "bandwidth_gbps": 0.1}}
+    path.write_text(json.dumps(data, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out-dir", default=str(ROOT / "data" / "bench"),
+                    help="profiles, cluster, plan and result (default data/bench)")
+    ap.add_argument("--model-dir", default=str(Path.home() / ".cache" / "mlx-split" / MODEL_NAME),
+                    help="where the 720 MB benchmark model is written once (outside the repo)")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--reuse", action="store_true", help="keep existing profiles and links")
+    ap.add_argument("--objective", default="latency")
+    ap.add_argument("--link-method", choices=("mlx", "tcp"), default="mlx",
+                    help="profile-link over mx.distributed (the runner's path, default) or TCP")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="runs per split (round robin); the median-TPOT run is reported")
+    ap.add_argument("--prefix", default="xbbench")
+    ap.add_argument("--until", choices=("links", "plan", "all"), default="all",
+                    help="stop after measuring (links), after planning (plan), or run all")
+    args = ap.parse_args(argv)
+    why = available()
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    out = Path(args.out_dir)
+    (out / "profiles").mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_model(Path(args.model_dir))
+    P, N = args.prompt_tokens, args.max_tokens
+    context = P + N // 2  # the mean KV length a decode step sees
+    spec = TestbedSpec([NodeSpec(n, cpu) for n, cpu, _, _ in NODES],
+                       [LinkSpec(a, b, lat, rate) for a, b, lat, rate in LINKS],
+                       default_latency_ms=5.0, default_rate_mbit=100, prefix=args.prefix)
+    cluster_path = out / "cluster.json"
+    results = []
+    every: dict[str, list] = {}
+    log(f"load average before: {os.getloadavg()[0]:.2f} (other work on the machine adds noise; "
+        "the testbed's cgroups get a high cpu.shares to keep it off the nodes)")
+    with Testbed(spec) as tb:
+        log("testbed up: " + ", ".join(f"{n}={tb.ip(n)} cpu {c}" for n, c, _, _ in NODES))
+        profiles = {n: out / "profiles" / f"{n}.json" for n, *_ in NODES}
+        for n, *_ in NODES:
+            if not (args.reuse and profiles[n].exists()):
+                profile_node(tb, n, model_dir, profiles[n], P, context)
+        old_links = json.loads(cluster_path.read_text()).get("links", []) \
+            if (args.reuse and cluster_path.exists()) else []
+        write_cluster(cluster_path, profiles)
+        hidden = MODEL_CONFIG["hidden_size"]
+        for a, b, lat, rate in LINKS:
+            for x, y in ((a, b), (b, a)):
+                prev = [lk for lk in old_links if (lk["from"], lk["to"]) == (x, y)]
+                if prev:
+                    m = LinkMeasurement(host="reused", latency_ms=prev[0]["latency_ms"],
+                                        bandwidth_gbps=prev[0]["bandwidth_gbps"],
+                                        sizes=prev[0].get("measured", {}).get("sizes", {}))
+                else:
+                    if args.link_method == "mlx":  # the runner's own path (see docs)
+                        d = tb.measure_link_mlx(x, y, hidden, 4, max(P, 256), repeats=8)
+                    else:
+                        d = tb.measure_link(x, y, hidden, 4, max(P, 256), repeats=8)
+                    m = LinkMeasurement(**{k: d[k] for k in ("host", "latency_ms",
+                                                             "bandwidth_gbps", "sizes",
+                                                             "repeats")})
+                write_link(cluster_path, x, y, m)
+                log(f"link {x}->{y}: emulated {lat} ms {rate} Mbit/s, measured "
+                    f"{m.latency_ms:.3f} ms {1e3 * m.bandwidth_gbps:.1f} Mbit/s")
+        if args.until == "links":
+            log(f"stopping after the links: {cluster_path}")
+            return 0
+        from graphsplit.api import make_plan
+        from graphsplit.cluster import load_cluster
+        from graphsplit.costmodel import Workload
+
+        cluster = load_cluster(cluster_path)
+        wl = Workload(prompt_tokens=P, context_tokens=context, streams=1)
+        plan = make_plan(cluster, args.objective, wl, "mlx-pipeline", False)
+        write_plan(plan, out / "plan.json")
+        log(f"plan: {[(s.node, s.start_layer, s.end_layer) for s in plan.stages]}")
+        if args.until == "plan":
+            return 0
+        mspec = model_spec(str(model_dir), None)
+        runs = [("ours", plan.stages, plan.predicted)]
+        from graphsplit.plan import stages_from_json
+        for b in ("exo-legacy", "exo-current", "even"):
+            if b in plan.baselines:
+                runs.append((b, stages_from_json(plan.baselines[b]["stages"], b),
+                             plan.baselines[b].get("predicted", {})))
+        every: dict[str, list] = {label: [] for label, _, _ in runs}
+        for rep in range(args.runs):  # round robin, so slow drifts of the machine hit all splits
+            for label, stages, pred in runs:
+                order = [s.node for s in stages]
+                log(f"running {label} ({rep + 1}/{args.runs}): " + " ".join(
+                    f"{s.node}[{s.start_layer},{s.end_layer})" for s in stages))
+                with tb.ring(order) as ring:
+                    r = run_stages(stages, mspec, P, N, label=label, predicted=pred,
+                                   hosts=ring.hosts, hostfiles=ring.hostfiles,
+                                   wrappers=ring.wrappers, timeout_s=900)
+                every[label].append(r)
+                log(f"{label}: tpot {1e3 * r.tpot_s:.1f} ms (pred "
+                    f"{1e3 * pred.get('tpot_s', float('nan')):.1f}), ttft {1e3 * r.ttft_s:.1f} ms")
+        for label, _, _ in runs:  # the run with the median time per token represents the split
+            rs = sorted(every[label], key=lambda x: x.tpot_s)
+            results.append(rs[len(rs) // 2])
+    table = format_table(results)
+    details = "\n".join(format_breakdown(r) for r in results)
+    details += "\n" + "\n".join(
+        f"{label}: every run tpot ms " + ", ".join(f"{1e3 * x.tpot_s:.1f}" for x in rs)
+        + "; ttft ms " + ", ".join(f"{1e3 * x.ttft_s:.0f}" for x in rs)
+        for label, rs in every.items())
+    print(table)
+    print()
+    print(details)
+    (out / "result.json").write_text(json.dumps(
+        {"loadavg_at_end": os.getloadavg(), "prompt_tokens": P, "max_tokens": N, "context": context, "nodes": NODES,
+         "links": LINKS, "table": table, "breakdown": details, "results": [r.to_dict() for r in results],
+         "all_runs": {k: [x.to_dict() for x in v] for k, v in every.items()}}, indent=1))
+    log(f"wrote {out / 'result.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""`exo-bridge run PLAN`: run a split for real on MLX's distributed runtime and measure it.
+
+One process per plan stage (`exo_bridge.stage_worker`), joined by the `mx.distributed` ring
+backend (`MLX_HOSTFILE` + `MLX_RANK`, started here with `sys.executable`; or `mlx.launch` over ssh
+with a hostfile of remote hosts). Each process loads only its layer range; rank 0 embeds, the
+last rank applies norm + head, samples greedily and sends the token id back to rank 0.
+
+Measured: time to first token (prefill of `--prompt-tokens` random token ids + the first token),
+time per output token over `--max-tokens` tokens, tokens/s (= 1 / TPOT for one stream), printed
+beside the plan's prediction with the error in percent. `--stages-from` picks the plan's own
+stages or one of its baselines (exo-legacy, exo-current, even), so exo's default splits run the
+same way; `all` runs them one after another.
+
+Library use (the testbed and the benchmark): `run_stages(...)` with per-rank hosts and command
+wrappers (e.g. `ip netns exec NODE ...` + a cgroup) returns a `RunResult`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exo_bridge.stage_worker import RESULT_TAG, encode_job
+from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
+from profiler.errors import UserError, guard
+
+BASELINES = ("exo-legacy", "exo-current", "even")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class RunError(UserError):
+    """A distributed run that failed: which rank, why, and the tail of its stderr."""
+
+
+@dataclass
+class RunResult:
+    label: str  # plan | exo-legacy | exo-current | even
+    stages: list[Stage]
+    prompt_tokens: int
+    max_tokens: int
+    tokens: list[int]
+    ttft_s: float
+    tpot_s: float | None
+    tokens_per_s: float | None
+    predicted: dict[str, Any] = field(default_factory=dict)
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def errors_pct(self) -> dict[str, float | None]:
+        """(measured - predicted) / predicted in percent, for tpot, ttft and tokens/s."""
+        pairs = {"tpot_s": self.tpot_s, "ttft_s": self.ttft_s, "throughput_tps": self.tokens_per_s}
+        out: dict[str, float | None] = {}
+        for k, m in pairs.items():
+            p = self.predicted.get(k)
+            out[k] = (100.0 * (m - p) / p) if (m is not None and p) else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = [asdict(s) for s in self.stages]
+        d["error_pct"] = self.errors_pct()
+        d["breakdown"] = breakdown(self)
+        return d
+
+
+# ------------------------------------------------------------------------- model and plan
+
+
+def model_spec(model: str | None, plan: Plan | None, dtype: str = "float32",
+               seed: int = 0) -> dict[str, Any]:
+    """The worker's model spec: a local directory, or a built-in name resolved by the profiler."""
+    name = model or (plan.model.get("path") or plan.model.get("name") if plan else None)
+    if not name:
+        raise UserError("no model: give --model NAME_OR_DIR (the plan names none)")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.exists():
+            raise UserError(f"model directory {p} has no config.json")
+        return {"source": "dir", "path": str(p.resolve()), "name": p.name,
+                "config": json.loads(cfg.read_text())}
+    try:
+        from profiler.models import resolve_model
+    except ImportError:
+        raise UserError(f"model {name!r} is not a directory and the built-in model list "
+                        "(profiler.models) is not available; pass a model directory") from None
+    spec = resolve_model(name)
+    if getattr(spec, "path", None) and Path(spec.path).is_dir():
+        return {"source": "dir", "path": str(Path(spec.path).resolve()), "name": spec.name,
+                "config": dict(spec.config)}
+    return {"source": "builtin", "name": spec.name, "config": dict(spec.config),
+            "dtype": dtype, "seed": seed}
+
+
+def pick_stages(plan: Plan, which: str) -> tuple[list[Stage], dict[str, Any]]:
+    """The stages and prediction of the plan itself or of one of its baselines."""
+    if which == "plan":
+        return plan.stages, dict(plan.predicted)
+    b = plan.baselines.get(which)
+    if not b:
+        have = ", ".join(plan.baselines) or "none"
+        raise UserError(f"the plan has no baseline {which!r} (it has: {have}); re-run split-model")
+    stages = stages_from_json(b.get("stages"), f"baseline {which}")
+    check_stages(stages, plan.n_layers, f"baseline {which}")
+    return stages, dict(b.get("predicted", {}))
+
+
+def make_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:
+    """Deterministic pseudo-random prompt ids (time does not depend on the words)."""
+    rng = random.Random(seed)
+    return [rng.randrange(vocab_size) for _ in range(n)]
+
+
+def vocab_of(config: dict[str, Any]) -> int:
+    v = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if not v:
+        raise UserError("the model config has no vocab_size")
+    return int(v)
+
+
+# ------------------------------------------------------------------------------- processes
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free TCP ports on `host` (bound then released: a small race, fine locally)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def write_hostfile(hosts: list[str], ports: list[int], path: Path) -> Path:
+    """The ring backend's hostfile: one list of "ip:port" per rank."""
+    path.write_text(json.dumps([[f"{h}:{p}"] for h, p in zip(hosts, ports)]))
+    return path
+
+
+def _tail(path: Path, n: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:].strip()
+    except OSError:
+        return ""
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    """Terminate every rank (its whole process group), then kill what is left."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.time() + 3
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.wait()
+
+
+def launch_local(job: dict[str, Any], hosts: list[str] | None = None,
+                 wrappers: list[list[str]] | None = None, timeout_s: float = 600.0,
+                 ports: list[int] | None = None, env: dict[str, str] | None = None,
+                 hostfiles: list[str] | None = None) -> list[dict[str, Any]]:
+    """Start one worker per stage on this machine and return each rank's result dict.
+
+    hosts: the ring address of each rank (default 127.0.0.1); wrappers: a command prefix per rank
+    (e.g. ["ip", "netns", "exec", "n0"]) that must end by exec-ing the worker; hostfiles: one
+    ring hostfile per rank (the testbed routes neighbours through its link relay), replacing the
+    shared one built from hosts. If any rank dies,
+    all are killed and RunError names the rank with its stderr tail.
+    """
+    n = len(job["stages"])
+    hosts = hosts or ["127.0.0.1"] * n
+    if ports is None:
+        if all(h in LOCAL_HOSTS for h in hosts):
+            ports = free_ports(n)
+        else:  # addresses inside namespaces: cannot probe from here; fresh namespaces are empty
+            base = random.randint(20000, 60000 - n)
+            ports = list(range(base, base + n))
+    tmp = Path(tempfile.mkdtemp(prefix="exo-bridge-run-"))
+    hostfile = write_hostfile(hosts, ports, tmp / "hostfile.json")
+    b64 = encode_job(job)
+    procs: list[subprocess.Popen] = []
+    outs, errs = [], []
+    try:
+        for r in range(n):
+            e = dict(os.environ, **(env or {}))
+            e.update(MLX_HOSTFILE=str(hostfiles[r] if hostfiles else hostfile), MLX_RANK=str(r))
+            if n == 1:
+                e.pop("MLX_HOSTFILE"), e.pop("MLX_RANK")
+            cmd = (wrappers[r] if wrappers else []) + [
+                sys.executable, "-m", "exo_bridge.stage_worker", "--job", b64]
+            outs.append(tmp / f"rank{r}.out")
+            errs.append(tmp / f"rank{r}.err")
+            procs.append(subprocess.Popen(cmd, env=e, stdout=open(outs[r], "wb"),
+                                          stderr=open(errs[r], "wb"), stdin=subprocess.DEVNULL,
+                                          start_new_session=True))
+        deadline = time.time() + timeout_s
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                r = bad[0]
+                time.sleep(0.3)  # let the others fail too, then report the first
+                _kill(procs)
+                raise RunError(f"rank {r} ({hosts[r]}, layers {job['stages'][r]}) exited with "
+                               f"code {codes[r]}: {_tail(errs[r]) or 'no stderr'}")
+            if all(c == 0 for c in codes):
+                break
+            if time.time() > deadline:
+                _kill(procs)
+                waiting = [r for r, c in enumerate(codes) if c is None]
+                raise RunError(f"run timed out after {timeout_s:.0f} s; ranks {waiting} still "
+                               f"running; stderr of rank {waiting[0]}: "
+                               f"{_tail(errs[waiting[0]]) or 'empty'}")
+            time.sleep(0.05)
+        results = []
+        for r in range(n):
+            lines = [ln for ln in outs[r].read_text(errors="replace").splitlines()
+                     if RESULT_TAG in ln]
+            if not lines:
+                raise RunError(f"rank {r} printed no result; stderr: {_tail(errs[r])}")
+            results.append(json.loads(lines[-1].split(RESULT_TAG, 1)[1]))
+        return results
+    finally:
+        _kill(procs)
+        for f in list(outs) + list(errs) + [hostfile]:
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        try:
+            tmp.rmdir()
+        except OSError:
+            pass
+
+
+def launch_mlx(job: dict[str, Any], hostfile: str, timeout_s: float, python: str | None
+               ) -> list[dict[str, Any]]:
+    """Remote hosts: `mlx.launch --hostfile FILE --backend ring` (ssh), results from stdout.
+
+    The package must be installed at the same interpreter path on every host (`--python`).
+    """
+    cmd = [sys.executable, "-m", "mlx._distributed_utils.launch", "--hostfile", hostfile,
+           "--backend", "ring", "--python", python or sys.executable, "--",
+           "-m", "exo_bridge.stage_worker", "--job", encode_job(job)]
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RunError(f"mlx.launch timed out after {timeout_s:.0f} s") from None
+    found = [json.loads(ln.split(RESULT_TAG, 1)[1]) for ln in cp.stdout.splitlines()
+             if RESULT_TAG in ln]
+    if cp.returncode != 0 or len(found) != len(job["stages"]):
+        raise RunError(f"mlx.launch exited {cp.returncode} with {len(found)} of "
+                       f"{len(job['stages'])} results: {cp.stderr[-1500:].strip()}")
+    return sorted(found, key=lambda d: d["rank"])
+
+
+def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, max_tokens: int,
+               *, label: str = "plan", predicted: dict[str, Any] | None = None,
+               hosts: list[str] | None = None, wrappers: list[list[str]] | None = None,
+               hostfile: str | None = None, python: str | None = None,
+               timeout_s: float = 600.0, warmup_prompt: int = 8, warmup_tokens: int = 2,
+               env: dict[str, str] | None = None, seed: int = 0,
+               hostfiles: list[str] | None = None) -> RunResult:
+    """Run one split end to end and measure it; see the module docstring."""
+    if max_tokens < 1 or prompt_tokens < 1:
+        raise UserError("--prompt-tokens and --max-tokens must be at least 1")
+    n_layers = int(spec["config"].get("num_hidden_layers") or spec["config"]["n_layers"])
+    check_stages(stages, n_layers, label)
+    job = {"model": spec, "stages": [[s.start_layer, s.end_layer] for s in stages],
+           "prompt": make_prompt(vocab_of(spec["config"]), prompt_tokens, seed),
+           "max_tokens": max_tokens, "warmup_prompt": warmup_prompt,
+           "warmup_tokens": warmup_tokens}
+    t0 = time.perf_counter()
+    if hostfile and not _hostfile_is_local(hostfile):
+        ranks = launch_mlx(job, hostfile, timeout_s, python)
+    else:
+        ports = None
+        if hostfile:
+            hosts = _hostfile_hosts(hostfile)
+            if len(hosts) != len(stages):
+                raise UserError(f"hostfile {hostfile} has {len(hosts)} hosts for "
+                                f"{len(stages)} stages")
+            ports = _hostfile_ports(hostfile)
+        ranks = launch_local(job, hosts=hosts, wrappers=wrappers, timeout_s=timeout_s, env=env,
+                             hostfiles=hostfiles, ports=ports)
+    wall = time.perf_counter() - t0
+    r0 = ranks[0]
+    tpot = r0.get("tpot_s")
+    return RunResult(label=label, stages=list(stages), prompt_tokens=prompt_tokens,
+                     max_tokens=max_tokens, tokens=r0["tokens"], ttft_s=r0["ttft_s"],
+                     tpot_s=tpot, tokens_per_s=(1.0 / tpot) if tpot else None,
+                     predicted=dict(predicted or {}), ranks=ranks, wall_s=wall)
+
+
+def _hostfile_entries(path: str) -> list[Any]:
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        data = data.get("hosts", [])
+    if not isinstance(data, list) or not data:
+        raise UserError(f"hostfile {path}: expected a JSON list of hosts")
+    return data
+
+
+def _hostfile_hosts(path: str) -> list[str]:
+    """Hosts of a hostfile: ring format [["ip:port"], ...] or mlx.launch's [{"ssh", "ips"}]."""
+    out = []
+    for e in _hostfile_entries(path):
+        if isinstance(e, list):
+            out.append(str(e[0]).rsplit(":", 1)[0])
+        elif isinstance(e, dict):
+            out.append(str((e.get("ips") or [e.get("ssh")])[0]))
+        else:
+            out.append(str(e).rsplit(":", 1)[0] if ":" in str(e) else str(e))
+    return out
+
+
+def _hostfile_ports(path: str) -> list[int] | None:
+    """The ports of a ring hostfile's entries ("ip:port"); None when any entry has none."""
+    out = []
+    for e in _hostfile_entries(path):
+        first = str(e[0]) if isinstance(e, list) and e else str(e)
+        host, _, port = first.rpartition(":")
+        if not host or not port.isdigit():
+            return None
+        out.append(int(port))
+    return out
+
+
+def _hostfile_is_local(path: str) -> bool:
+    return all(h in LOCAL_HOSTS for h in _hostfile_hosts(path))
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1000 * x:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1f}%"
+
+
+def format_table(results: list[RunResult]) -> str:
+    """Measured against predicted per split: TPOT / TTFT in ms, tokens/s, errors in percent."""
+    head = ("split", "stages", "tpot ms", "pred", "err", "ttft ms", "pred", "err",
+            "tok/s", "pred", "err")
+    rows = [head]
+    for r in results:
+        e = r.errors_pct()
+        p = r.predicted
+        st = " ".join(f"{s.node}:{s.start_layer}-{s.end_layer}" for s in r.stages)
+        tps_p = p.get("throughput_tps")
+        rows.append((r.label, st, _ms(r.tpot_s), _ms(p.get("tpot_s")), _pct(e["tpot_s"]),
+                     _ms(r.ttft_s), _ms(p.get("ttft_s")), _pct(e["ttft_s"]),
+                     "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.2f}",
+                     "-" if not tps_p else f"{tps_p:.2f}", _pct(e["throughput_tps"])))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def breakdown(r: RunResult) -> dict[str, Any]:
+    """Where the time per token went, measured against the cost model's parts.
+
+    Per stage: measured decode compute (mean over the decode steps, waiting excluded) and
+    prefill compute, beside the predicted `stage_compute_s` / `stage_prefill_s`; then the
+    measured communication residual (TPOT - sum of the stages' compute) beside the predicted
+    links (`stage_link_s`, ring closure included). A compute error points at the profiles (or
+    how the node was profiled); a residual error at the links (profile-link, per-message
+    overhead of the runtime)."""
+    p = r.predicted
+    pc, pp, pl = (p.get("stage_compute_s") or {}, p.get("stage_prefill_s") or {},
+                  p.get("stage_link_s") or {})
+    stages = []
+    for s, rk in zip(r.stages, r.ranks):
+        stages.append({"node": s.node, "layers": [s.start_layer, s.end_layer],
+                       "decode_s": _mean(rk.get("decode_compute_s") or []),
+                       "pred_decode_s": pc.get(s.node),
+                       "prefill_s": rk.get("prefill_compute_s"),
+                       "pred_prefill_s": pp.get(s.node), "pred_link_s": pl.get(s.node)})
+    comp = sum(x["decode_s"] or 0.0 for x in stages)
+    links = sum(x["pred_link_s"] or 0.0 for x in stages) if pl else None
+    return {"stages": stages, "measured_compute_s": comp,
+            "measured_comm_s": (r.tpot_s - comp) if r.tpot_s else None,
+            "pred_compute_s": sum(pc.values()) if pc else None, "pred_comm_s": links}
+
+
+def format_breakdown(r: RunResult) -> str:
+    b = breakdown(r)
+    lines = [f"{r.label}: per stage (ms)   decode meas / pred        prefill meas / pred"
+             "      link pred"]
+    for x in b["stages"]:
+        lines.append(f"  {x['node']:<10} [{x['layers'][0]:>3},{x['layers'][1]:>3})  "
+                     f"{_ms(x['decode_s']):>8} / {_ms(x['pred_decode_s']):>8}  "
+                     f"{_ms(x['prefill_s']):>10} / {_ms(x['pred_prefill_s']):>8}  "
+                     f"{_ms(x['pred_link_s']):>8}")
+    lines.append(f"  compute sum {_ms(b['measured_compute_s'])} / {_ms(b['pred_compute_s'])} ms; "
+                 f"communication (tpot - compute) {_ms(b['measured_comm_s'])} ms, links "
+                 f"predicted {_ms(b['pred_comm_s'])} ms")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="exo-bridge run",
+                                 description="Run a plan's split on mx.distributed (ring) and "
+                                 "print measured TTFT / TPOT / tokens/s beside the prediction.")
+    ap.add_argument("plan", help="plan JSON from split-model")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="prompt length (default: the plan's workload.prompt_tokens, else 32)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    ap.add_argument("--model", default=None,
+                    help="model directory or built-in name (default: the plan's model)")
+    ap.add_argument("--hostfile", default=None,
+                    help="ring hostfile ([[\"ip:port\"], ...] per rank) or mlx.launch hostfile "
+                    "for remote hosts; default: every rank on 127.0.0.1")
+    ap.add_argument("--python", default=None, help="interpreter on remote hosts (mlx.launch)")
+    ap.add_argument("--stages-from", default="plan", choices=("plan",) + BASELINES + ("all",),
+                    help="run the plan's stages, one baseline's, or all of them in turn")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="weights of a built-in model (a directory keeps its own)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run (default 600)")
+    ap.add_argument("--json", action="store_true", help="print results as JSON")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print measured per-stage compute against the predicted parts")
+    return ap
+
+
+@guard
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = read_plan(args.plan)
+    spec = model_spec(args.model, plan, dtype=args.dtype)
+    P = args.prompt_tokens or int(plan.workload.get("prompt_tokens") or 32)
+    which = ["plan", *[b for b in BASELINES if b in plan.baselines]] \
+        if args.stages_from == "all" else [args.stages_from]
+    results = []
+    for w in which:
+        stages, pred = pick_stages(plan, w)
+        if not args.json:
+            print(f"running {w}: " + ", ".join(f"{s.node}[{s.start_layer},{s.end_layer})"
+                                               for s in stages), file=sys.stderr, flush=True)
+        results.append(run_stages(stages, spec, P, args.max_tokens, label=w, predicted=pred,
+                                  hostfile=args.hostfile, python=args.python,
+                                  timeout_s=args.timeout))
+    wl = plan.workload.get("prompt_tokens")
+    if args.json:
+        print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))
+    else:
+        print(format_table(results))
+        if args.breakdown:
+            for r in results:
+                print(format_breakdown(r))
+        if wl and int(wl) != P:
+            print(f"note: the plan predicted for a {wl}-token prompt; this run used {P}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""One pipeline stage: the program each rank of `exo-bridge run` executes.
+
+Started by `exo_bridge.runner` (one process per plan stage) with the MLX ring backend's
+environment (`MLX_HOSTFILE`, `MLX_RANK`) or by `mlx.launch`. The job comes base64-encoded on
+the command line (`--job B64`) so the same command works on a remote host.
+
+What a rank does:
+
+1. Loads ONLY what its stage needs: its transformer blocks; rank 0 also the embedding, the last
+   rank also the final norm and the LM head. A local model directory is loaded lazily with
+   `mlx_lm.utils.load_model(path, lazy=True)` and only the stage's arrays are materialised; a
+   built-in model (a config dict, no weights on disk) gets deterministic random weights derived
+   from each parameter's full name, so every process agrees on the same model without any file.
+2. Runs the pipeline (our own stage wrapper, works for llama-like mlx-lm models: `model.model`
+   with `embed_tokens`, `layers`, `norm` and `lm_head` or tied embeddings):
+   rank 0 embeds the tokens and runs its blocks, sends the activation (1, L, hidden) to rank 1
+   with `mx.distributed.send`; each middle rank receives, runs its blocks, sends on; the last
+   rank applies norm + head, takes the greedy token and sends its id back to rank 0 (the ring
+   closure, a neighbour in the ring). Every send / recv goes to a ring neighbour.
+3. Warm-up (short prefill + a few decode steps, caches then reset), a barrier (`all_sum`), then
+   the measured run: prefill of the prompt and greedy decoding of `max_tokens` tokens.
+4. Prints one line `EXO_BRIDGE_RESULT {json}` on stdout: rank 0 the tokens and the token
+   arrival times, every rank its per-step compute times (time from input available to output
+   evaluated, so waiting on the network is excluded) for diagnosing prediction errors.
+
+Timing: TTFT = from the start of the prefill on rank 0 to the first token id arriving back at
+rank 0; TPOT = (arrival of the last token - arrival of the first) / (max_tokens - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+import zlib
+from typing import Any
+
+import mlx.core as mx
+
+RESULT_TAG = "EXO_BRIDGE_RESULT "
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+_FROM_CODE = {v: k for k, v in _CODES.items()}
+
+
+def ring_socket_fds() -> list[int]:
+    """Duplicates of this process's connected TCP sockets (the ring backend's, after init)."""
+    import socket as _s
+
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            sock = _s.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            ok = sock.type == _s.SOCK_STREAM and sock.getpeername()
+        except OSError:
+            ok = False
+        if ok:
+            fds.append(sock.detach())
+        else:
+            sock.close()
+    return fds
+
+
+def wait_readable(fds: list[int], timeout_s: float | None = None) -> None:
+    """Sleep until a ring socket has data. MLX's ring `recv` busy-waits (a waiting rank burns a
+    whole core, measured: 1.97 s CPU in a 2 s wait), which on shared cores or under a CPU quota
+    steals time from the rank that computes; blocking here first makes waiting free."""
+    import select
+
+    if fds:
+        select.select(fds, [], [], timeout_s)
+
+
+def encode_job(job: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(job).encode()).decode()
+
+
+def decode_job(b64: str) -> dict[str, Any]:
+    return json.loads(base64.b64decode(b64.encode()).decode())
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def _inner(model):
+    """The module holding embed_tokens / layers / norm (llama: model.model)."""
+    inner = getattr(model, "model", model)
+    for attr in ("embed_tokens", "layers", "norm"):
+        if not hasattr(inner, attr):
+            raise RuntimeError(f"model class {type(model).__name__} has no .model.{attr}: the stage "
+                               "wrapper supports llama-like mlx-lm models only")
+    return inner
+
+
+def _random_fill(module, prefix: str, seed: int, dtype) -> None:
+    """Deterministic random weights for `module`, keyed by each parameter's full name.
+
+    Norm weights are ones, biases zeros, matrices normal(0, 1/sqrt(fan_in)); the same name gives
+    the same array in every process, whatever else that process holds.
+    """
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    new = []
+    for name, arr in tree_flatten(module.parameters()):
+        full = f"{prefix}.{name}" if prefix else name
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name and leaf == "weight":
+            val = mx.ones(arr.shape, dtype=dtype)
+        elif leaf == "bias":
+            val = mx.zeros(arr.shape, dtype=dtype)
+        else:
+            key = mx.random.key((seed * 1000003 + zlib.crc32(full.encode())) & 0xFFFFFFFF)
+            std = 1.0 / max(1.0, float(arr.shape[-1])) ** 0.5
+            if "embed" in full:
+                std = 1.0
+            val = (mx.random.normal(arr.shape, key=key) * std).astype(dtype)
+        new.append((name, val))
+    module.update(tree_unflatten(new))
+
+
+def load_stage(spec: dict[str, Any], start: int, end: int, first: bool, last: bool):
+    """Build the model and materialise only blocks [start, end) (+ embed / norm+head).
+
+    Returns (model, inner, layers) where `layers` is the stage's list of blocks.
+    """
+    from mlx.utils import tree_flatten
+
+    if spec["source"] == "dir":
+        from pathlib import Path
+
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(Path(spec["path"]), lazy=True)
+        inner = _inner(model)
+    else:
+        from mlx_lm.utils import _get_classes
+
+        config = dict(spec["config"])
+        config.pop("quantization", None)
+        Model, Args = _get_classes(config)
+        model = Model(Args.from_dict(config))
+        inner = _inner(model)
+        dtype = _DTYPES[spec.get("dtype", "float32")]
+        seed = int(spec.get("seed", 0))
+        for i in range(start, end):
+            _random_fill(inner.layers[i], f"model.layers.{i}", seed, dtype)
+        tied = not hasattr(model, "lm_head")
+        if first or (last and tied):
+            _random_fill(inner.embed_tokens, "model.embed_tokens", seed, dtype)
+        if last:
+            _random_fill(inner.norm, "model.norm", seed, dtype)
+            if not tied:
+                _random_fill(model.lm_head, "lm_head", seed, dtype)
+    layers = list(inner.layers[start:end])
+    keep = list(layers)
+    if first:
+        keep.append(inner.embed_tokens)
+    if last:
+        keep.append(inner.norm)
+        keep.append(getattr(model, "lm_head", inner.embed_tokens))
+    arrays = [a for m in keep for _, a in tree_flatten(m.parameters())]
+    mx.eval(arrays)
+    return model, inner, layers
+
+
+def make_caches(model, layers, start: int, end: int):
+    if hasattr(model, "make_cache"):
+        return list(model.make_cache()[start:end])
+    from mlx_lm.models.cache import KVCache
+
+    return [KVCache() for _ in layers]
+
+
+def head_logits(model, inner, h):
+    h = inner.norm(h)
+    if hasattr(model, "lm_head"):
+        return model.lm_head(h)
+    return inner.embed_tokens.as_linear(h)
+
+
+# -------------------------------------------------------------------------------- pipeline
+
+
+class Stage:
+    """This rank's part of the pipeline with its KV caches and step timings."""
+
+    def __init__(self, job: dict[str, Any], rank: int, size: int, group):
+        self.rank, self.size, self.group = rank, size, group
+        self.start, self.end = job["stages"][rank]
+        self.first, self.last = rank == 0, rank == size - 1
+        self.model, self.inner, self.layers = load_stage(job["model"], self.start, self.end,
+                                                         self.first, self.last)
+        self.fds = ring_socket_fds() if (group is not None and os.name == "posix"
+                                         and os.path.isdir("/proc/self/fd")) else []
+        self.hidden = None  # set from the first activation
+        self.act_dtype = None
+        self.header_sent = False  # the one-time [dtype, hidden] header to the next rank
+        self.reset()
+
+    def reset(self) -> None:
+        self.caches = make_caches(self.model, self.layers, self.start, self.end)
+        self.compute_s: list[float] = []
+        self.wait_s: list[float] = []
+
+    def _recv_activation(self, L: int):
+        src = self.rank - 1
+        if self.act_dtype is None:  # one-time header: [dtype code, hidden size]
+            wait_readable(self.fds)
+            hdr = mx.distributed.recv((2,), mx.int32, src, group=self.group)
+            mx.eval(hdr)
+            code, hidden = hdr.tolist()
+            self.act_dtype, self.hidden = _FROM_CODE[code], hidden
+        else:  # (the activation follows the header at once: no wait before it)
+            wait_readable(self.fds)
+        h = mx.distributed.recv((1, L, self.hidden), self.act_dtype, src, group=self.group)
+        mx.eval(h)
+        return h
+
+    def _send_activation(self, h) -> None:
+        dst = self.rank + 1
+        if not self.header_sent:
+            self.header_sent = True
+            hdr = mx.array([_CODES[h.dtype], h.shape[-1]], dtype=mx.int32)
+            mx.eval(mx.distributed.send(hdr, dst, group=self.group))
+        mx.eval(mx.distributed.send(h, dst, group=self.group))
+
+    def step(self, tokens: list[int] | None, L: int) -> int | None:
+        """One pipeline pass over L new tokens. Rank 0 passes the tokens and gets the next id."""
+        from mlx_lm.models.base import create_attention_mask
+
+        t_in = time.perf_counter()
+        if self.first:
+            h = self.inner.embed_tokens(mx.array([tokens], dtype=mx.int32))
+        else:
+            h = self._recv_activation(L)
+        t0 = time.perf_counter()
+        mask = create_attention_mask(h, self.caches[0] if self.caches else None)
+        for layer, c in zip(self.layers, self.caches):
+            h = layer(h, mask, cache=c)
+        tok = None
+        if self.last:
+            logits = head_logits(self.model, self.inner, h)
+            tok = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
+            mx.eval(tok)
+        else:
+            mx.eval(h)
+        self.compute_s.append(time.perf_counter() - t0)
+        self.wait_s.append(t0 - t_in)
+        if not self.last:
+            self._send_activation(h)
+        elif self.size > 1:
+            mx.eval(mx.distributed.send(tok, 0, group=self.group))
+        if self.first:
+            if self.size > 1:
+                wait_readable(self.fds)
+                tok = mx.distributed.recv((1,), mx.int32, self.size - 1, group=self.group)
+                mx.eval(tok)
+            return int(tok.item())
+        return None
+
+
+def generate(stage: Stage, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    """Prefill + greedy decode; rank 0 returns tokens and arrival times, others None fields."""
+    times: list[float] = []
+    tokens: list[int] = []
+    t_start = time.perf_counter()
+    cur = stage.step(prompt, len(prompt))
+    for i in range(max_tokens):
+        if stage.first:
+            times.append(time.perf_counter() - t_start)
+            tokens.append(cur)
+        if i == max_tokens - 1:
+            break
+        cur = stage.step([cur] if stage.first else None, 1)
+    return {"tokens": tokens, "token_times_s": times}
+
+
+def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
+    t_load = time.perf_counter()
+    stage = Stage(job, rank, size, group)
+    load_s = time.perf_counter() - t_load
+    prompt = job["prompt"]
+    wp, wt = int(job.get("warmup_prompt", 8)), int(job.get("warmup_tokens", 2))
+    if wt > 0:
+        generate(stage, prompt[: max(1, min(wp, len(prompt)))], wt)
+    stage.reset()
+    if group is not None:
+        mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))  # barrier
+    out = generate(stage, prompt, int(job["max_tokens"]))
+    res: dict[str, Any] = {
+        "rank": rank, "stage": [stage.start, stage.end], "load_s": load_s,
+        "prefill_compute_s": stage.compute_s[0] if stage.compute_s else None,
+        "decode_compute_s": stage.compute_s[1:],
+        "prefill_wait_s": stage.wait_s[0] if stage.wait_s else None,
+        "peak_memory_bytes": mx.get_peak_memory(),
+    }
+    if rank == 0:
+        times = out["token_times_s"]
+        n = len(times)
+        res.update(tokens=out["tokens"], token_times_s=times, ttft_s=times[0],
+                   tpot_s=(times[-1] - times[0]) / (n - 1) if n > 1 else None)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="exo_bridge.stage_worker", description=__doc__.split("\n")[0])
+    ap.add_argument("--job", required=True, help="base64 JSON job from exo_bridge.runner")
+    args = ap.parse_args(argv)
+    job = decode_job(args.job)
+    size = len(job["stages"])
+    group = None
+    rank = 0
+    if size > 1:
+        group = mx.distributed.init(backend="ring", strict=True)
+        rank = group.rank()
+        if group.size() != size:
+            print(f"stage_worker: the ring has {group.size()} ranks but the plan {size} stages",
+                  file=sys.stderr)
+            return 2
+    res = run(job, rank, size, group)
+    print(RESULT_TAG + json.dumps(res), flush=True)
+    sys.stdout.flush()
+    # The ring backend's sockets may block interpreter teardown; results are out, so leave now.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
