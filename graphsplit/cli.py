@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from graphsplit.api import make_plan
     from graphsplit.cluster import load_cluster
-    from graphsplit.costmodel import Workload
+    from graphsplit.costmodel import Workload, extrapolation_notes
     from graphsplit.plan import write_plan
     workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
                         streams=args.streams)
     cluster = load_cluster(args.cluster)
     plan = make_plan(cluster, args.objective, workload, args.runtime, args.use_all_nodes,
                      args.solver, cluster_file=args.cluster)
+    plan.predicted["extrapolated"] = extrapolation_notes(cluster, workload)
     if args.simulate:
         from graphsplit.simulate import simulate
         sim = simulate(cluster, plan.stages, workload, args.runtime)
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from graphsplit.report import render
         print(render(plan))
+        for note in plan.predicted["extrapolated"]:
+            print(f"note: {note}")
         if args.simulate:
             s = plan.predicted["simulated"]
             print(f"\nsimulated ({s['requests']} requests, {workload.streams} stream(s)): "

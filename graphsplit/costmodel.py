@@ -301,3 +301,23 @@ class ChainCosts:
         suf[0] += min_e
         suf[L] = 0.0
         self.lower_bound = suf * (1 - 1e-9)
+
+
+def extrapolation_notes(cluster, workload: Workload) -> list[str]:
+    """Where the workload lies outside a node's measured grids, one line per node and grid.
+
+    Inside the grids a time is interpolated between measurements; outside it is extrapolated
+    (see profiler.costtable.interpolate), which the user should know before trusting it:
+    re-profile with a wider `--prefill-tokens` / `--decode-context` grid to measure it instead.
+    """
+    notes = []
+    for node in sorted(cluster.nodes, key=lambda n: n.id):
+        t = node.table
+        for what, value, grid, flag in (
+                ("prompt", workload.prompt_tokens, t.prefill_tokens, "--prefill-tokens"),
+                ("context", workload.context_tokens, t.decode_context, "--decode-context")):
+            if not grid[0] <= value <= grid[-1]:
+                notes.append(f"{node.id}: {what} {value} tokens is outside the measured grid "
+                             f"{grid[0]}..{grid[-1]}: extrapolated (profile with {flag} "
+                             f"covering {value} to measure it)")
+    return notes

@@ -184,23 +184,25 @@ def now_iso() -> str:
 def interpolate(xs: list[int], ys: list[float], x: float, through_origin: bool) -> float:
     """Piecewise-linear interpolation of measured points (xs strictly increasing).
 
-    Beyond the grid: linear extrapolation from the two nearest points, never below zero.
-    With a single point: proportional to x when `through_origin` (prefill work grows with
-    the prompt), else constant. The result is derived from measurements, not measured.
+    Inside the grid: the straight line between the two neighbouring measurements. Beyond the
+    largest point: extrapolated from the last two points with a slope clipped at zero, so
+    timing noise that makes two points decrease never extrapolates a cost towards zero
+    (time never falls as the prompt or the context grows). Below the smallest point: for
+    prefill (`through_origin`) the fixed-plus-linear cost implied by the first two points, never
+    below the proportional share of the first point; for decode, the first point. With a single
+    point: proportional to x for prefill, constant for decode. Derived, not measured.
     """
     if len(xs) == 1:
         return ys[0] * (x / xs[0]) if through_origin else ys[0]
     if x <= xs[0]:
-        if through_origin:
-            # below the smallest measured prompt, scale towards the origin from the first point
-            # using the fixed cost implied by the first two points (time = a + b x, clipped).
-            b = (ys[1] - ys[0]) / (xs[1] - xs[0])
-            return max(ys[0] - b * (xs[0] - x), ys[0] * x / xs[0], 0.0)
-        i = 0
-    elif x >= xs[-1]:
-        i = len(xs) - 2
-    else:
-        i = max(k for k in range(len(xs) - 1) if xs[k] <= x)
+        if not through_origin:
+            return ys[0]
+        b = max((ys[1] - ys[0]) / (xs[1] - xs[0]), 0.0)
+        return max(ys[0] - b * (xs[0] - x), ys[0] * x / xs[0], 0.0)
+    if x >= xs[-1]:
+        slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+        return ys[-1] + slope * (x - xs[-1])
+    i = max(k for k in range(len(xs) - 1) if xs[k] <= x)
     x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
     return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
 

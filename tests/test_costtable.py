@@ -144,3 +144,18 @@ def test_profile_model_refuses_a_bad_table_at_out(tmp_path, name, mutate, expect
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cost table") and expect in lines[0]
+
+
+def test_interpolation_inside_and_beyond_the_grid():
+    from profiler.costtable import interpolate
+    # inside: the straight line between neighbours
+    assert interpolate([16, 64], [1.0, 3.0], 40, through_origin=True) == pytest.approx(2.0)
+    # beyond: extrapolated with the last slope
+    assert interpolate([64, 256], [1.0, 2.0], 1024, through_origin=False) == pytest.approx(6.0)
+    # noise that makes the last two points decrease never extrapolates towards zero
+    assert interpolate([16, 64], [0.94, 0.83], 1024, through_origin=False) == pytest.approx(0.83)
+    assert interpolate([8, 32], [2.0, 1.5], 512, through_origin=True) == pytest.approx(1.5)
+    # below the grid: decode keeps the first point, prefill scales towards the origin
+    assert interpolate([64, 256], [1.0, 2.0], 1, through_origin=False) == pytest.approx(1.0)
+    low = interpolate([16, 64], [1.0, 3.0], 4, through_origin=True)
+    assert 0.25 <= low < 1.0
