@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exo_bridge.legacy import load_plan
-from graphsplit.plan import Plan, Stage, stages_from_json
+from graphsplit.plan import Plan, Stage, read_plan, stages_from_json
 from profiler.errors import UserError
 
 ROWS = (("exo-legacy", "exo legacy (memory-weighted)"),
@@ -132,7 +131,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = load_plan(args.plan)
+    plan = read_plan(args.plan)
     rows = splits(plan, args.repredict)
     if args.json:
         print(json.dumps({r.key: {"label": r.label, "source": r.source,

@@ -42,18 +42,6 @@ log = logging.getLogger("exo_bridge.legacy")
 MB = 1024 * 1024
 
 
-def load_plan(path: str | Path) -> Plan:
-    """`read_plan`, with the plan's `cluster_file` resolved: as written if it exists from here,
-    else relative to the plan file's directory (split-model records the path it was given)."""
-    plan = read_plan(path)
-    cf = plan.cluster_file
-    if cf and not Path(cf).exists():
-        beside = Path(path).resolve().parent / cf
-        if beside.exists():
-            plan.cluster_file = str(beside)
-    return plan
-
-
 # ---------------------------------------------------------------- fractions <-> layers
 
 
@@ -172,7 +160,7 @@ class MeasuredPartitioningStrategy(PartitioningStrategy):
                  workload: dict[str, Any] | None = None, use_all_nodes: bool = False,
                  warn: Callable[[str], None] | None = None) -> None:
         if isinstance(plan, (str, Path)):
-            plan = load_plan(plan)
+            plan = read_plan(plan)
         if plan is None and tables is None:
             raise UserError("the measured strategy needs a plan file (--plan) or cost tables "
                             "(--tables) to work from")

@@ -29,8 +29,7 @@ from typing import Any
 
 from exo_bridge import exo_api
 from exo_bridge.exo_api import ExoSchemaError, InstanceView, NodeInfo, Rank
-from exo_bridge.legacy import load_plan
-from graphsplit.plan import Plan
+from graphsplit.plan import Plan, read_plan
 from profiler.errors import UserError
 
 GIB = 1024 ** 3
@@ -302,7 +301,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = load_plan(args.plan)
+    plan = read_plan(args.plan)
     model = args.model or (plan.model or {}).get("repo_id")
     if not model:
         raise UserError("--model is required (the plan has no model.repo_id): give exo's model "

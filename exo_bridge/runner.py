@@ -116,6 +116,25 @@ def pick_stages(plan: Plan, which: str) -> tuple[list[Stage], dict[str, Any]]:
     return stages, dict(b.get("predicted", {}))
 
 
+def run_workload(plan: Plan, prompt_tokens: int, max_tokens: int):
+    """(cluster, Workload) of this run when the plan's cluster file is here, else None.
+
+    A run's decode steps see KV contexts from P to P + N - 1: the prediction uses the mean,
+    P + N // 2 (decode time is near-linear in context), one stream."""
+    if not plan.cluster_file or not Path(plan.cluster_file).exists():
+        return None
+    from graphsplit.cluster import load_cluster
+    from graphsplit.costmodel import Workload
+    return load_cluster(plan.cluster_file), Workload(prompt_tokens=prompt_tokens,
+                                                      context_tokens=prompt_tokens
+                                                      + max_tokens // 2, streams=1)
+
+
+def repredict(cluster, stages: list[Stage], workload, runtime: str) -> dict[str, Any]:
+    from graphsplit.costmodel import predict
+    return predict(cluster, stages, workload, runtime).to_dict()
+
+
 def make_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:
     """Deterministic pseudo-random prompt ids (time does not depend on the words)."""
     rng = random.Random(seed)
@@ -465,9 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     P = args.prompt_tokens or int(plan.workload.get("prompt_tokens") or 32)
     which = ["plan", *[b for b in BASELINES if b in plan.baselines]] \
         if args.stages_from == "all" else [args.stages_from]
+    rewl = run_workload(plan, P, args.max_tokens)
     results = []
     for w in which:
         stages, pred = pick_stages(plan, w)
+        if rewl is not None:
+            pred = repredict(rewl[0], stages, rewl[1], plan.runtime)
         if not args.json:
             print(f"running {w}: " + ", ".join(f"{s.node}[{s.start_layer},{s.end_layer})"
                                                for s in stages), file=sys.stderr, flush=True)
@@ -482,8 +504,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.breakdown:
             for r in results:
                 print(format_breakdown(r))
-        if wl and int(wl) != P:
-            print(f"note: the plan predicted for a {wl}-token prompt; this run used {P}")
+        if rewl is not None:
+            print(f"predictions re-derived from {plan.cluster_file} for this run's workload "
+                  f"(prompt {P}, mean decode context {rewl[1].context_tokens}, 1 stream)")
+        elif wl and int(wl) != P:
+            print(f"note: the plan predicted for a {wl}-token prompt; this run used {P} "
+                  f"(the plan's cluster file {plan.cluster_file or '(none)'} is not here to "
+                  "re-predict)")
     return 0
 
 

@@ -158,6 +158,8 @@ def plan_from_dict(data: Any, source: str = "<dict>") -> Plan:
 
 
 def read_plan(path: str | Path) -> Plan:
+    """Read and validate a plan. Its `cluster_file` is resolved: as written when it exists from
+    the working directory, else relative to the plan file's directory."""
     p = Path(path)
     if not p.exists():
         raise PlanError(f"plan {p}: no such file; write one with `split-model CLUSTER --out {p}`")
@@ -165,7 +167,12 @@ def read_plan(path: str | Path) -> Plan:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise PlanError(f"plan {p}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    return plan_from_dict(data, source=f"plan {p}")
+    plan = plan_from_dict(data, source=f"plan {p}")
+    cf = plan.cluster_file
+    if cf and not Path(cf).exists() and (p.resolve().parent / cf).exists():
+        # split-model records the path it was given; from elsewhere, look beside the plan
+        plan.cluster_file = str(p.resolve().parent / cf)
+    return plan
 
 
 def write_plan(plan: Plan, path: str | Path) -> Path:
