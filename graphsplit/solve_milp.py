@@ -19,6 +19,12 @@ edge (u, v): w_vk <= w_uk (order); cut variables c_uk >= w_uk - w_vk for every e
 b_s >= buffer_v x_vs; memory sum_v (weights + KV)_v x_vs + b_s + resident_s <= capacity(d_s).
 V (S-1) binaries. Optimality is HiGHS's: status 0 means proven optimal (mip_rel_gap 0).
 
+Exact reductions before HiGHS (reduce=True, incumbent=True; each proven where it is built):
+implied order and cut rows dropped (_needed_edges), buffer rows below the smallest block
+buffer dropped, binaries fixed by memory (_memory_fixings) and, for throughput, by the
+incumbent's value (_time_fixings), fixed binaries substituted out; the best contiguous split of
+the topological order (_order_dp) is the incumbent, passed as HiGHS's objective_bound cutoff.
+
 Reference: PiPPy graphsplit (pytorch/PiPPy, pippy/graphsplit.py): MILP with
 scipy.optimize.milp, homogeneous stages, parameter/activation counts instead of times.
 """
@@ -30,6 +36,7 @@ import itertools
 import os
 import sys
 import time
+import warnings
 from typing import Sequence
 
 import networkx as nx
@@ -116,13 +123,205 @@ def evaluate_assignment(g: nx.DiGraph, cluster, devices: Sequence[str], stage_of
     return sum(T)
 
 
+def _bool_dot(m, x, rows: int = 512):
+    """m @ x for a boolean matrix m, in float64, a block of rows at a time (bounded memory)."""
+    out = np.empty((m.shape[0],) + x.shape[1:])
+    for i in range(0, m.shape[0], rows):
+        out[i:i + rows] = m[i:i + rows].astype(float) @ x
+    return out
+
+
+
+def _memory_fixings(g, ops, cluster, devices, runtime, buf_floor):
+    """Bounds on w_vk = [stage(v) <= k] implied by memory alone (exact: they hold in every
+    feasible assignment, so fixing them changes no optimum).
+
+    If v sits in a stage <= k, so do all its ancestors; their bytes then fit in the capacity of
+    stages 0..k (each stage also holds resident bytes and a buffer >= buf_floor). So
+    anc_mem(v) > sum_{s <= k} (cap_s - resident_s - buf_floor) forces w_vk = 0, and likewise
+    desc_mem(v) > sum_{s > k} (...) forces w_vk = 1 (v and its descendants cannot all come
+    after k). anc_mem / desc_mem count v itself; ancestor sets are numpy bit rows."""
+    S, V = len(devices), len(ops)
+    K = S - 1
+    pos = {v: i for i, v in enumerate(ops)}
+    mem = np.array([_op_mem(g, v, runtime) for v in ops])
+    anc = np.zeros((V, V), dtype=bool)
+    for i, v in enumerate(ops):
+        anc[i, i] = True
+        for u in g.predecessors(v):
+            anc[i] |= anc[pos[u]]
+    anc_mem = _bool_dot(anc, mem)
+    desc_mem = _bool_dot(anc.T, mem)
+    room = np.array([cluster.node(d).memory_bytes
+                     - _resident(cluster, d, runtime, s == 0, s == S - 1, g) - buf_floor
+                     for s, d in enumerate(devices)])
+    pre = np.cumsum(room)  # pre[k]: stages 0..k
+    post = pre[-1] - pre  # stages k+1..S-1
+    tol = 1e-6 * max(1.0, float(np.abs(room).max()))  # keep borderline cases to the MILP
+    lo_w = (desc_mem[:, None] > post[None, :K] + tol).astype(float)
+    hi_w = 1.0 - (anc_mem[:, None] > pre[None, :K] + tol).astype(float)
+    # both at once: no feasible assignment exists; lb = ub = 1 keeps it so (HiGHS proves it)
+    hi_w = np.maximum(hi_w, lo_w)
+    return lo_w, hi_w, anc
+
+
+
+def _time_fixings(g, ops, cluster, devices, workload, anc, bound):
+    """Throughput: bounds on w_vk that every assignment with objective <= `bound` satisfies.
+
+    z >= T_s for every stage, so such an assignment has every stage's compute
+    sum_{v in s} t_v(d_s) <= bound - (s's link latency or ring closure) =: room_s. If v sits in
+    a stage <= k, its ancestors do too, and their compute is at least anc_t = sum over them of
+    min_{s <= k} t_a(d_s); anc_t > sum_{s <= k} room_s forces w_vk = 0. Symmetrically with v's
+    descendants and the stages after k (w_vk = 1). `bound` is a little above the incumbent's
+    value (and the HiGHS cutoff), so the optimum and the incumbent satisfy every fixing."""
+    S = len(devices)
+    K = S - 1
+    t = np.array([[g.nodes[v]["decode_s"][d] for d in devices] for v in ops])  # (V, S)
+    link = np.array([cluster.link(d, devices[s + 1]).latency_s if s < K else
+                     (cluster.link(d, devices[0]).time(workload.token_bytes) if S > 1 else 0.0)
+                     for s, d in enumerate(devices)])
+    room = bound - link
+    pre = np.cumsum(room)
+    post = pre[-1] - pre
+    tmin_pre = np.minimum.accumulate(t, axis=1)[:, :K]  # min over s <= k
+    tmin_post = np.minimum.accumulate(t[:, ::-1], axis=1)[:, ::-1][:, 1:]  # min over s > k
+    anc_t = _bool_dot(anc, tmin_pre)  # (V, K)
+    desc_t = _bool_dot(anc.T, tmin_post)
+    tol = 1e-9 * max(1.0, float(bound))
+    lo_w = (desc_t > post[None, :K] + tol).astype(float)
+    hi_w = 1.0 - (anc_t > pre[None, :K] + tol).astype(float)
+    return lo_w, hi_w
+
+
+
+def _order_dp(g, cluster, devices, ops, objective, workload, runtime):
+    """A feasible assignment for the primal bound: the operations in the given topological order
+    `ops`, split into S contiguous non-empty ranges (one per device, in order). A contiguous split
+    of a topological order keeps every edge inside a stage or pointing forward, so it is feasible
+    for the MILP whenever it fits memory and every stage holds a block. Latency / ttft: the exact
+    min-sum DP over such splits; throughput: the best of the min-sum and min-max splits.
+    O(S V^2) numpy. Returns {op: stage} or None."""
+    S, V = len(devices), len(ops)
+    metric = "prefill_s" if objective == "ttft" else "decode_s"
+    tokens = workload.prompt_tokens if objective == "ttft" else 1
+    idx = {v: i for i, v in enumerate(ops)}
+    last_use = np.arange(V)
+    for u, v in g.edges:
+        last_use[idx[u]] = max(last_use[idx[u]], idx[v])
+    act = np.array([g.nodes[v]["activation_bytes_per_token"] for v in ops], dtype=float)
+    # cross[j]: bytes per token of the outputs of ops < j consumed at or after j
+    dc = np.zeros(V + 2)
+    np.add.at(dc, np.arange(V) + 1, act * (last_use > np.arange(V)))
+    np.add.at(dc, last_use + 1, -act * (last_use > np.arange(V)))
+    cross = np.cumsum(dc)[:V + 1]
+    is_layer = np.array([g.nodes[v]["layer"] is not None for v in ops], dtype=float)
+    nl = np.concatenate([[0.0], np.cumsum(is_layer)])
+    mem = np.array([_op_mem(g, v, runtime) for v in ops])
+    mpre = np.concatenate([[0.0], np.cumsum(mem)])
+    buf = np.array([float(g.nodes[v]["buffer_bytes"]) for v in ops])
+    bm = np.full((V + 1, V + 1), -np.inf)
+    for i in range(V):
+        bm[i, i + 1:] = np.maximum.accumulate(buf[i:])
+    ii, jj = np.meshgrid(np.arange(V + 1), np.arange(V + 1), indexing="ij")
+    ok_base = (jj > ii) & (nl[None, :] - nl[:, None] >= 1)
+    cost = []
+    for s, d in enumerate(devices):
+        t = np.array([g.nodes[v][metric][d] for v in ops])
+        pre = np.concatenate([[0.0], np.cumsum(t)])
+        c = pre[None, :] - pre[:, None]
+        if s < S - 1:
+            lk = cluster.link(d, devices[s + 1])
+            c = c + (lk.latency_s + tokens * cross / lk.bandwidth_Bps)[None, :]
+        elif S > 1:
+            c = c + cluster.link(d, devices[0]).time(workload.token_bytes)
+        m = (mpre[None, :] - mpre[:, None]) + bm \
+            + _resident(cluster, d, runtime, s == 0, s == S - 1, g)
+        ok = ok_base & (m <= cluster.node(d).memory_bytes)
+        cost.append(np.where(ok, c, np.inf))
+
+    def run(combine):
+        F = np.full(V + 1, np.inf)
+        F[0] = 0.0
+        arg = []
+        for s in range(S):
+            tot = combine(F[:, None], cost[s])
+            a = np.argmin(tot, axis=0)
+            F = tot[a, np.arange(V + 1)]
+            arg.append(a)
+        if not np.isfinite(F[V]):
+            return None
+        cuts, j = [V], V
+        for s in range(S - 1, -1, -1):
+            j = int(arg[s][j])
+            cuts.append(j)
+        cuts = cuts[::-1]
+        return {ops[i]: s for s in range(S) for i in range(cuts[s], cuts[s + 1])}
+
+    cands = [run(np.add)]
+    if objective == "throughput":
+        cands.append(run(np.maximum))
+    best, best_v = None, np.inf
+    for a in cands:
+        if a is None:
+            continue
+        v = evaluate_assignment(g, cluster, devices, a, objective, workload, runtime)
+        if v is not None and v < best_v:
+            best, best_v = a, v
+    return best, best_v
+
+
+
+def _reaches(g, a, b, pos) -> bool:
+    """Is b reachable from a (a != b)? Search only operations placed before b in the topological
+    order `pos` (nothing after b can lead to b)."""
+    stack, seen, pb = [a], {a}, pos[b]
+    while stack:
+        x = stack.pop()
+        for y in g.successors(x):
+            if y == b:
+                return True
+            if y not in seen and pos[y] < pb:
+                seen.add(y)
+                stack.append(y)
+    return False
+
+
+def _needed_edges(g, ops, idx):
+    """The edges whose rows the MILP needs (others are implied, so dropping them is exact).
+
+    * Order rows w_vk <= w_uk: only for the edges of the transitive reduction. If (u, v) has
+      another path u -> x -> ... -> v, chaining that path's rows gives w_vk <= w_uk.
+    * Cut rows c_uk >= w_uk - w_vk: only for consumers v of u that reach no other consumer v'
+      of u. If v reaches v', the order rows give w_v'k <= w_vk, so the row of v' is at least
+      as strong as the row of v.
+    Returned as index pairs (u, v)."""
+    pos = {v: i for i, v in enumerate(ops)}
+    order_e, cut_e = [], []
+    for u in ops:
+        succ = sorted(g.successors(u), key=pos.get)
+        for v in succ:
+            others = [x for x in succ if x != v]
+            if not any(pos[x] < pos[v] and _reaches(g, x, v, pos) for x in others):
+                order_e.append((idx[u], idx[v]))
+            if not any(pos[x] > pos[v] and _reaches(g, v, x, pos) for x in others):
+                cut_e.append((idx[u], idx[v]))
+    return order_e, cut_e
+
+
+
 def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = "latency",
                workload: Workload = Workload(), runtime: str = "exo-current",
-               time_limit: float = 60.0, presolve: bool = False) -> SplitResult:
+               time_limit: float = 60.0, presolve: bool = False, reduce: bool = True,
+               incumbent: bool = True, highs_options: dict | None = None) -> SplitResult:
     """Optimal assignment of the DAG's operations to the stages on `devices` (in order).
 
     presolve: HiGHS's presolve (off by default: on these models its probing costs more than it
     saves, about 2x on 1,000-operation graphs).
+    reduce: drop implied rows, fix binaries implied by memory (and, with an incumbent, by the
+    throughput bound) and substitute fixed binaries out; incumbent: the topological-order DP's
+    split as a cutoff. Neither changes the optimum (tests/test_split_speed.py checks against
+    the plain model). highs_options: extra HiGHS options, passed through verbatim.
 
     Returns a SplitResult whose extra["assignment"] maps op -> device and, when the blocks land
     in contiguous ranges, whose stages are the block ranges. Optimal iff HiGHS proves it.
@@ -180,10 +379,19 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
     for v in range(V):
         for k in range(K - 1):
             add([(W(v, k), 1), (W(v, k + 1), -1)], -np.inf, 0)
-    for u, v in edges:
+    order_edges, cut_edges = _needed_edges(g, ops, idx) if reduce else (edges, edges)
+    for u, v in order_edges:
         for k in range(K):
             add([(W(v, k), 1), (W(u, k), -1)], -np.inf, 0)
+    for u, v in cut_edges:
+        for k in range(K):
             add([(Cv(u, k), 1), (W(u, k), -1), (W(v, k), 1)], 0, np.inf)
+    # Buffers: every stage holds at least one block operation (the row below), so its buffer is
+    # at least buf_floor = the smallest buffer of any block operation. buf_s gets that as its
+    # lower bound, and the rows buf_s >= b_v x_vs of operations with b_v <= buf_floor are implied
+    # by it: only operations with larger buffers need rows (none when all blocks are alike).
+    layer_bufs = [g.nodes[v]["buffer_bytes"] / MEM for v in ops if g.nodes[v]["layer"] is not None]
+    buf_floor = min(layer_bufs) if (reduce and layer_bufs) else 0.0
     # stage times as linear expressions: T_s = sum terms + const
     T_terms, T_const = [], []
     op_names = ops
@@ -216,7 +424,7 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
         # buffers and memory
         for v in range(V):
             bv = g.nodes[op_names[v]]["buffer_bytes"] / MEM
-            if bv > 0:
+            if bv > buf_floor:
                 tt, cc = x_terms(v, s, -bv)
                 add([(ob + s, 1)] + tt, -cc, np.inf)  # buf_s - bv x_vs >= 0
         mem, mconst = [], _resident(cluster, d, runtime, s == 0, s == S - 1, g) / MEM
@@ -244,14 +452,88 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
     lb = np.zeros(n)
     ub = np.ones(n)
     ub[ob:] = np.inf
+    lb[ob:ob + S] = buf_floor
+    if reduce and K:
+        lo_w, hi_w, anc = _memory_fixings(g, ops, cluster, devices, runtime, buf_floor * MEM)
     # the DAG's sources can sit in stage 0, sinks in the last: no fixing needed
-    with _quiet_stdout():
-        res = milp(cobj, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
-                   bounds=Bounds(lb, ub),
-                   options={"time_limit": time_limit, "mip_rel_gap": 0.0, "disp": False,
-                            "presolve": presolve})
+    opts = {"time_limit": time_limit, "mip_rel_gap": 0.0, "disp": False, "presolve": presolve}
+    # Primal bound: the best contiguous split of the topological order (a feasible assignment,
+    # see _order_dp) caps the objective through HiGHS's objective_bound (a cutoff: nodes whose
+    # LP bound exceeds it are pruned). The cutoff sits a relative 1e-7 above the incumbent's
+    # value, so the incumbent itself (hence an optimum) stays inside it: the answer and HiGHS's
+    # proof of optimality (mip_rel_gap 0) are unchanged, only the search is smaller.
+    inc, inc_v, cutoff = None, None, None
+    if incumbent:
+        inc, inc_v = _order_dp(g, cluster, devices, ops, objective, workload, runtime)
+        if inc is not None:
+            cut = inc_v * TS - (offset if objective != "throughput" else 0.0)
+            cutoff = cut + 1e-7 * max(1.0, abs(inc_v * TS))
+            opts["objective_bound"] = cutoff
+    lb_plain, ub_plain = lb.copy(), ub.copy()
+    if reduce and K:
+        lb_plain[:nw], ub_plain[:nw] = lo_w.ravel(), hi_w.ravel()
+        if cutoff is not None and objective == "throughput":
+            lo_t, hi_t = _time_fixings(g, ops, cluster, devices, workload, anc,
+                                       inc_v * (1 + 1e-6))
+            lo_w, hi_w = np.maximum(lo_w, lo_t), np.minimum(hi_w, hi_t)
+        hi_w = np.maximum(hi_w, lo_w)  # contradictions: no (better) assignment; HiGHS proves it
+        lb[:nw], ub[:nw] = lo_w.ravel(), hi_w.ravel()
+    opts.update(highs_options or {})
+
+    lo_a, hi_a = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+
+    def run(o, lb_, ub_):
+        """HiGHS on the model with the fixed binaries substituted out (exact: a fixed column's
+        contribution moves into the row bounds and the objective constant; rows left without
+        a free column are dropped after checking that they hold)."""
+        fixed = np.zeros(n, dtype=bool)
+        fixed[:nw] = lb_[:nw] == ub_[:nw]
+        free = ~fixed
+        xf = np.where(fixed, lb_, 0.0)
+        shift = A @ xf
+        Af = A[:, free]
+        keep = np.diff(Af.tocsr().indptr) > 0
+        l2, h2 = lo_a - shift, hi_a - shift
+        tol = 1e-9
+        if np.any((l2[~keep] > tol) | (h2[~keep] < -tol)):
+            fixed[:] = False  # a fixed row is violated: leave the model whole (HiGHS proves it)
+            free, xf, keep = ~fixed, np.zeros(n), np.ones(len(lo_a), dtype=bool)
+            Af, l2, h2 = A, lo_a, hi_a
+        const = float(cobj @ xf)
+        o = dict(o)
+        if "objective_bound" in o:
+            o["objective_bound"] -= const
+        with _quiet_stdout(), warnings.catch_warnings():
+            # HiGHS options beyond scipy's five are passed through verbatim, with a warning
+            warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+            r = milp(cobj[free], constraints=LinearConstraint(Af[keep], l2[keep], h2[keep]),
+                     integrality=integrality[free], bounds=Bounds(lb_[free], ub_[free]),
+                     options=o)
+        if r.x is not None:
+            x = xf.copy()
+            x[free] = r.x
+            r.x = x
+            r.fun = r.fun + const
+        return r
+
+    res = run(opts, lb, ub)
+    if res.x is None and cutoff is not None and res.status == 2:
+        # "infeasible under the cutoff" can only come from the MILP's scaled memory rows
+        # judging the incumbent differently from the exact bytes: solve again without the
+        # cutoff and the fixings derived from it
+        opts.pop("objective_bound")
+        res = run(opts, lb_plain, ub_plain)
     solve_s = time.perf_counter() - t0
     if res.x is None:
+        if inc is not None and res.status != 2:
+            # time limit before HiGHS found a solution: return the incumbent, not proven
+            stages = _block_stages(g, inc, devices, cluster.n_layers)
+            return SplitResult(stages, inc_v, False, 1,
+                               f"HiGHS: {res.message}; best contiguous split of the "
+                               "topological order returned (not proven optimal)", "milp",
+                               solve_s, int(getattr(res, "mip_node_count", 0) or 0),
+                               {"assignment": {v: devices[s] for v, s in inc.items()},
+                                "stage_of": dict(inc), "devices": devices, "binaries": nw})
         status = 2 if res.status == 2 else 1
         return SplitResult(None, np.inf, res.status == 2, status,
                            f"HiGHS: {res.message}", "milp", solve_s,
@@ -266,7 +548,9 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
                                                   f" (gap {getattr(res, 'mip_gap', None)})"),
                        "milp", solve_s, int(getattr(res, "mip_node_count", 0) or 0),
                        {"assignment": {v: devices[s] for v, s in stage_of.items()},
-                        "stage_of": stage_of, "devices": devices, "binaries": nw})
+                        "stage_of": stage_of, "devices": devices, "binaries": nw,
+                        "free_binaries": int(np.sum(lb[:nw] != ub[:nw])),
+                        "incumbent": inc_v})
 
 
 def _block_stages(g, stage_of, devices, n_layers):
