@@ -53,6 +53,13 @@ class ProfileOptions:
     microbench: bool = True
     seed: int = 0
     clock: str = "wall"  # wall | process (CPU backend only; see measure.time_fn)
+    # idle before each timed run, after its untimed setup (see measure.time_fn): long enough
+    # for a CPU quota to repay the setup's overrun (up to one 4 ms tick at 0.2 of a core)
+    settle_s: float = 0.02
+    # block decode: steps back to back per timed sample (up to 8, until it lasts 0.1 s): a
+    # short run after an idle borrows up to a tick of CPU from its quota (see measure.time_fn)
+    decode_min_sample_s: float = 0.1
+    decode_max_steps: int = 8
 
 
 class Progress:
@@ -190,6 +197,8 @@ def identity(t: CostTable) -> dict[str, Any]:
             "quantization": t.quantization, "prefill_tokens": list(t.prefill_tokens),
             "decode_context": list(t.decode_context), "batch": t.method.get("batch", 1),
             "clock": t.method.get("clock", "wall"),
+            "settle_s": float(t.method.get("settle_s", 0.0)),  # tables before it: no idle
+            "decode_max_steps": int(t.method.get("decode_max_steps", 1)),
             "host": t.device.host, "device": t.device.name, "backend": t.device.backend}
 
 
@@ -253,7 +262,9 @@ def profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
                          decode_context=list(opts.decode_context), warmup=opts.warmup,
                          repeats=opts.repeats, max_rel_spread=opts.max_rel_spread,
                          max_rounds=opts.max_rounds, batch=opts.batch, seed=opts.seed,
-                         clock=opts.clock)
+                         clock=opts.clock, settle_s=opts.settle_s,
+                         decode_min_sample_s=opts.decode_min_sample_s,
+                         decode_max_steps=opts.decode_max_steps)
 
     # Structure of every block, from the lazy skeleton (nothing is evaluated here).
     sigs = [build.structure(b, with_dtype=not generated) for b in parts.layers]
@@ -264,7 +275,8 @@ def profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
     if existing is not None:
         want = {"config_hash": info.config_hash, "dtype": dtype, "quantization": quant,
                 "prefill_tokens": method.prefill_tokens, "decode_context": method.decode_context,
-                "batch": opts.batch, "clock": opts.clock}
+                "batch": opts.batch, "clock": opts.clock, "settle_s": float(opts.settle_s),
+                "decode_max_steps": int(opts.decode_max_steps)}
         have = identity(existing)
         diff = [k for k, v in want.items() if have[k] != v]
         if not diff:
@@ -316,6 +328,19 @@ def profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
             "flush_caches": True,
             "cache_flush": "a 64 MiB buffer is read (untimed) before every timed run so "
                            "weights come from memory, not cache",
+            "settle_s": opts.settle_s,
+            "settle": "idle this long after the untimed setup (cache rewind and flush), "
+                      "before each timed run starts, as a pipeline stage idles while it waits "
+                      "for its input: under a CPU quota the setup's CPU would otherwise be "
+                      "repaid as throttling inside the timed run",
+            "decode_min_sample_s": opts.decode_min_sample_s,
+            "decode_max_steps": opts.decode_max_steps,
+            "decode_steps": "block decode: when one step is shorter than decode_min_sample_s, "
+                            "each timed sample runs up to decode_max_steps steps back to back "
+                            "(the cache rewound between them, inside the clock) and records "
+                            "their mean, as a stage runs its blocks back to back: a single "
+                            "short step after an idle overruns a CPU quota by up to a tick "
+                            "and repays it after the clock stops",
             "profiler": "profiler (mlx-measured-split)"}
     if existing is not None and resumed:
         meth = {**existing.method, **{k: v for k, v in meth.items() if k not in

@@ -38,6 +38,11 @@ class Method:
     seed: int = 0
     flush: bool = True  # evict caches before every timed run (see flush_caches)
     clock: str = "wall"  # wall | process (see measure.time_fn)
+    settle_s: float = 0.0  # idle after the untimed setup, before the clock (see measure.time_fn)
+    # block decode: a timed sample makes up to decode_max_steps steps back to back (cache
+    # rewound between them, inside the clock) until it lasts decode_min_sample_s; see time_fn
+    decode_min_sample_s: float = 0.0
+    decode_max_steps: int = 1
 
 
 def cache_arrays(cache) -> list:
@@ -110,7 +115,7 @@ def flush_caches() -> None:
     mx.eval(mx.sum(_FLUSH[0]))  # reads 64 MiB, allocates nothing
 
 
-def _t(fn, m: Method, setup=None) -> Timing:
+def _t(fn, m: Method, setup=None, between=None) -> Timing:
     def prepare():
         if setup is not None:
             setup()
@@ -118,7 +123,11 @@ def _t(fn, m: Method, setup=None) -> Timing:
             flush_caches()
 
     return time_fn(fn, warmup=m.warmup, repeats=m.repeats, max_rel_spread=m.max_rel_spread,
-                   max_rounds=m.max_rounds, setup=prepare, clock=m.clock)
+                   max_rounds=m.max_rounds, setup=prepare, clock=m.clock,
+                   settle_s=m.settle_s,
+                   min_sample_s=m.decode_min_sample_s if between is not None else 0.0,
+                   max_inner=m.decode_max_steps if between is not None else 1,
+                   between=between)
 
 
 def time_block(block, template_cache, hidden_size: int, dtype, m: Method):
@@ -143,7 +152,8 @@ def time_block(block, template_cache, hidden_size: int, dtype, m: Method):
             y = block(x1, _mask(x1, cache), cache)
             mx.eval(y, *cache_arrays(cache))
 
-        decode.append(_t(step, m, setup=lambda cache=cache, c=c: rewind(cache, c)))
+        decode.append(_t(step, m, setup=lambda cache=cache, c=c: rewind(cache, c),
+                         between=lambda cache=cache, c=c: rewind(cache, c)))
         del cache
     return prefill, decode
 

@@ -116,6 +116,7 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
 
     flush = bool(m.get("flush_caches", True))
     clock = m.get("clock", "wall")
+    settle_s = float(m.get("settle_s", 0.0))  # as the table was measured (measure.time_fn)
     warmup = max(2, int(m.get("warmup", 1)))
     repeats = max(5, int(m.get("repeats", 3)))
     batch = int(m.get("batch", 1))
@@ -143,6 +144,8 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
                 if flush:
                     rows.flush_caches()
                 mx.synchronize()
+                if settle_s > 0:
+                    time.sleep(settle_s)
                 t0 = now()
                 fn()
                 mx.synchronize()

@@ -196,3 +196,41 @@ def test_cli_json_output_and_bad_options(tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 2, (bad, p.stderr)
         assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, bad
+
+
+def test_settle_idles_after_setup_outside_the_clock(tmp_path):
+    """time_fn idles settle_s after the untimed setup and before the clock starts (a CPU quota
+    repays the setup's CPU there, not inside the timed run); the table records it."""
+    from profiler.measure import time_fn
+
+    events = []
+    t = time_fn(lambda: events.append(("run", time.perf_counter())), warmup=0, repeats=3,
+                setup=lambda: events.append(("setup", time.perf_counter())), settle_s=0.05)
+    assert t.median_s < 0.04  # the idle is not timed
+    pairs = [(events[i][1], events[i + 1][1]) for i in range(0, len(events), 2)]
+    assert all(events[i][0] == "setup" for i in range(0, len(events), 2))
+    assert all(run - setup >= 0.045 for setup, run in pairs)  # but it happens before each run
+    spec = resolve_model(str(_config_file(tmp_path, n_layers=1)))
+    table = profile_model(spec, ProfileOptions(**FAST, settle_s=0.001), tmp_path / "s.json")
+    assert read_table(tmp_path / "s.json").method["settle_s"] == 0.001 == table.method["settle_s"]
+
+
+def test_short_calls_are_timed_back_to_back():
+    """A call shorter than min_sample_s is made up to max_inner times per timed sample (with
+    `between` before each but the first, inside the clock); the sample is their mean."""
+    from profiler.measure import time_fn
+
+    calls = {"fn": 0, "between": 0, "setup": 0}
+
+    def fn():
+        calls["fn"] += 1
+        time.sleep(0.002)
+
+    t = time_fn(fn, warmup=1, repeats=3, max_rounds=1, min_sample_s=0.05, max_inner=4,
+                setup=lambda: calls.__setitem__("setup", calls["setup"] + 1),
+                between=lambda: calls.__setitem__("between", calls["between"] + 1))
+    assert t.inner == 4 and calls["fn"] == 1 + 3 * 4 and calls["between"] == 3 * 3
+    assert calls["setup"] == 1 + 3
+    assert 0.0015 < t.median_s < 0.02  # per call, not per sample
+    one = time_fn(fn, warmup=1, repeats=2, max_rounds=1, min_sample_s=0.001, max_inner=4)
+    assert one.inner == 1  # long enough already
