@@ -31,7 +31,12 @@ query over an admissible suffix, answered from sparse tables; branch and bound w
 fixed-order seed (fastest nodes first) and a lower bound per set of still-usable nodes
 (_set_lower_bound: their fastest blocks filled up to the most blocks each can hold under memory
 and cap; infinite when they cannot hold the rest, which makes infeasible caps cost one level of
-the DP). Exact: the state
+the DP). Each bitmask run (_bitmask_dp) first solves a relaxation with no first node in the
+state (last stage charged its cheapest closure into the used set: a lower bound on every plan,
+returned when its plan's real closure is the charged one or when nothing beats the incumbent),
+else the exact program with the relaxed plan's real sum as incumbent; both are pruned by a
+reverse cost-to-go bound (_reverse_lower_bound: a relaxed reverse bitmask DP over the
+still-allowed nodes, a superset of the real transitions). Exact: the state
 space is complete; ties resolve to the first index (smallest block, smallest node index), and
 node indices follow node ids (bitmask) or the given order (fixed), so answers are deterministic.
 
@@ -216,6 +221,80 @@ def _set_lower_bound(cc: ChainCosts, cap: float) -> np.ndarray:
     return np.maximum(val * (1 - 1e-9), per_block)
 
 
+def _reverse_lower_bound(cc: ChainCosts, use_all: bool, cap: float) -> np.ndarray:
+    """H[A, d, b]: a lower bound on the sum of the stage times of blocks b..L-1 when d runs the
+    stage that starts at b and the later stages use distinct nodes of A \\ {d} (d in A), every
+    stage <= cap; with use_all, exactly the nodes of A. A reverse bitmask DP over the allowed
+    set, O(2^D D^2 L log L), of a relaxation of the exact program:
+      * a transition d -> q at cut c (c < L) costs comp[d, b, c] + out[d, q, c] =
+        P_d[c] - P_d[b] (+ embedding at b = 0) + out[d, q, c] for every c in (b, hi_d(b)],
+        hi_d(b) the LARGEST c < L with comp[d, b, c] finite and <= cap - min_q,c out[d, q, c]:
+        a superset of the admissible cuts (memory and cap are checked only through hi);
+      * the last stage pays the cheapest closure to a node outside A (the first node is outside
+        A when b > 0); H[., ., 0] = 0 (no bound for the first stage).
+    Fewer options never lower a minimum, so H <= the real cost-to-go of every state (A = the
+    nodes outside the forward mask, plus d); it is shrunk by a relative 1e-9 for rounding."""
+    D, L = cc.D, cc.L
+    full = (1 << D) - 1
+    H = np.full((full + 1, D, L + 1), INF)
+    if L == 0:
+        return np.zeros((full + 1, D, L + 1))
+    cs = np.arange(L + 1)
+    out = cc.out
+    omin = np.where(np.isfinite(out), out, INF).min(axis=(1, 2))  # (d,)
+    omin = np.where(np.isfinite(omin), omin, 0.0)
+    ok = np.isfinite(cc.comp) & (cc.comp + omin[:, None, None] <= cap)  # (d, b, c)
+    ok[:, :, L] = False
+    ok &= cs[None, None, :] > cs[None, :, None]
+    has = ok.any(axis=2)
+    hi = np.where(has, L - np.argmax(ok[:, :, ::-1], axis=2), 0)  # (d, b): last ok c
+    # window [b + 1, hi]: sparse-table query parameters per (d, b)
+    st = cs[None, :] + 1
+    ln = np.where(has, hi - st + 1, 0)
+    kk = np.zeros_like(ln)
+    kk[ln > 0] = np.floor(np.log2(ln[ln > 0])).astype(np.int64)
+    st_c = np.where(ln > 0, st, 0)
+    rs = np.where(ln > 0, hi + 1 - (1 << kk), 0)
+    J = int(kk.max()) + 1
+    emb = np.where(cs == 0, cc.t_embed[:, None], 0.0)  # (d, b)
+    base_b = emb - cc.prefix  # (d, b)
+    close_nd = np.where(np.eye(D, dtype=bool), INF, cc.close)
+    sets = np.arange(full + 1)
+    popc = np.array([bin(m).count("1") for m in sets])
+    dbit = ((sets[:, None] >> np.arange(D)[None, :]) & 1).astype(bool)
+    tlast = cc.comp[:, :, L]  # (d, b)
+    for k in range(1, D + 1):
+        Ak = np.nonzero(popc == k)[0]
+        mem = np.nonzero(dbit[Ak])[1].reshape(len(Ak), k)  # (n, k)
+        n = len(Ak)
+        # final stage on d: closure to the cheapest node outside A
+        if use_all and k > 1:
+            fin = np.full((n, k, L + 1), INF)
+        else:
+            clo = np.where(~dbit[Ak][:, None, :], close_nd[mem], INF).min(axis=2)  # (n, k)
+            fin = tlast[mem] + clo[:, :, None]
+            fin = np.where(fin <= cap, fin, INF)
+        if k > 1:
+            prev = Ak[:, None] ^ (1 << mem)  # (n, k): A \ {d}
+            Hs = H[prev]  # (n, k, q, c)
+            Y = (out[mem] + Hs).min(axis=2)  # (n, k, c)
+            Z = cc.prefix[mem] + Y
+            Z[..., L] = INF
+            mn, _ = _sparse_table(Z, J)
+            mnf = mn.ravel()
+            slab = n * k * (L + 1)
+            rowoff = (np.arange(n * k).reshape(n, k) * (L + 1))[:, :, None]
+            kg = kk[mem]
+            left = mnf.take(kg * slab + rowoff + st_c[mem])
+            right = mnf.take(kg * slab + rowoff + rs[mem])
+            rmq = np.where(ln[mem] > 0, np.minimum(left, right), INF)
+            fin = np.minimum(fin, base_b[mem] + rmq)
+        H[Ak[:, None], mem] = fin
+    H = H * (1 - 1e-9)
+    H[:, :, 0] = 0.0
+    return H
+
+
 def _sparse_table(u: np.ndarray, J: int):
     """Range-minimum tables over the last axis: mn[j][..., b] = min u[..., b : b + 2^j] and the
     leftmost argmin ix (ties to the smaller block index)."""
@@ -236,14 +315,21 @@ def _sparse_table(u: np.ndarray, J: int):
 
 
 def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: float = INF,
-                    max_bytes: int = 400 << 20):
+                    max_bytes: int = 400 << 20, relax_first: bool = False, hrev=None):
     """The bitmask program, vectorised over all states of one subset size (same answers as
     _ring_dp(order=None)). States (f, mask, d, b): first node f, used nodes mask, node d in mask
     whose stage starts at block b. A stage [b, c) on d costs P_d[c] - P_d[b] (+ embedding at
     b = 0), so min_b (V[b] + cost) over the admissible suffix b in [lo, c) is a range-minimum
     query, answered for a whole batch of (mask, d in mask, q not in mask, c) from sparse tables:
     O(2^D D^3 L log L) work in O(D) numpy passes per subset size (first nodes batched while the
-    state arrays stay under max_bytes)."""
+    state arrays stay under max_bytes).
+
+    relax_first: drop f from the state (a D / 2 times smaller program) and charge the last stage
+    the cheapest ring closure to any node of the mask other than d (the first node is one of
+    them; none for a single-stage plan). Every plan keeps its stages and pays at most its real
+    closure, so the value is a lower bound on the exact one and "no plan below the incumbent" is
+    exact; the plan returned is a real plan (its first node is read from the back-pointers)
+    whose real sum may be larger (see _bitmask_dp)."""
     D, L = cc.D, cc.L
     full = (1 << D) - 1
     capped = bool(np.isfinite(cap))
@@ -274,28 +360,38 @@ def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: 
     best_val, best_path, work = incumbent, None, 0
     per_f = (full + 1) * D * (L + 1) * 12
     G = max(1, min(D, max_bytes // max(per_f, 1)))
-    for g0 in range(0, D, G):
-        fs = np.arange(g0, min(D, g0 + G))
-        nf = len(fs)
+    groups = [np.arange(D)] if relax_first else \
+        [np.arange(g0, min(D, g0 + G)) for g0 in range(0, D, G)]
+    close_nd = np.where(np.eye(D, dtype=bool), INF, cc.close)  # (d, f), f != d
+    for fs in groups:
+        nf = 1 if relax_first else len(fs)
         V = np.full((nf, full + 1, D, L + 1), INF)
         BPd = np.full((nf, full + 1, D, L + 1), -1, dtype=np.int8)
         BPb = np.full((nf, full + 1, D, L + 1), -1, dtype=np.int16)
-        V[np.arange(nf), 1 << fs, fs, 0] = 0.0
-        close_f = np.where(np.arange(D)[None, :] == fs[:, None], 0.0, cc.close[:, fs].T)
-        tl = cc.comp[None, :, :, L] + close_f[:, :, None]  # (f, d, b)
-        if capped:
-            tl = np.where(tl <= cap, tl, INF)
+        if relax_first:
+            V[0, 1 << fs, fs, 0] = 0.0
+        else:
+            V[np.arange(nf), 1 << fs, fs, 0] = 0.0
+            close_f = np.where(np.arange(D)[None, :] == fs[:, None], 0.0, cc.close[:, fs].T)
+            tl = cc.comp[None, :, :, L] + close_f[:, :, None]  # (f, d, b)
+            if capped:
+                tl = np.where(tl <= cap, tl, INF)
         found = None
         for k in range(1, D + 1):
             Mk, memk, nonk = levels[k]
-            mi, fi = np.nonzero(dbit[Mk][:, fs])
+            if relax_first:
+                mi = np.arange(Mk.size)
+                fi = np.zeros(Mk.size, dtype=np.int64)
+            else:
+                mi, fi = np.nonzero(dbit[Mk][:, fs])
             if mi.size == 0:
                 continue
             Ms, mem, non = Mk[mi], memk[mi], nonk[mi]
             U = V[fi[:, None], Ms[:, None], mem]  # (n, k, b)
             # prune: blocks b.. still go to d and the nodes outside the mask
             avail = (full ^ Ms)[:, None] | (1 << mem)  # (n, k)
-            U = np.where(U + lbt[avail] < best_val, U, INF)
+            lbk = lbt[avail] if hrev is None else np.maximum(lbt[avail], hrev[avail, mem])
+            U = np.where(U + lbk < best_val, U, INF)
             alive = np.isfinite(U).any(axis=(1, 2))
             if not alive.any():
                 break
@@ -303,7 +399,17 @@ def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: 
             n = Ms.size
             work += n
             if not use_all or k == D:
-                tot = U + tl[fi[:, None], mem]
+                if relax_first:  # cheapest closure to another node of the mask (none: k = 1)
+                    if k == 1:
+                        clo = np.zeros(mem.shape)
+                    else:
+                        clo = np.where(dbit[Ms][:, None, :], close_nd[mem], INF).min(axis=2)
+                    tlk = cc.comp[mem, :, L] + clo[:, :, None]  # (n, k, b)
+                    if capped:
+                        tlk = np.where(tlk <= cap, tlk, INF)
+                else:
+                    tlk = tl[fi[:, None], mem]
+                tot = U + tlk
                 i = int(np.argmin(tot))
                 v = float(tot.flat[i])
                 if v < best_val:
@@ -357,15 +463,46 @@ def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: 
             BPb[fI, tgt, non] = bbest
         if found is not None:
             j, mask, d, b = found
-            f = int(fs[j])
             path = [(d, b, L)]
-            while not (mask == 1 << f and b == 0):
+            while not (mask == 1 << d and b == 0):
                 pd, pb = int(BPd[j, mask, d, b]), int(BPb[j, mask, d, b])
                 mask ^= 1 << d
                 path.append((pd, pb, b))
                 d, b = pd, pb
             best_path = list(reversed(path))
     return best_val, best_path, work
+
+
+def _bitmask_dp(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: float = INF):
+    """The exact bitmask program, first run without the first node in the state.
+
+    The relaxed run (_bitmask_dp_vec(relax_first=True)) charges every plan at most its real cost,
+    so (a) no relaxed plan below the incumbent means no real one either, and (b) when the relaxed
+    optimum's closure is the one it was charged (its last node's cheapest closure in the mask is
+    to its actual first node, or it has one stage) its relaxed value is its real value computed
+    with the same floating-point operations as the exact program, and no plan is cheaper: it is
+    returned as is. Otherwise the exact program (first node in the state) runs, with the relaxed
+    plan's real sum as incumbent when that plan satisfies the cap (the exact program then finds
+    it or a cheaper plan). In the throughput search most capped runs end in (a) or (b), which
+    removes the ~D / 2 factor that the first node adds to the state space."""
+    hrev = _reverse_lower_bound(cc, use_all, cap)
+    v, p, w = _bitmask_dp_vec(cc, use_all, cap, incumbent, relax_first=True, hrev=hrev)
+    if p is None:
+        return v, p, w
+    f, dl = p[0][0], p[-1][0]
+    if len(p) == 1:
+        return v, p, w
+    mask = 0
+    for d, _, _ in p:
+        mask |= 1 << d
+    cl = min(cc.close[dl, g] for g in range(cc.D) if mask >> g & 1 and g != dl)
+    if cc.close[dl, f] == cl:
+        return v, p, w
+    ts = _stage_times(cc, p)
+    if max(ts) <= cap:
+        incumbent = min(incumbent, sum(ts) * (1 + 1e-9) + 1e-15)
+    v2, p2, w2 = _bitmask_dp_vec(cc, use_all, cap, incumbent, hrev=hrev)
+    return v2, p2, w + w2
 
 
 def _to_stages(cc: ChainCosts, path) -> list[Stage]:
@@ -476,7 +613,7 @@ def _solve(cluster, objective: str, workload: Workload, runtime: str, use_all_no
     def dp(cap=INF, bound=INF):
         """min sum s.t. every stage <= cap; only plans with sum < bound are looked for."""
         if order is None:
-            v, p, w = _bitmask_dp_vec(cc, use_all_nodes, cap, bound)
+            v, p, w = _bitmask_dp(cc, use_all_nodes, cap, bound)
         else:
             v, p, w = _ring_dp(cc, idx_order, use_all_nodes, cap, bound)
         work_total[0] += w

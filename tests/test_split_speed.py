@@ -11,7 +11,9 @@ from graphsplit.brute import brute_force
 from graphsplit.cluster import cluster_from_tables
 from graphsplit.costmodel import ChainCosts, Workload
 from graphsplit.graph import build_graph
-from graphsplit.solve_dp import _set_lower_bound, _stage_times, solve_bitmask, solve_fixed_order
+from graphsplit.solve_dp import (_bitmask_dp, _bitmask_dp_vec, _reverse_lower_bound,
+                                 _set_lower_bound, _stage_times, solve_bitmask,
+                                 solve_fixed_order)
 from graphsplit.solve_milp import _needed_edges, _order_dp, evaluate_assignment, solve_milp
 from test_split_milp import dag_cluster
 from test_split_solvers import RUNTIMES, same
@@ -102,3 +104,55 @@ def test_order_dp_gives_a_feasible_assignment():
         a, v = _order_dp(g, c, ["b", "a", "c"], ops, objective, w, "exo-current")
         if a is not None:
             assert evaluate_assignment(g, c, ["b", "a", "c"], a, objective, w) == v
+
+
+def test_reverse_lower_bound_never_exceeds_a_real_completion():
+    """H[A, d, b] <= the sum of the stage times of blocks b.. of any plan whose stage at b runs
+    on d and whose later stages use only nodes of A (exactly A with use_all), stage cap
+    included; checked on every suffix of brute-force-optimal plans."""
+    rnd = random.Random(5)
+    for _ in range(8):
+        c = random_cluster(rnd, rnd.randint(3, 7), rnd.randint(2, 4))
+        cc = ChainCosts(c, Workload(prompt_tokens=32, context_tokens=128, streams=1),
+                        "exo-current", "decode", ids=sorted(c.ids))
+        for B in (1, 4, 16):
+            for use_all in (False, True):
+                r = brute_force(c, "throughput", Workload(prompt_tokens=32, context_tokens=128,
+                                                          streams=B), "exo-current", use_all)
+                if r.stages is None:
+                    continue
+                path = [(cc.ids.index(s.node), s.start_layer, s.end_layer) for s in r.stages]
+                ts = _stage_times(cc, path)
+                for cap in (np.inf, max(ts)):
+                    H = _reverse_lower_bound(cc, use_all, cap)
+                    for i in range(len(path)):
+                        A = sum(1 << d for d, _, _ in path[i:])
+                        assert H[A, path[i][0], path[i][1]] <= sum(ts[i:]) * (1 + 1e-12)
+                        if not use_all:  # more allowed nodes: still a lower bound
+                            full = (1 << cc.D) - 1
+                            mask = sum(1 << d for d, _, _ in path[:i + 1])
+                            A2 = (full ^ mask) | (1 << path[i][0])
+                            assert H[A2, path[i][0], path[i][1]] <= sum(ts[i:]) * (1 + 1e-12)
+
+
+def test_relaxed_first_node_and_reverse_bound_change_no_dp_answer():
+    """_bitmask_dp (first-node relaxation, then the exact program pruned by the reverse bound)
+    returns the same min sum as the plain exact program, for caps, incumbents and use_all."""
+    rnd = random.Random(9)
+    for _ in range(12):
+        c = random_cluster(rnd, rnd.randint(3, 9), rnd.randint(2, 5))
+        w = Workload(prompt_tokens=32, context_tokens=128, streams=rnd.choice([1, 4]))
+        cc = ChainCosts(c, w, rnd.choice(RUNTIMES), "decode", ids=sorted(c.ids))
+        for use_all in (False, True):
+            v0, p0, _ = _bitmask_dp_vec(cc, use_all)
+            caps = [np.inf] if p0 is None else [np.inf] + sorted(
+                set(_stage_times(cc, p0)), reverse=True)[:3] + [max(_stage_times(cc, p0)) * 0.9]
+            for cap in caps:
+                for inc in (np.inf, v0 * 1.01 if p0 is not None else np.inf):
+                    va, pa, _ = _bitmask_dp_vec(cc, use_all, cap, inc)
+                    vb, pb, _ = _bitmask_dp(cc, use_all, cap, inc)
+                    assert (pa is None) == (pb is None), (cap, inc)
+                    if pa is not None:
+                        assert vb == pytest.approx(va, rel=1e-9, abs=1e-15)
+                        assert sum(_stage_times(cc, pb)) == pytest.approx(vb, rel=1e-9)
+                        assert max(_stage_times(cc, pb)) <= cap
