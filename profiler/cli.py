@@ -65,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", default="wall", choices=["wall", "process"],
                    help="wall (default) or process: CPU time of this process, for CPU-backend "
                         "machines shared with other busy processes (equals wall time when idle)")
-    p.add_argument("--settle-ms", type=float, default=20.0,
-                   help="idle this long before each timed run, after its untimed setup (20): "
-                        "under a CPU quota the setup's CPU is otherwise repaid as throttling "
-                        "inside the timed run; 0 times right after the setup")
+    p.add_argument("--settle-ms", type=float, default=None,
+                   help="idle this long before each timed run, after its untimed setup "
+                        "(default: 20 when this process runs under a CPU quota, else 0): "
+                        "under a quota the setup's CPU is otherwise repaid as throttling "
+                        "inside the timed run")
     p.add_argument("--decode-steps", type=int, default=8,
                    help="block decode: up to this many steps back to back per timed sample, "
                         "until a sample lasts 0.1 s (8; 1 = one step per sample)")
@@ -119,7 +120,7 @@ def _main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, repeats=args.repeats, max_rel_spread=args.max_spread,
         every_layer=args.every_layer, batch=args.batch, restart=args.restart,
         microbench=not args.no_microbench, clock=args.clock,
-        settle_s=max(args.settle_ms, 0.0) / 1e3, decode_max_steps=max(args.decode_steps, 1))
+        settle_s=None if args.settle_ms is None else max(args.settle_ms, 0.0) / 1e3, decode_max_steps=max(args.decode_steps, 1))
     check_options(opts)
     out = Path(args.out) if args.out else default_out(spec.name, opts)
     if out.exists() and out.is_dir():

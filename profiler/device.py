@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import platform
 import resource
 import socket
@@ -113,6 +114,47 @@ def load_note() -> str | None:
         return (f"note: load average {load:.1f} on {cores} cores: other processes compete for "
                 "the CPU, so these timings are noisy and pessimistic")
     return None
+
+
+def cpu_quota_cores(proc_cgroup: str = "/proc/self/cgroup",
+                    root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota this process runs under, in cores (cgroup CFS bandwidth), or None.
+
+    cgroup v1: cpu.cfs_quota_us / cpu.cfs_period_us of this process's cpu cgroup and its
+    ancestors (-1: none); cgroup v2: cpu.max ("max PERIOD": none). The smallest over the path
+    is the one in force. Linux only; anything unreadable counts as no quota."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        rel = path.strip("/").split("/") if path.strip("/") else []
+        if "cpu" in controllers.split(","):
+            bases = [Path(root) / "cpu", Path(root) / "cpu,cpuacct", Path(root) / "cpuacct,cpu"]
+            for base in bases:
+                for k in range(len(rel), -1, -1):
+                    d = base.joinpath(*rel[:k])
+                    try:
+                        q = int((d / "cpu.cfs_quota_us").read_text())
+                        per = int((d / "cpu.cfs_period_us").read_text())
+                    except (OSError, ValueError):
+                        continue
+                    if q > 0 and per > 0:
+                        limits.append(q / per)
+        elif controllers == "":
+            for k in range(len(rel), -1, -1):
+                try:
+                    quota, period = (Path(root).joinpath(*rel[:k]) / "cpu.max").read_text().split()
+                except (OSError, ValueError):
+                    continue
+                if quota != "max":
+                    limits.append(int(quota) / int(period))
+    return min(limits) if limits else None
 
 
 # -- microbenchmarks ----------------------------------------------------------------------------

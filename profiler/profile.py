@@ -33,6 +33,9 @@ DEFAULT_PREFILL = [16, 64]
 DEFAULT_DECODE = [64, 256]
 
 
+SETTLE_UNDER_QUOTA_S = 0.02
+
+
 @dataclass
 class ProfileOptions:
     """What to measure and how. `dtype="auto"` and `bits="auto"` pick the defaults described in
@@ -54,8 +57,11 @@ class ProfileOptions:
     seed: int = 0
     clock: str = "wall"  # wall | process (CPU backend only; see measure.time_fn)
     # idle before each timed run, after its untimed setup (see measure.time_fn): long enough
-    # for a CPU quota to repay the setup's overrun (up to one 4 ms tick at 0.2 of a core)
-    settle_s: float = 0.02
+    # for a CPU quota to repay the setup's overrun (up to one 4 ms tick at 0.2 of a core).
+    # None = auto: SETTLE_UNDER_QUOTA_S when this process runs under a CPU quota, else 0 (with
+    # no quota the idle only adds wake-up cost: qwen2.5-0.5b decode self-check +6..+11% with a
+    # 20 ms idle against -2..+2% without, same machine, same session)
+    settle_s: float | None = None
     # block decode: steps back to back per timed sample (up to 8, until it lasts 0.1 s): a
     # short run after an idle borrows up to a tick of CPU from its quota (see measure.time_fn)
     decode_min_sample_s: float = 0.1
@@ -243,6 +249,8 @@ def profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
         raise UserError(f"--clock process measures CPU time, which says nothing about work on "
                         f"the {kind} GPU; use --clock wall (the default) here")
     started = time.perf_counter()
+    if opts.settle_s is None:
+        opts = replace(opts, settle_s=SETTLE_UNDER_QUOTA_S if device.cpu_quota_cores() else 0.0)
 
     model = build.skeleton(spec)
     parts = build.model_parts(model)
@@ -332,7 +340,8 @@ def profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
             "settle": "idle this long after the untimed setup (cache rewind and flush), "
                       "before each timed run starts, as a pipeline stage idles while it waits "
                       "for its input: under a CPU quota the setup's CPU would otherwise be "
-                      "repaid as throttling inside the timed run",
+                      "repaid as throttling inside the timed run (default: 0.02 s under a CPU "
+                      "quota, 0 without one)",
             "decode_min_sample_s": opts.decode_min_sample_s,
             "decode_max_steps": opts.decode_max_steps,
             "decode_steps": "block decode: when one step is shorter than decode_min_sample_s, "
