@@ -387,6 +387,15 @@ class Testbed:
         net.mkdir(exist_ok=True)
         (net / "cpu.shares").write_text(str(SHARES))
 
+    def _stop(self, proc: subprocess.Popen) -> None:
+        """Kill a helper process this testbed started (its whole group) and forget it."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        self._procs.remove(proc)
+
     def down(self) -> None:
         """Remove everything this testbed made; safe to call twice and after a partial up()."""
         for p in self._procs:
@@ -477,12 +486,7 @@ class Testbed:
                             hostfiles=hostfiles, wrappers=[self.wrapper(n) for n in nodes])
         finally:
             if relay is not None:
-                try:
-                    os.killpg(relay.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                relay.wait()
-                self._procs.remove(relay)
+                self._stop(relay)
             for h in hostfiles:
                 Path(h).unlink(missing_ok=True)
 
@@ -510,12 +514,7 @@ class Testbed:
         finally:
             for p in (srv, relay):
                 if p is not None:
-                    try:
-                        os.killpg(p.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-                    p.wait()
-                    self._procs.remove(p)
+                    self._stop(p)
 
     def measure_link_mlx(self, a: str, b: str, hidden: int, dtype_bytes: int,
                          prompt_tokens: int, repeats: int = 10, gap_ms: float = 20.0
