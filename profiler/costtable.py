@@ -3,7 +3,7 @@
 This module is the contract between the profiler (which writes tables) and the splitter (which
 reads them). It is plain Python: no MLX import, so `split-model` runs anywhere.
 
-Format "mlx-split/cost-table", version 1 (see docs/cost-table.md for the field-by-field text)::
+Format "mlx-split/cost-table", version 1 (docs/profiler.md, "The cost table", explains it field by field)::
 
     {
       "format": "mlx-split/cost-table", "version": 1,
