@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from exo_bridge.exo_types import Partition, PartitioningStrategy
+from graphsplit.baselines import exo_legacy_fractions, exo_truncation_map
 from graphsplit.plan import Plan, Stage, check_stages, read_plan
 from profiler.errors import UserError
 
@@ -56,22 +57,9 @@ def boundary_fraction(b: int, n_layers: int) -> float:
 
 
 def exo_map(partitions: Sequence[Any], n_layers: int) -> list[tuple[str, int, int]]:
-    """exo legacy's fraction -> layer rule, reimplemented: `(node_id, start, end_inclusive)`.
-
-    Truncates (`int`), forces the last partition to end at n_layers - 1, drops empty ones.
-    """
-    out: list[tuple[str, int, int]] = []
-    for i, p in enumerate(partitions):
-        start = int(p.start * n_layers)
-        end = int(p.end * n_layers) - 1
-        if i == len(partitions) - 1:
-            end = n_layers - 1
-        if start <= end:
-            out.append((p.node_id, start, end))
-    if out and out[-1][2] < n_layers - 1:
-        node, start, _ = out[-1]
-        out[-1] = (node, start, n_layers - 1)
-    return out
+    """exo legacy's fraction -> layer rule on Partitions: `(node_id, start, end_inclusive)`
+    (graphsplit.baselines.exo_truncation_map, the one implementation of the rule)."""
+    return exo_truncation_map([(p.node_id, p.start, p.end) for p in partitions], n_layers)
 
 
 def exo_map_stages(partitions: Sequence[Any], n_layers: int) -> list[Stage]:
@@ -93,17 +81,9 @@ def stages_to_partitions(stages: Sequence[Stage], n_layers: int) -> list:
 
 
 def memory_weighted_partitions(nodes: Iterable[tuple[str, float]]) -> list:
-    """exo legacy's default split (RingMemoryWeighted), for the fallback: nodes sorted by
-    (memory, id) descending, each gets memory / total, boundaries rounded to 5 decimals."""
-    ordered = sorted(nodes, key=lambda x: (x[1], x[0]), reverse=True)
-    total = sum(m for _, m in ordered)
-    parts, start = [], 0.0
-    for i, (node_id, mem) in enumerate(ordered):
-        share = (mem / total) if total > 0 else 1.0 / len(ordered)
-        end = round(start + share, 5)
-        parts.append(Partition(node_id, start, end))
-        start = end
-    return parts
+    """exo legacy's default split (RingMemoryWeighted) as Partitions, for the fallback
+    (graphsplit.baselines.exo_legacy_fractions)."""
+    return [Partition(nid, a, b) for nid, a, b in exo_legacy_fractions(list(nodes))]
 
 
 # ---------------------------------------------------------------- the strategy

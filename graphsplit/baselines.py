@@ -30,30 +30,47 @@ def _check(nodes, n_layers):
         raise UserError("baseline: the model has no layers")
 
 
-def exo_legacy_partition(nodes: list[tuple[str, int]], n_layers: int) -> list[Stage]:
-    """Legacy exo's ring memory-weighted split of `n_layers` over (node_id, TOTAL memory)."""
-    _check(nodes, n_layers)
-    total = sum(m for _, m in nodes)
-    if total <= 0:
-        raise UserError("exo-legacy baseline: the nodes report no memory")
+def exo_legacy_fractions(nodes: list[tuple[str, float]]) -> list[tuple[str, float, float]]:
+    """Legacy exo's RingMemoryWeighted fractions: nodes sorted by (memory, id) descending, each
+    [start, round(start + mem / total, 5)). With no memory reported at all, equal shares."""
     order = sorted(nodes, key=lambda x: (x[1], x[0]), reverse=True)
+    total = sum(m for _, m in order)
     parts = []
     start = 0.0
     for nid, mem in order:
-        end = round(start + mem / total, 5)
+        share = mem / total if total > 0 else 1.0 / len(order)
+        end = round(start + share, 5)
         parts.append((nid, start, end))
         start = end
-    stages = []
+    return parts
+
+
+def exo_truncation_map(parts: list[tuple[str, float, float]],
+                       n_layers: int) -> list[tuple[str, int, int]]:
+    """Legacy exo's fraction -> layer rule (`map_partitions_to_shards`): (node, start, END
+    INCLUSIVE) with start = int(start * n), end = int(end * n) - 1, the last partition forced to
+    end at n - 1, empty ones dropped. Truncation, not rounding: k / n can land on layer k - 1."""
+    out: list[tuple[str, int, int]] = []
     for i, (nid, s, e) in enumerate(parts):
         a = int(s * n_layers)
         b = int(e * n_layers) - 1
         if i == len(parts) - 1:
             b = n_layers - 1
         if a <= b:
-            stages.append([nid, a, b])
-    if stages and stages[-1][2] < n_layers - 1:
-        stages[-1][2] = n_layers - 1
-    return [Stage(nid, a, b + 1) for nid, a, b in stages]
+            out.append((nid, a, b))
+    if out and out[-1][2] < n_layers - 1:
+        nid, a, _ = out[-1]
+        out[-1] = (nid, a, n_layers - 1)
+    return out
+
+
+def exo_legacy_partition(nodes: list[tuple[str, int]], n_layers: int) -> list[Stage]:
+    """Legacy exo's ring memory-weighted split of `n_layers` over (node_id, TOTAL memory)."""
+    _check(nodes, n_layers)
+    if sum(m for _, m in nodes) <= 0:
+        raise UserError("exo-legacy baseline: the nodes report no memory")
+    return [Stage(nid, a, b + 1)
+            for nid, a, b in exo_truncation_map(exo_legacy_fractions(nodes), n_layers)]
 
 
 def largest_remainder(n_layers: int, weights: list[float]) -> list[int]:
