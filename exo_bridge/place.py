@@ -30,7 +30,7 @@ from typing import Any
 from exo_bridge import exo_api
 from exo_bridge.exo_api import ExoSchemaError, InstanceView, NodeInfo, Rank
 from graphsplit.plan import Plan, read_plan
-from profiler.errors import UserError
+from profiler.errors import UserError, read_json
 
 GIB = 1024 ** 3
 
@@ -104,13 +104,7 @@ def _detail(raw: bytes) -> str:
 
 def read_node_map(path: str | Path) -> dict[str, str]:
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"--node-map {p}: no such file; write JSON {{\"plan node\": \"exo node "
-                        "id\"}}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"--node-map {p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    data = read_json(p, f"--node-map {p}", missing='write JSON {"plan node": "exo node id"}')
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                              for k, v in data.items()):
         raise UserError(f"--node-map {p}: must be a JSON object {{\"plan node\": \"exo node "

@@ -27,14 +27,13 @@ Cluster file (JSON)::
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from profiler.costtable import CostTable, read_table
-from profiler.errors import UserError
+from profiler.errors import UserError, read_json
 
 DEFAULT_LINK = {"latency_ms": 1.0, "bandwidth_gbps": 10.0}
 
@@ -182,16 +181,7 @@ def load_cluster(path: str | Path) -> Cluster:
     """Read a cluster file; any problem raises ClusterError with one line saying what to fix."""
     p = Path(path)
     where = f"cluster file {p}"
-    if not p.exists():
-        raise ClusterError(f"{where}: no such file")
-    if p.is_dir():
-        raise ClusterError(f"{where}: is a directory, expected a JSON file")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ClusterError(f"{where}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise ClusterError(f"{where}: not a text file") from None
+    data = read_json(p, where, error=ClusterError)
     return cluster_from_dict(data, base_dir=p.parent, where=where, path=str(p))
 
 

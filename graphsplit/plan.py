@@ -30,13 +30,12 @@ memory is counted on every stage). All predicted numbers are derived from measur
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from profiler.costtable import atomic_write_json
-from profiler.errors import UserError
+from profiler.errors import UserError, read_json
 
 FORMAT = "mlx-split/plan"
 VERSION = 1
@@ -161,12 +160,8 @@ def read_plan(path: str | Path) -> Plan:
     """Read and validate a plan. Its `cluster_file` is resolved: as written when it exists from
     the working directory, else relative to the plan file's directory."""
     p = Path(path)
-    if not p.exists():
-        raise PlanError(f"plan {p}: no such file; write one with `split-model CLUSTER --out {p}`")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise PlanError(f"plan {p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    data = read_json(p, f"plan {p}", error=PlanError,
+                     missing=f"write one with `split-model CLUSTER --out {p}`")
     plan = plan_from_dict(data, source=f"plan {p}")
     cf = plan.cluster_file
     if cf and not Path(cf).exists() and (p.resolve().parent / cf).exists():

@@ -55,7 +55,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from profiler.errors import UserError
+from profiler.errors import UserError, read_json
 
 FORMAT = "mlx-split/cost-table"
 VERSION = 1
@@ -254,14 +254,9 @@ def write_table(table: CostTable, path: str | os.PathLike) -> Path:
 def read_table(path: str | os.PathLike, allow_partial: bool = False) -> CostTable:
     """Read and validate a cost table; any problem raises CostTableError with one clear line."""
     p = Path(path)
-    if not p.exists():
-        raise CostTableError(f"cost table {p}: no such file; run `profile-model MODEL` on that "
-                             "machine first")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CostTableError(f"cost table {p}: not valid JSON ({e.msg}, line {e.lineno}); "
-                             "re-run profile-model to rewrite it") from None
+    data = read_json(p, f"cost table {p}", error=CostTableError,
+                     missing="run `profile-model MODEL` on that machine first",
+                     invalid="re-run profile-model to rewrite it")
     return from_dict(data, source=str(p), allow_partial=allow_partial)
 
 

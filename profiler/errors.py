@@ -10,13 +10,36 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 
 class UserError(Exception):
     """Bad input: the message is shown to the user as one line, without a traceback."""
 
     exit_code = 2
+
+
+def read_json(path: str | Path, what: str, missing: str = "", invalid: str = "",
+              error: type[UserError] = UserError) -> Any:
+    """Parse a JSON file the user named; any problem raises `error` as one line
+    "<what>: <problem>[; <hint>]": no such file (hint `missing`), a directory, not valid JSON or
+    not a text file (hint `invalid`)."""
+    p = Path(path)
+
+    def bad(problem: str, hint: str) -> UserError:
+        return error(f"{what}: {problem}" + (f"; {hint}" if hint else ""))
+
+    if not p.exists():
+        raise bad("no such file", missing)
+    if p.is_dir():
+        raise bad("is a directory, expected a JSON file", "")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise bad(f"not valid JSON ({e.msg}, line {e.lineno})", invalid) from None
+    except UnicodeDecodeError:
+        raise bad("not a text file", invalid) from None
 
 
 def guard(main: Callable[..., int | None]) -> Callable[..., int]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profiler.errors import UserError
+from profiler.errors import UserError, read_json
 
 
 @dataclass
@@ -256,11 +256,7 @@ def _resolve_path(p: Path) -> ModelSpec:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); fix the "
-                        "config file") from None
+    config = read_json(path, str(path), invalid="fix the config file")
     if not isinstance(config, dict):
         raise UserError(f"{path}: not a config.json object")
     if "text_config" in config and "num_hidden_layers" not in config:
