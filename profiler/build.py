@@ -71,15 +71,34 @@ def skeleton(spec: ModelSpec) -> nn.Module:
     if spec.source == "local":
         from mlx_lm.utils import load_model
 
+        check_weight_files(Path(spec.path))
         try:
             model, _ = load_model(Path(spec.path), lazy=True)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(f"cannot load model directory {spec.path}: {e}") from None
+        except (ValueError, FileNotFoundError) as e:  # shapes / names that do not match
+            msg = " ".join(str(e).split())
+            msg = msg if len(msg) <= 300 else msg[:300] + "..."
+            raise UserError(f"cannot load model directory {spec.path}: {msg}; the weights do "
+                            "not match its config.json (re-convert the model, or fix "
+                            "config.json)") from None
         return model
     config = {k: v for k, v in spec.config.items() if k not in ("quantization",
                                                                  "quantization_config")}
     model_cls, _, _ = arch_classes(config)
     return model_cls(model_args(config))
+
+
+def check_weight_files(path: Path) -> None:
+    """Open every *.safetensors of a model directory with MLX (headers and offsets only; the
+    arrays stay lazy): an empty, truncated or garbage file is one line naming it."""
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            mx.load(str(f))
+        except RuntimeError as e:  # MLX's load_safetensors errors ("[load_safetensors] ...")
+            why = " ".join(str(e).split()).replace(f"file {f}", "").strip()
+            if f.stat().st_size == 0:
+                why = "the file is empty"
+            raise UserError(f"{f}: not a readable safetensors file ({why}); download or convert "
+                            "the model again") from None
 
 
 @dataclass

@@ -17,60 +17,48 @@ import sys
 import time
 from pathlib import Path
 
+from profiler import options as o
 from profiler.errors import UserError, guard
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, "
-                                         "e.g. 16,64") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("give at least one value, e.g. 16,64")
-    return vals
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user error
-        raise UserError(f"{message} (see profile-model --help)")
+MAX_TOKENS = 1 << 22  # largest grid point accepted at all; memory decides below that
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="profile-model",
+    p = o.OneLineParser(prog="profile-model",
                 description="Measure a model layer by layer on this machine and write a cost "
                             "table (JSON) for split-model.")
-    p.add_argument("model", help="built-in name (llama-3-8b, ...), exo / Hugging Face repo id, "
+    p.add_argument("model", type=o.text("model name or path"), help="built-in name (llama-3-8b, ...), exo / Hugging Face repo id, "
                                  "local model directory, or config.json path")
-    p.add_argument("--out", help="cost table path (default data/profiles/<host>--<model>"
+    p.add_argument("--out", type=o.path("cost table file"), help="cost table path (default data/profiles/<host>--<model>"
                                  "[--<variant>].json)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="activation / unquantized weight dtype (auto: bfloat16 on Metal/CUDA, "
                         "float32 for quantized models on the CPU build; a local dir keeps its own)")
     q = p.add_mutually_exclusive_group()
-    q.add_argument("--bits", type=int, default=None,
+    q.add_argument("--bits", type=o.int_choice((2, 3, 4, 5, 6, 8)), default=None,
                    help="quantize weights to this many bits (default 4, as exo's mlx-community "
                         "models; a quantized local dir keeps its own)")
     q.add_argument("--no-quant", action="store_true", help="measure unquantized weights")
-    p.add_argument("--group-size", type=int, default=64, help="quantization group size (64)")
-    p.add_argument("--prefill-tokens", type=_int_list, default=None,
+    p.add_argument("--group-size", type=o.int_choice((32, 64, 128)), default=64, help="quantization group size (64)")
+    p.add_argument("--prefill-tokens", type=o.int_grid(1, MAX_TOKENS), default=None,
                    help="prompt lengths to time, comma-separated (default 16,64)")
-    p.add_argument("--decode-context", type=_int_list, default=None,
+    p.add_argument("--decode-context", type=o.int_grid(1, MAX_TOKENS), default=None,
                    help="KV-cache contexts to time decode at (default 64,256)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (3)")
-    p.add_argument("--max-spread", type=float, default=0.15,
+    p.add_argument("--warmup", type=o.int_in(0, 100), default=1, help="untimed runs before timing (1)")
+    p.add_argument("--repeats", type=o.positive_int(1000), default=3, help="timed runs per point (3)")
+    p.add_argument("--max-spread", type=o.float_in(0, 100, lo_open=True), default=0.15,
                    help="re-measure a point when (max-min)/median exceeds this (0.15)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (1)")
+    p.add_argument("--batch", type=o.positive_int(4096), default=1, help="sequences per step (1)")
     p.add_argument("--clock", default="wall", choices=["wall", "process"],
                    help="wall (default) or process: CPU time of this process, for CPU-backend "
                         "machines shared with other busy processes (equals wall time when idle)")
-    p.add_argument("--settle-ms", type=float, default=None,
+    p.add_argument("--settle-ms", type=o.float_in(0, 10000), default=None,
                    help="idle this long before each timed run, after its untimed setup "
                         "(default: 20 when this process runs under a CPU quota, else 0): "
                         "under a quota the setup's CPU is otherwise repaid as throttling "
                         "inside the timed run")
-    p.add_argument("--decode-steps", type=int, default=8,
+    p.add_argument("--decode-steps", type=o.positive_int(1000), default=8,
                    help="block decode: up to this many steps back to back per timed sample, "
                         "until a sample lasts 0.1 s (8; 1 = one step per sample)")
     p.add_argument("--every-layer", action="store_true",
@@ -104,6 +92,21 @@ def default_out(model_name: str, opts) -> Path:
     return default_path(host, model_name, "-".join(parts) or None)
 
 
+def check_memory(spec, opts) -> None:
+    """Refuse, before MLX starts, a grid / batch / model whose peak cannot fit here."""
+    from profiler.memfit import DTYPE_BYTES, check_fits
+
+    q = spec.quantization if spec.source == "local" else None
+    bits = q["bits"] if q else (4 if opts.bits == "auto" and spec.source != "local"
+                                else (opts.bits or None) if opts.bits != "auto" else None)
+    group = q["group_size"] if q else int(opts.group_size)
+    # dtype auto: float32 on the CPU build (Linux), bfloat16 on Metal / CUDA (see
+    # profile.resolve_precision); without MLX here, Linux is taken as the CPU build (the larger)
+    act = DTYPE_BYTES.get(opts.dtype) or (2 if sys.platform == "darwin" else 4)
+    check_fits(spec.config, opts.prefill_tokens, opts.decode_context, opts.batch, act, bits,
+               group)
+
+
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from profiler.models import resolve_model
@@ -120,8 +123,10 @@ def _main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, repeats=args.repeats, max_rel_spread=args.max_spread,
         every_layer=args.every_layer, batch=args.batch, restart=args.restart,
         microbench=not args.no_microbench, clock=args.clock,
-        settle_s=None if args.settle_ms is None else max(args.settle_ms, 0.0) / 1e3, decode_max_steps=max(args.decode_steps, 1))
+        settle_s=None if args.settle_ms is None else args.settle_ms / 1e3,
+        decode_max_steps=args.decode_steps)
     check_options(opts)
+    check_memory(spec, opts)
     out = Path(args.out) if args.out else default_out(spec.name, opts)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file path ending in .json")

@@ -256,7 +256,11 @@ def _resolve_path(p: Path) -> ModelSpec:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    config = read_json(path, str(path), invalid="fix the config file")
+    try:
+        config = read_json(path, str(path), invalid="fix the config file")
+    except ValueError as e:  # e.g. a number of more than 4300 digits (int conversion limit)
+        raise UserError(f"{path}: not a usable JSON file ({str(e).split(';')[0]}); fix the "
+                        "config file") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: not a config.json object")
     if "text_config" in config and "num_hidden_layers" not in config:
@@ -274,7 +278,54 @@ def _read_config(path: Path) -> dict[str, Any]:
         qc = config["quantization_config"]
         if "bits" in qc and "group_size" in qc:
             config["quantization"] = {"bits": qc["bits"], "group_size": qc["group_size"]}
+    validate_config(config, path)
     return config
+
+
+# Shape fields of a config.json: whole numbers 1..MAX_DIM (MLX shapes are 32-bit). The first
+# two are required (checked above); the others are checked when present.
+SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "vocab_size")
+MAX_DIM = 2**31 - 1
+
+
+def validate_config(config: dict[str, Any], path: str | Path) -> None:
+    """Refuse a config whose shape fields cannot build a model, one line naming the field:
+    not whole numbers 1..2**31-1 (0, negative, a string, a float, a bool), attention heads
+    that do not divide hidden_size (without an explicit head_dim), key/value heads that do
+    not divide the attention heads, and a quantization that is not bits 2..8 / group 32..128."""
+    where = f"{path}" if str(path).endswith(".json") else f"{path}/config.json"
+
+    def bad(field_: str, problem: str) -> UserError:
+        return UserError(f"{where}: {field_} {problem}; fix config.json")
+
+    for key in SIZE_FIELDS:
+        if key not in config or (key == "head_dim" and config[key] is None):
+            continue
+        v = config[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad(key, f"is {_shown(v)}, not a whole number (e.g. 32)")
+        if not 1 <= v <= MAX_DIM:
+            raise bad(key, f"is {_shown(v)}; it must be from 1 to {MAX_DIM}")
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads and config.get("head_dim") is None and config["hidden_size"] % heads:
+        raise bad("num_attention_heads", f"({heads}) does not divide hidden_size "
+                  f"({config['hidden_size']})")
+    if heads and kv and heads % kv:
+        raise bad("num_key_value_heads", f"({kv}) does not divide num_attention_heads ({heads})")
+    q = config.get("quantization")
+    if q is not None:
+        if not isinstance(q, dict) or q.get("bits") not in (2, 3, 4, 5, 6, 8) \
+                or q.get("group_size") not in (32, 64, 128):
+            raise bad("quantization", f"is {_shown(q)}; expected {{\"bits\": 2|3|4|5|6|8, "
+                      "\"group_size\": 32|64|128}")
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10**30:
+        return f"a {'negative ' if v < 0 else ''}number of {len(str(abs(v)))} digits"
+    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 40 else s[:40] + f"... ({len(s)} characters)"
 
 
 # -- identity -----------------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Will a profile fit in this machine's memory? An estimate made before MLX is imported.
+
+Problem: `profile-model` with a huge grid (`--prefill-tokens 1000000`) or batch used to run
+until MLX failed to allocate (or the process was killed, or segfaulted). The peak of a profile
+is known from the config and the options alone, so it is checked first and refused in one line
+naming the option to lower.
+
+The estimate is the peak of one measured row (the profiler materialises one block at a time):
+
+    weights  = the largest of: one block, the embedding, the LM head
+               (+ the embedding when tied: it is kept until the head is measured)
+    prefill  = B*P*(hidden + q/k/v + MLP intermediate x 3) activations
+               + B*heads*P*P*4 attention scores (float32 softmax) + B*P*2*kv*head_dim KV
+    decode   = B*C*2*kv*head_dim KV cache at the largest context C + B*heads*C*4 scores
+
+peak = weights + max(prefill at max P, decode at max C) + 64 MiB (the cache-flush buffer).
+Weight bytes per parameter: bits/8 + 4/group_size (a float16 scale and bias per group) when
+quantized, else the activation dtype's size. O(1); no MLX.
+
+The limit is what MLX itself would allow: min(available memory, 0.8 x physical memory) on
+Linux (MLX's CPU allocator limit), the OS's available memory elsewhere. Read from the OS.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from profiler.errors import UserError
+
+GIB = 1 << 30
+FLUSH_BYTES = 64 << 20
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def machine_memory() -> tuple[int, int]:
+    """(physical bytes, available bytes) from the OS (/proc/meminfo on Linux, sysconf else)."""
+    total = avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.strip()}
+        total, avail = info.get("MemTotal", 0), info.get("MemAvailable", 0)
+    except (OSError, ValueError, IndexError):
+        pass
+    if not total:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 0
+    return total, (avail or total)
+
+
+def memory_limit() -> int:
+    """Bytes a profile may use here (see the module docstring); 0 when unknown."""
+    total, avail = machine_memory()
+    if not total:
+        return 0
+    import sys
+    if sys.platform.startswith("linux"):
+        return min(avail, int(0.8 * total))
+    return avail
+
+
+@dataclass
+class Estimate:
+    weights: int
+    prefill: int
+    decode: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + max(self.prefill, self.decode) + FLUSH_BYTES
+
+
+def _i(config: dict[str, Any], key: str, default: int = 0) -> int:
+    v = config.get(key)
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
+
+
+def estimate(config: dict[str, Any], prefill_max: int, decode_max: int, batch: int,
+             act_bytes: int, bits: int | None, group_size: int) -> Estimate:
+    """Peak bytes of a profile (see the module docstring); config values already validated."""
+    H = _i(config, "hidden_size", 1)
+    heads = _i(config, "num_attention_heads", 1)
+    kv = _i(config, "num_key_value_heads", heads)
+    hd = _i(config, "head_dim", max(H // heads, 1))
+    inter = _i(config, "intermediate_size", 4 * H)
+    vocab = _i(config, "vocab_size", 1)
+    experts = _i(config, "num_local_experts", _i(config, "num_experts", 1))
+    per_param = (bits / 8 + 4 / group_size) if bits else act_bytes
+    block = H * hd * (2 * heads + 2 * kv) + 3 * H * inter * experts
+    embed = vocab * H
+    tied = bool(config.get("tie_word_embeddings", False))
+    weights = int(per_param * (max(block, embed) + (embed if tied else 0)))
+    B, P, C = batch, prefill_max, decode_max
+    kv_tok = 2 * kv * hd * act_bytes
+    prefill = (B * P * (H + (heads + 2 * kv) * hd + 3 * inter) * act_bytes
+               + B * heads * P * P * 4 + B * P * kv_tok)
+    decode = B * C * kv_tok + B * heads * C * 4 + B * (H + 3 * inter) * act_bytes
+    return Estimate(weights=weights, prefill=prefill, decode=decode)
+
+
+def check_fits(config: dict[str, Any], prefill: list[int], decode: list[int], batch: int,
+               act_bytes: int, bits: int | None, group_size: int,
+               limit: int | None = None) -> Estimate:
+    """Raise a one-line UserError naming the option to lower when the estimate exceeds the
+    machine's limit (limit: bytes; default `memory_limit()`)."""
+    est = estimate(config, max(prefill), max(decode), batch, act_bytes, bits, group_size)
+    limit = memory_limit() if limit is None else limit
+    if not limit or est.peak <= limit:
+        return est
+    if est.weights + FLUSH_BYTES > limit:
+        fix = "use a smaller model or quantize it (--bits 4)"
+        what = f"one block's weights ({_gib(est.weights)})"
+    elif est.prefill >= est.decode:
+        fix = f"lower --prefill-tokens (largest {max(prefill)})" + (
+            f" or --batch ({batch})" if batch > 1 else "")
+        what = f"prefill of {max(prefill)} tokens x batch {batch}"
+    else:
+        fix = f"lower --decode-context (largest {max(decode)})" + (
+            f" or --batch ({batch})" if batch > 1 else "")
+        what = f"decode at a {max(decode)}-token KV cache x batch {batch}"
+    raise UserError(f"this profile needs about {_gib(est.peak)} of memory ({what}; estimated "
+                    f"from the config) but this machine allows {_gib(limit)}; {fix}")
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.1f} GiB" if b < 1e6 * GIB else f"{b / GIB:.3g} GiB"
