@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from profiler.errors import guard
+from profiler import options as o
+from profiler.errors import UserError, guard
 
 
 def _run_runner(rest: list[str]) -> int:
@@ -27,7 +28,7 @@ def _run_runner(rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from exo_bridge import compare, launch_legacy, place
 
-    ap = argparse.ArgumentParser(prog="exo-bridge", description=__doc__.split("\n")[0])
+    ap = o.OneLineParser(prog="exo-bridge", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     p = sub.add_parser("place", help="place a plan on current exo through its HTTP API")
     place.add_arguments(p)
@@ -54,8 +55,8 @@ def _main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
     if args.cmd is None:
-        ap.print_help()
-        return 2
+        raise UserError("exo-bridge: give a command: place, compare, exo-legacy, "
+                        "strategy-check or run (see exo-bridge --help)")
     if extra and args.cmd != "exo-legacy":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "exo-legacy":

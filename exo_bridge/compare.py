@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from graphsplit.plan import Plan, Stage, read_plan, stages_from_json
+from profiler import options as o
 from profiler.errors import UserError
 
 ROWS = (("exo-legacy", "exo legacy (memory-weighted)"),
@@ -124,7 +125,7 @@ def render(plan: Plan, rows: list[Split]) -> str:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("plan", help="plan file from `split-model --out`")
+    ap.add_argument("plan", type=o.path("plan file"), help="plan file from `split-model --out`")
     ap.add_argument("--repredict", action="store_true",
                     help="recompute every split's prediction from the plan's cluster file")
     ap.add_argument("--json", action="store_true", help="machine-readable output")

@@ -23,7 +23,10 @@ import sys
 
 from exo_bridge.exo_types import make_topology
 from exo_bridge.legacy import MeasuredPartitioningStrategy, describe, exo_map_stages
+from profiler import options as o
 from profiler.errors import UserError
+
+OBJECTIVES = ("latency", "ttft", "throughput", "pareto")  # graphsplit.costmodel's
 
 LEGACY_MODULE = "exo.topology.ring_memory_weighted_partitioning_strategy"
 INSTALL_HINT = ("install legacy exo into this Python: `git clone https://github.com/exo-explore/"
@@ -32,12 +35,12 @@ INSTALL_HINT = ("install legacy exo into this Python: `git clone https://github.
 
 
 def _strategy_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--plan", help="plan file from `split-model --out`")
-    ap.add_argument("--tables", nargs="+", help="cost tables (files or directories) to "
+    ap.add_argument("--plan", type=o.path("plan file"), help="plan file from `split-model --out`")
+    ap.add_argument("--tables", nargs="+", type=o.path("cost table"), help="cost tables (files or directories) to "
                     "re-plan from when exo's topology differs from the plan")
-    ap.add_argument("--node-map", help="JSON file {plan node: exo node id} (or start exo with "
+    ap.add_argument("--node-map", type=o.path("node map file"), help="JSON file {plan node: exo node id} (or start exo with "
                     "--node-id NAME so the ids are the plan's names)")
-    ap.add_argument("--objective", help="objective when re-planning (default: the plan's)")
+    ap.add_argument("--objective", choices=OBJECTIVES, help="objective when re-planning (default: the plan's)")
     ap.add_argument("--use-all-nodes", action="store_true",
                     help="when re-planning, give every node of the topology some layers")
 
@@ -51,8 +54,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def add_check_arguments(ap: argparse.ArgumentParser) -> None:
     _strategy_args(ap)
     ap.add_argument("--node", action="append", default=[], metavar="ID:MEMORY_MB",
+                    type=o.node_memory(),
                     help="a node of exo's topology (repeat); memory is DeviceCapabilities.memory")
-    ap.add_argument("--layers", type=int, help="layer count to map to (default: the plan's)")
+    ap.add_argument("--layers", type=o.positive_int(1 << 20), help="layer count to map to (default: the plan's)")
 
 
 def build_strategy(args: argparse.Namespace) -> MeasuredPartitioningStrategy:
@@ -95,15 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     strategy = build_strategy(args)
-    nodes = {}
-    for spec in args.node:
-        node_id, _, mem = spec.rpartition(":")
-        try:
-            nodes[node_id] = int(float(mem))
-        except ValueError:
-            node_id = ""
-        if not node_id:
-            raise UserError(f"--node {spec!r}: expected ID:MEMORY_MB, e.g. studio:65536")
+    nodes = dict(args.node)  # (id, MB) pairs, checked by options.node_memory
     if not nodes and strategy.plan is not None:  # default: the plan's own nodes
         nodes = {strategy.to_exo(s.node): int((strategy.plan.nodes.get(s.node) or {})
                                               .get("memory_bytes", 0)) // (1024 * 1024)

@@ -23,6 +23,7 @@ atomically. `profile-link self-test` runs a server and a client on loopback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import socket
 import statistics
@@ -35,10 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from profiler.costtable import atomic_write_json
+from profiler import options as o
 from profiler.errors import UserError, guard
 
 DEFAULT_PORT = 52900
 _HDR = struct.Struct("!QI")  # payload bytes, reply bytes
+HELLO = b"profile-link/1 hello\n"  # the client's first message (its payload)
+ACK = b"profile-link/1 ok\n"  # the server's answer to it; any other message is answered zeros
+MAX_MESSAGE = 1 << 30  # bytes of one ping-pong message, both sides
+SERVER_IDLE_S = 600  # a client silent this long is dropped
 
 
 @dataclass
@@ -71,18 +77,37 @@ def _drain(conn: socket.socket, n: int, buf: bytearray) -> bool:
     return True
 
 
-def _handle(conn: socket.socket) -> None:
+def _handle(conn: socket.socket, peer: str = "?") -> None:
+    """Answer one client's ping-pongs; a client that does not speak the protocol (a header
+    asking for more than MAX_MESSAGE bytes or a reply longer than the hello's), goes quiet for
+    SERVER_IDLE_S or drops the connection is closed with one line on stderr; the server goes on."""
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.settimeout(SERVER_IDLE_S)
     buf = bytearray(1 << 20)
     hdr = bytearray(_HDR.size)
     with conn:
-        while True:
-            if not _drain_into(conn, hdr):
-                return
-            n, reply = _HDR.unpack(bytes(hdr))
-            if not _drain(conn, n, buf):
-                return
-            conn.sendall(b"\0" * reply)
+        try:
+            while True:
+                if not _drain_into(conn, hdr):
+                    return
+                n, reply = _HDR.unpack(bytes(hdr))
+                if n > MAX_MESSAGE or reply > len(ACK):
+                    print(f"profile-link: closed the connection from {peer}: not a profile-link "
+                          f"client (asked for {n} bytes, reply {reply})", file=sys.stderr)
+                    return
+                if n == len(HELLO):
+                    msg = bytearray(n)
+                    if not _drain_into(conn, msg):
+                        return
+                    conn.sendall(ACK[:reply] if bytes(msg) == HELLO else b"\0" * reply)
+                    continue
+                if not _drain(conn, n, buf):
+                    return
+                conn.sendall(b"\0" * reply)
+        except (socket.timeout, OSError) as e:
+            print(f"profile-link: closed the connection from {peer}: "
+                  f"{'idle for ' + str(SERVER_IDLE_S) + ' s' if isinstance(e, socket.timeout) else e}",
+                  file=sys.stderr)
 
 
 def _drain_into(conn: socket.socket, out: bytearray) -> bool:
@@ -96,13 +121,37 @@ def _drain_into(conn: socket.socket, out: bytearray) -> bool:
     return True
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or one line saying why not (address in use, not this machine's,
+    no permission, unknown host)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e.strerror}); give an address of "
+                        "this machine, e.g. 0.0.0.0") from None
+    fam, _, _, _, addr = infos[0]
+    srv = socket.socket(fam, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        srv.bind(addr)
+        srv.listen(4)
+    except OSError as e:
+        srv.close()
+        hint = {errno.EADDRINUSE: f"port {port} is already in use; pick another --port or stop "
+                                  "the program using it",
+                errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; use one of its "
+                                     "addresses or 0.0.0.0",
+                errno.EACCES: f"no permission to listen on port {port} (ports below 1024 need "
+                              "root); use a port from 1024 to 65535"}.get(e.errno)
+        raise UserError(f"profile-link serve on {host}:{port}: "
+                        f"{hint or e.strerror or e}") from None
+    return srv
+
+
 def serve(host: str = "0.0.0.0", port: int = DEFAULT_PORT, stop: threading.Event | None = None,
           ready: threading.Event | None = None, once: bool = False) -> int:
     """Answer ping-pongs until `stop` is set (or after one client with `once`). Returns the port."""
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((host, port))
-    srv.listen(4)
+    srv = _listen(host, port)
     srv.settimeout(0.2)
     if ready is not None:
         ready.port = srv.getsockname()[1]  # type: ignore[attr-defined]
@@ -110,14 +159,14 @@ def serve(host: str = "0.0.0.0", port: int = DEFAULT_PORT, stop: threading.Event
     try:
         while stop is None or not stop.is_set():
             try:
-                conn, _ = srv.accept()
+                conn, addr = srv.accept()
             except socket.timeout:
                 continue
-            conn.settimeout(None)
+            peer = f"{addr[0]}:{addr[1]}"
             if once:
-                _handle(conn)
+                _handle(conn, peer)
                 break
-            threading.Thread(target=_handle, args=(conn,), daemon=True).start()
+            threading.Thread(target=_handle, args=(conn, peer), daemon=True).start()
     finally:
         srv.close()
     return port
@@ -135,45 +184,136 @@ def serve_in_thread(host: str = "127.0.0.1", port: int = 0) -> tuple[int, thread
 # --------------------------------------------------------------------------------- client
 
 
-def _pingpong(sock: socket.socket, payload: bytes, reply: int = 1) -> float:
-    t0 = time.perf_counter()
-    sock.sendall(_HDR.pack(len(payload), reply) + payload)
-    got = 0
-    while got < reply:
-        chunk = sock.recv(reply - got)
-        if not chunk:
-            raise UserError("the profile-link server closed the connection")
-        got += len(chunk)
-    return time.perf_counter() - t0
+class _Late(UserError):
+    """The measurement's deadline passed."""
+
+
+class _Peer:
+    """One connection to a `profile-link serve`, every wait bounded by one total deadline."""
+
+    def __init__(self, sock: socket.socket, where: str, deadline: float, timeout_s: float):
+        self.sock, self.where, self.deadline, self.timeout_s = sock, where, deadline, timeout_s
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self._late()
+        return left
+
+    def _late(self) -> UserError:
+        return _Late(f"the profile-link server at {self.where} did not finish the "
+                         f"measurement within --timeout {self.timeout_s:g} s (it answers too "
+                         "slowly or not at all); check the server, or raise --timeout")
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.settimeout(self._left())
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise self._late() from None
+        except OSError as e:
+            raise UserError(f"the profile-link server at {self.where} closed the connection "
+                            f"while a message was being sent ({e.strerror or e}); is it a "
+                            "`profile-link serve`, and still running?") from None
+
+    def recv(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            try:
+                self.sock.settimeout(self._left())
+                chunk = self.sock.recv(n - len(out))
+            except socket.timeout:
+                raise self._late() from None
+            except OSError as e:
+                chunk, err = b"", e
+            else:
+                err = None
+            if not chunk:
+                raise UserError(f"the profile-link server at {self.where} closed the connection "
+                                f"in the middle of a reply ({len(out)} of {n} bytes"
+                                f"{', ' + (err.strerror or str(err)) if err else ''}); is it a "
+                                "`profile-link serve`, and still running?")
+            out += chunk
+        return bytes(out)
+
+    def hello(self) -> None:
+        """The first exchange: a server of another protocol is named here, not mid-measure."""
+        self.send(_HDR.pack(len(HELLO), len(ACK)) + HELLO)
+        try:
+            got = self.recv(len(ACK))
+        except _Late:
+            raise UserError(f"{self.where} accepted the connection but did not answer the "
+                            f"greeting within --timeout {self.timeout_s:g} s; is a `profile-link "
+                            "serve` listening there?") from None
+        except UserError:
+            raise UserError(f"{self.where} does not answer as a profile-link server (it closed "
+                            "the connection during the greeting); start `profile-link serve` "
+                            "there, or check the port") from None
+        if got != ACK:
+            raise UserError(f"{self.where} speaks another protocol, not profile-link (it "
+                            f"answered {got[:12]!r}); point measure at a `profile-link serve` "
+                            "port")
+
+    def pingpong(self, payload: bytes, reply: int = 1) -> float:
+        t0 = time.perf_counter()
+        self.send(_HDR.pack(len(payload), reply) + payload)
+        got = self.recv(reply)
+        dt = time.perf_counter() - t0
+        if got != b"\0" * reply:
+            raise UserError(f"the profile-link server at {self.where} answered {got[:12]!r} "
+                            "where a zero byte belongs: it does not speak this version of "
+                            "profile-link")
+        return dt
+
+
+def connect(host: str, port: int, timeout_s: float) -> socket.socket:
+    """A TCP connection, or one line that says what really happened: nothing listening
+    (refused), an unknown host, no answer (filtered / down), an unreachable network."""
+    where = f"{host}:{port}"
+    try:
+        return socket.create_connection((host, port), timeout=timeout_s)
+    except ConnectionRefusedError:
+        raise UserError(f"nothing listens at {where} (connection refused); start `profile-link "
+                        f"serve --port {port}` there, or check the port") from None
+    except socket.gaierror as e:
+        raise UserError(f"cannot resolve host {host!r} ({e.strerror}); check the name or give "
+                        "an IP address") from None
+    except socket.timeout:
+        raise UserError(f"cannot reach {where}: no answer within --timeout {timeout_s:g} s (the "
+                        "host is down or a firewall drops the connection)") from None
+    except OSError as e:
+        raise UserError(f"cannot reach a profile-link server at {where} ({e.strerror or e}); "
+                        f"start one there with `profile-link serve --port {port}`") from None
 
 
 def measure(host: str, port: int = DEFAULT_PORT, sizes: dict[str, int] | None = None,
-            repeats: int = 15, warmup: int = 3, timeout_s: float = 30.0,
+            repeats: int = 15, warmup: int = 3, timeout_s: float = 60.0,
             gap_s: float = 0.0) -> LinkMeasurement:
     """Ping-pong each size `repeats` times over one connection; median RTT per size.
 
     gap_s: idle time before each ping-pong (the pipeline's pattern: a message per token after
-    compute; with TCP slow-start-after-idle a gap makes big messages slower).
+    compute; with TCP slow-start-after-idle a gap makes big messages slower). timeout_s bounds
+    the whole measurement (connect, greeting and every ping-pong): a server that never answers,
+    answers slowly forever, closes mid-reply or speaks another protocol is one UserError.
     """
     sizes = dict(sizes or {"token": 8192, "prompt": 8192 * 128})
     sizes = {"ping": 1, **sizes}
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout_s)
-    except OSError as e:
-        raise UserError(f"cannot reach a profile-link server at {host}:{port} ({e.strerror or e}); "
-                        f"start one there with `profile-link serve --port {port}`") from None
+    deadline = time.monotonic() + timeout_s
+    sock = connect(host, port, timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    peer = _Peer(sock, f"{host}:{port}", deadline, timeout_s)
     table: dict[str, dict[str, float]] = {}
     with sock:
+        peer.hello()
         for label, n in sizes.items():
             payload = b"\x01" * int(n)
             for _ in range(warmup):
-                _pingpong(sock, payload)
+                peer.pingpong(payload)
             rtts = []
             for _ in range(repeats):
                 if gap_s:
                     time.sleep(gap_s)
-                rtts.append(_pingpong(sock, payload))
+                rtts.append(peer.pingpong(payload))
             med = statistics.median(rtts)
             table[label] = {"bytes": int(n), "rtt_ms": 1e3 * med,
                             "rtt_min_ms": 1e3 * min(rtts), "rtt_max_ms": 1e3 * max(rtts)}
@@ -282,18 +422,11 @@ def measure_mlx_local(sizes: dict[str, int], hostfiles: list[str] | None = None,
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True,
                                           start_new_session=True))
-        outs = []
-        for p in procs:
-            try:
-                outs.append(p.communicate(timeout=timeout_s))
-            except subprocess.TimeoutExpired:
-                raise UserError(f"profile-link mlx timed out after {timeout_s:.0f} s") from None
-        for p, (o, e) in zip(procs, outs):
-            if p.returncode != 0:
-                raise UserError(f"profile-link mlx rank failed: {e.strip()[-800:]}")
+        outs = _wait_ranks(procs, timeout_s)
         line = [ln for ln in outs[0][0].splitlines() if ln.startswith(MLX_TAG)]
         if not line:
-            raise UserError(f"profile-link mlx printed no result: {outs[0][1].strip()[-800:]}")
+            raise UserError(f"profile-link mlx rank 0 printed no result; full log: "
+                            f"{_keep_log(outs[0][1], 0)}")
         d = json.loads(line[0][len(MLX_TAG):])
         return _summarise(d, "mx.distributed ring", repeats,
                           f"mx.distributed send/recv ping-pong (the runner's path), "
@@ -305,6 +438,43 @@ def measure_mlx_local(sizes: dict[str, int], hostfiles: list[str] | None = None,
                 p.wait()
         if tmp:
             os.unlink(tmp)
+
+
+def _keep_log(stderr: str, rank: int) -> str:
+    """Write a rank's whole stderr to a log file; return its path (named in the message)."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix=f"profile-link-mlx-rank{rank}-", suffix=".log")
+    with open(fd, "w") as f:
+        f.write(stderr)
+    return path
+
+
+def _wait_ranks(procs, timeout_s: float) -> list[tuple[str, str]]:
+    """Wait for both ranks under one deadline; the first that fails (or the deadline) stops
+    both and is one line: "rank N failed: <last error line>; full log: PATH"."""
+    import subprocess
+
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs):
+        dead = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    outs = [p.communicate() for p in procs]
+    bad = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if not bad:
+        return outs
+    r = next((r for r in bad if procs[r].returncode != -9), bad[0])
+    err = outs[r][1]
+    last = ([ln.strip() for ln in err.splitlines() if ln.strip()] or [""])[-1][:300]
+    why = (f"did not finish within --timeout {timeout_s:g} s" if procs[r].returncode == -9
+           and time.monotonic() > deadline else
+           (last or f"exited with code {procs[r].returncode}"))
+    raise UserError(f"profile-link mlx rank {r} failed: {why}; full log: {_keep_log(err, r)}")
 
 
 def activation_sizes(hidden: int, dtype_bytes: int, prompt_tokens: int) -> dict[str, int]:
@@ -345,55 +515,71 @@ def write_link(cluster_path: str | Path, src: str, dst: str, m: LinkMeasurement,
 # -------------------------------------------------------------------------------------- CLI
 
 
-def _hostport(s: str) -> tuple[str, int]:
-    if ":" in s:
-        h, p = s.rsplit(":", 1)
-        return h, int(p)
-    return s, DEFAULT_PORT
+MAX_HIDDEN = 1 << 20
+MAX_TOKENS = 1 << 20
+MAX_TIMEOUT_S = 86400.0
+
+
+def _measure_args(m: argparse.ArgumentParser, repeats: int, gap_ms: float) -> None:
+    """The options `measure`, `self-test` and `mlx` share: message sizes, repeats, cluster."""
+    m.add_argument("--hidden", type=o.positive_int(MAX_HIDDEN), default=4096,
+                   help="model hidden size (default 4096)")
+    m.add_argument("--dtype-bytes", type=o.int_choice((1, 2, 4)), default=2,
+                   help="activation bytes (default 2)")
+    m.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=128,
+                   help="prompt length (default 128)")
+    m.add_argument("--repeats", type=o.positive_int(10000), default=repeats)
+    m.add_argument("--gap-ms", type=o.float_in(0, 60000), default=gap_ms,
+                   help="idle time before each ping-pong (the pipeline's pattern)")
+    m.add_argument("--cluster", type=o.path("cluster file"), default=None,
+                   help="cluster JSON to write the link into")
+    m.add_argument("--from", dest="src", type=o.text("node id"), default=None,
+                   help="link source node id")
+    m.add_argument("--to", dest="dst", type=o.text("node id"), default=None,
+                   help="link destination node id")
+    m.add_argument("--both-ways", action="store_true", help="the link is symmetric")
+    m.add_argument("--json", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="profile-link", description=__doc__.split("\n")[0])
+    ap = o.OneLineParser(prog="profile-link", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="answer ping-pongs (run on the receiving host)")
-    s.add_argument("--host", default="0.0.0.0")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument("--host", type=o.host(), default="0.0.0.0")
+    s.add_argument("--port", type=o.port(), default=DEFAULT_PORT)
     s.add_argument("--once", action="store_true", help="exit after one client")
     x = sub.add_parser("mlx", help="mx.distributed ping-pong, one of the two ranks (run one on "
                        "each host with the same ring hostfile, rank 0 reports)")
-    x.add_argument("--hostfile", help="ring hostfile [[\"ip:port\"], [\"ip:port\"]]")
-    x.add_argument("--rank", type=int, help="this host's rank (0 reports)")
+    x.add_argument("--hostfile", type=o.path("hostfile"),
+                   help="ring hostfile [[\"ip:port\"], [\"ip:port\"]]")
+    x.add_argument("--rank", type=o.int_in(0, 1), help="this host's rank (0 reports)")
     x.add_argument("--rank-from-env", action="store_true", help=argparse.SUPPRESS)
-    x.add_argument("--sizes", default=None, help=argparse.SUPPRESS)
-    x.add_argument("--hidden", type=int, default=4096)
-    x.add_argument("--dtype-bytes", type=int, default=2)
-    x.add_argument("--prompt-tokens", type=int, default=128)
-    x.add_argument("--repeats", type=int, default=10)
-    x.add_argument("--gap-ms", type=float, default=20.0)
-    x.add_argument("--cluster", default=None)
-    x.add_argument("--from", dest="src", default=None)
-    x.add_argument("--to", dest="dst", default=None)
-    x.add_argument("--both-ways", action="store_true")
-    x.add_argument("--json", action="store_true")
+    x.add_argument("--sizes", type=o.json_sizes(MAX_MESSAGE), default=None, help=argparse.SUPPRESS)
+    x.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=120.0,
+                   help="seconds for both ranks to finish (--local; default 120)")
+    _measure_args(x, repeats=10, gap_ms=20.0)
     x.add_argument("--local", action="store_true",
                    help="start both ranks here on loopback (a self-test of the runtime path)")
     for name in ("measure", "self-test"):
         m = sub.add_parser(name, help="measure the link to a server" if name == "measure"
                            else "server and client on loopback")
         if name == "measure":
-            m.add_argument("server", help="HOST[:PORT] of a `profile-link serve`")
-        m.add_argument("--hidden", type=int, default=4096, help="model hidden size (default 4096)")
-        m.add_argument("--dtype-bytes", type=int, default=2, help="activation bytes (default 2)")
-        m.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
-        m.add_argument("--repeats", type=int, default=15)
-        m.add_argument("--gap-ms", type=float, default=0.0,
-                       help="idle time before each ping-pong (the pipeline's pattern)")
-        m.add_argument("--cluster", default=None, help="cluster JSON to write the link into")
-        m.add_argument("--from", dest="src", default=None, help="link source node id")
-        m.add_argument("--to", dest="dst", default=None, help="link destination node id")
-        m.add_argument("--both-ways", action="store_true", help="the link is symmetric")
-        m.add_argument("--json", action="store_true")
+            m.add_argument("server", type=o.host_port(DEFAULT_PORT),
+                           help="HOST[:PORT] of a `profile-link serve`")
+        m.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=60.0,
+                       help="the whole measurement must finish within this (default 60 s)")
+        _measure_args(m, repeats=15, gap_ms=0.0)
     return ap
+
+
+def check_sizes(args) -> dict[str, int]:
+    """The messages to send; the prompt's must fit one message (MAX_MESSAGE bytes)."""
+    sizes = activation_sizes(args.hidden, args.dtype_bytes, args.prompt_tokens)
+    if sizes["prompt"] > MAX_MESSAGE:
+        raise UserError(f"--prompt-tokens {args.prompt_tokens} x --hidden {args.hidden} x "
+                        f"--dtype-bytes {args.dtype_bytes} = {sizes['prompt']} bytes per message, "
+                        f"more than {MAX_MESSAGE} (1 GiB); lower --prompt-tokens")
+    return sizes
 
 
 def _report(m: LinkMeasurement) -> str:
@@ -416,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cluster and not (args.src and args.dst):
         raise UserError("--cluster needs --from NODE and --to NODE")
-    sizes = activation_sizes(args.hidden, args.dtype_bytes, args.prompt_tokens)
+    sizes = check_sizes(args)
     if args.cmd == "mlx":
         return _main_mlx(args, sizes)
     stop = None
@@ -424,9 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         port, stop = serve_in_thread()
         host = "127.0.0.1"
     else:
-        host, port = _hostport(args.server)
+        host, port = args.server
     try:
-        m = measure(host, port, sizes, repeats=args.repeats, gap_s=args.gap_ms / 1e3)
+        m = measure(host, port, sizes, repeats=args.repeats, gap_s=args.gap_ms / 1e3,
+                    timeout_s=args.timeout)
     finally:
         if stop is not None:
             stop.set()
@@ -445,14 +632,15 @@ def _main_mlx(args, sizes: dict[str, int]) -> int:
     import os
 
     if args.sizes:
-        sizes = json.loads(args.sizes)
+        sizes = args.sizes
     if args.rank_from_env:  # a rank started by measure_mlx_local
         table = mlx_pingpong(sizes, repeats=args.repeats, gap_s=args.gap_ms / 1e3)
         if table is not None:
             print(MLX_TAG + json.dumps(table), flush=True)
         os._exit(0)
     if args.local:
-        m = measure_mlx_local(sizes, repeats=args.repeats, gap_ms=args.gap_ms)
+        m = measure_mlx_local(sizes, repeats=args.repeats, gap_ms=args.gap_ms,
+                              timeout_s=args.timeout)
     else:
         if not args.hostfile or args.rank is None:
             raise UserError("profile-link mlx needs --hostfile FILE and --rank 0|1 (or --local)")

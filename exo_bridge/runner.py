@@ -33,10 +33,13 @@ from typing import Any
 
 from exo_bridge.stage_worker import RESULT_TAG, encode_job
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
+from profiler import options as o
 from profiler.errors import UserError, guard
 
 BASELINES = ("exo-legacy", "exo-current", "even")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_TOKENS = 1 << 20  # --prompt-tokens / --max-tokens
+MAX_TIMEOUT_S = 7 * 86400.0
 
 
 class RunError(UserError):
@@ -179,6 +182,26 @@ def _tail(path: Path, n: int = 1500) -> str:
         return ""
 
 
+def _last_error_line(path: Path) -> str:
+    """The last non-empty line of a rank's stderr (a traceback ends with the exception)."""
+    lines = [ln.strip() for ln in _tail(path, 8000).splitlines() if ln.strip()]
+    return (lines[-1][:300] if lines else "")
+
+
+def _death(code: int | None, err: Path) -> str:
+    """What killed a rank, in words: its last error line, else its exit code or signal."""
+    last = _last_error_line(err)
+    if code is not None and code < 0:
+        try:
+            sig = signal.Signals(-code).name
+        except ValueError:
+            sig = f"signal {-code}"
+        how = f"killed by {sig}" + (" (the kernel kills a process out of memory this way)"
+                                    if -code == signal.SIGKILL else "")
+        return f"{how}" + (f"; last error: {last}" if last else "")
+    return last or f"exited with code {code} and no error output"
+
+
 def _kill(procs: list[subprocess.Popen]) -> None:
     """Terminate every rank (its whole process group), then kill what is left."""
     for p in procs:
@@ -202,14 +225,17 @@ def _kill(procs: list[subprocess.Popen]) -> None:
 def launch_local(job: dict[str, Any], hosts: list[str] | None = None,
                  wrappers: list[list[str]] | None = None, timeout_s: float = 600.0,
                  ports: list[int] | None = None, env: dict[str, str] | None = None,
-                 hostfiles: list[str] | None = None) -> list[dict[str, Any]]:
+                 hostfiles: list[str] | None = None,
+                 names: list[str] | None = None) -> list[dict[str, Any]]:
     """Start one worker per stage on this machine and return each rank's result dict.
 
     hosts: the ring address of each rank (default 127.0.0.1); wrappers: a command prefix per rank
     (e.g. ["ip", "netns", "exec", "n0"]) that must end by exec-ing the worker; hostfiles: one
     ring hostfile per rank (the testbed routes neighbours through its link relay), replacing the
-    shared one built from hosts. If any rank dies,
-    all are killed and RunError names the rank with its stderr tail.
+    shared one built from hosts; names: the plan node of each rank (for messages). If any rank
+    dies, the others are killed at once (they would wait for it forever) and RunError is one
+    line: "rank N (node X) failed: <its last error line>; full log: PATH", the ranks' whole
+    stderr kept in that directory. A run past timeout_s is killed the same way.
     """
     n = len(job["stages"])
     hosts = hosts or ["127.0.0.1"] * n
@@ -224,6 +250,15 @@ def launch_local(job: dict[str, Any], hosts: list[str] | None = None,
     b64 = encode_job(job)
     procs: list[subprocess.Popen] = []
     outs, errs = [], []
+    keep_logs = False
+    names = names or [f"rank{r}" for r in range(n)]
+
+    def failed(r: int, why: str) -> RunError:
+        nonlocal keep_logs
+        keep_logs = True
+        return RunError(f"rank {r} (node {names[r]}, {hosts[r]}, layers {job['stages'][r]}) "
+                        f"failed: {why}; full log: {errs[r]}")
+
     try:
         for r in range(n):
             e = dict(os.environ, **(env or {}))
@@ -242,30 +277,31 @@ def launch_local(job: dict[str, Any], hosts: list[str] | None = None,
             codes = [p.poll() for p in procs]
             bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                r = bad[0]
-                time.sleep(0.3)  # let the others fail too, then report the first
+                r = bad[0]  # the first seen dead; its peers are blocked on it: stop them now
                 _kill(procs)
-                raise RunError(f"rank {r} ({hosts[r]}, layers {job['stages'][r]}) exited with "
-                               f"code {codes[r]}: {_tail(errs[r]) or 'no stderr'}")
+                raise failed(r, _death(codes[r], errs[r]))
             if all(c == 0 for c in codes):
                 break
             if time.time() > deadline:
                 _kill(procs)
                 waiting = [r for r, c in enumerate(codes) if c is None]
-                raise RunError(f"run timed out after {timeout_s:.0f} s; ranks {waiting} still "
-                               f"running; stderr of rank {waiting[0]}: "
-                               f"{_tail(errs[waiting[0]]) or 'empty'}")
+                raise failed(waiting[0], f"still running after --timeout {timeout_s:g} s "
+                             f"(ranks {waiting} were stopped)"
+                             + (f"; last error: {_last_error_line(errs[waiting[0]])}"
+                                if _last_error_line(errs[waiting[0]]) else ""))
             time.sleep(0.05)
         results = []
         for r in range(n):
             lines = [ln for ln in outs[r].read_text(errors="replace").splitlines()
                      if RESULT_TAG in ln]
             if not lines:
-                raise RunError(f"rank {r} printed no result; stderr: {_tail(errs[r])}")
+                raise failed(r, "exited without printing a result")
             results.append(json.loads(lines[-1].split(RESULT_TAG, 1)[1]))
         return results
     finally:
         _kill(procs)
+        if keep_logs:  # the message names a log here: keep the ranks' stderr, drop the rest
+            errs = []
         for f in list(outs) + list(errs) + [hostfile]:
             try:
                 f.unlink()
@@ -326,7 +362,7 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                                 f"{len(stages)} stages")
             ports = _hostfile_ports(hostfile)
         ranks = launch_local(job, hosts=hosts, wrappers=wrappers, timeout_s=timeout_s, env=env,
-                             hostfiles=hostfiles, ports=ports)
+                             hostfiles=hostfiles, ports=ports, names=[s.node for s in stages])
     wall = time.perf_counter() - t0
     r0 = ranks[0]
     tpot = r0.get("tpot_s")
@@ -452,24 +488,24 @@ def format_breakdown(r: RunResult) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="exo-bridge run",
+    ap = o.OneLineParser(prog="exo-bridge run",
                                  description="Run a plan's split on mx.distributed (ring) and "
                                  "print measured TTFT / TPOT / tokens/s beside the prediction.")
-    ap.add_argument("plan", help="plan JSON from split-model")
-    ap.add_argument("--prompt-tokens", type=int, default=None,
+    ap.add_argument("plan", type=o.path("plan file"), help="plan JSON from split-model")
+    ap.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=None,
                     help="prompt length (default: the plan's workload.prompt_tokens, else 32)")
-    ap.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
-    ap.add_argument("--model", default=None,
+    ap.add_argument("--max-tokens", type=o.positive_int(MAX_TOKENS), default=16, help="tokens to generate (default 16)")
+    ap.add_argument("--model", type=o.text("model name or directory"), default=None,
                     help="model directory or built-in name (default: the plan's model)")
-    ap.add_argument("--hostfile", default=None,
+    ap.add_argument("--hostfile", type=o.path("hostfile"), default=None,
                     help="ring hostfile ([[\"ip:port\"], ...] per rank) or mlx.launch hostfile "
                     "for remote hosts; default: every rank on 127.0.0.1")
-    ap.add_argument("--python", default=None, help="interpreter on remote hosts (mlx.launch)")
+    ap.add_argument("--python", type=o.path("interpreter"), default=None, help="interpreter on remote hosts (mlx.launch)")
     ap.add_argument("--stages-from", default="plan", choices=("plan",) + BASELINES + ("all",),
                     help="run the plan's stages, one baseline's, or all of them in turn")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                     help="weights of a built-in model (a directory keeps its own)")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run (default 600)")
+    ap.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=600.0, help="seconds per run (default 600)")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
     ap.add_argument("--breakdown", action="store_true",
                     help="also print measured per-stage compute against the predicted parts")

@@ -95,6 +95,15 @@ def make_plan(cluster, objective: str = "latency", workload: Workload = Workload
     """Solve, predict the plan and each of exo's baselines; raise NoFitError if nothing fits."""
     res = solve(cluster, objective, workload, runtime, use_all_nodes, solver)
     if res.stages is None:
+        if use_all_nodes:  # is it the model, or the demand that every node holds a layer?
+            free = solve(cluster, objective, workload, runtime, False, solver)
+            if free.stages is not None:
+                used = {s.node for s in free.stages}
+                left = sorted(n.id for n in cluster.nodes if n.id not in used)
+                raise NoFitError(
+                    f"--use-all-nodes: no split gives every node a layer within its memory "
+                    f"(runtime {runtime}); the model fits without {', '.join(left)} "
+                    f"(on {', '.join(sorted(used))}): drop --use-all-nodes")
         raise NoFitError(shortfall_message(cluster, workload, runtime))
     pred = predict(cluster, res.stages, workload, runtime).to_dict()
     pred["derived_from"] = "measured cost tables" + (

@@ -6,35 +6,35 @@ import argparse
 import json
 import sys
 
-from profiler.errors import UserError, guard
+from profiler import options as o
+from profiler.errors import guard
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other bad input
-        raise UserError(f"{message} (see split-model --help)")
+MAX_TOKENS = 1 << 24  # 16M tokens: beyond any model's context
+MAX_STREAMS = 4096
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="split-model", description=(
+    p = o.OneLineParser(prog="split-model", description=(
         "Split a model's layers over a cluster from measured cost tables: the plan with the "
         "lowest time per output token (latency), time to first token (ttft), the highest "
         "throughput for concurrent streams, or the latency/throughput Pareto frontier; "
         "compared with exo's own splits."))
-    p.add_argument("cluster", help="cluster file (JSON: nodes with cost tables, links)")
+    p.add_argument("cluster", type=o.path("cluster file"), help="cluster file (JSON: nodes with cost tables, links)")
     p.add_argument("--objective", default="latency",
                    choices=["latency", "ttft", "throughput", "pareto"])
     p.add_argument("--runtime", default="exo-current",
                    choices=["exo-current", "exo-legacy", "mlx-pipeline"])
-    p.add_argument("--prompt-tokens", type=int, default=512, metavar="P")
-    p.add_argument("--context-tokens", type=int, default=1024, metavar="C")
-    p.add_argument("--streams", type=int, default=1, metavar="B")
+    p.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=512, metavar="P")
+    p.add_argument("--context-tokens", type=o.positive_int(MAX_TOKENS), default=1024,
+                   metavar="C")
+    p.add_argument("--streams", type=o.positive_int(MAX_STREAMS), default=1, metavar="B")
     p.add_argument("--use-all-nodes", action="store_true",
                    help="every node gets at least one layer (as current exo does)")
     p.add_argument("--solver", default="auto",
                    choices=["auto", "bitmask", "fixed-order", "milp", "brute"])
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--out", metavar="PLAN.json", help="write the plan file")
-    p.add_argument("--plot", metavar="FILE.png", help="draw per-layer cost and the timeline")
+    p.add_argument("--out", type=o.path("plan file"), metavar="PLAN.json", help="write the plan file")
+    p.add_argument("--plot", type=o.path("image file"), metavar="FILE.png", help="draw per-layer cost and the timeline")
     p.add_argument("--simulate", action="store_true",
                    help="replay the plan in the discrete-event simulator too")
     return p

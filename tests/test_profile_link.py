@@ -57,7 +57,8 @@ def test_cli_self_test_and_unreachable_server_is_one_line(tmp_path):
                          "127.0.0.1:1", "--repeats", "1"], capture_output=True, text=True,
                         timeout=60)
     assert cp.returncode == 2
-    assert cp.stderr.startswith("error: cannot reach") and cp.stderr.count("\n") == 1
+    assert cp.stderr.startswith("error: nothing listens at 127.0.0.1:1 (connection refused)")
+    assert cp.stderr.count("\n") == 1
 
 
 def test_mlx_runtime_path_pingpong_on_loopback():
@@ -69,3 +70,170 @@ def test_mlx_runtime_path_pingpong_on_loopback():
     assert set(m.sizes) == {"ping", "token", "prompt"}
     assert m.sizes["prompt"]["bytes"] == 4096
     assert m.latency_ms > 0 and "mx.distributed" in m.method
+
+
+# ------------------------------------------------------------- misbehaving peers, one line each
+
+import socket  # noqa: E402
+import threading  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+from exo_bridge import profile_link as pl  # noqa: E402
+
+
+@contextmanager
+def tcp_peer(behave):
+    """A real TCP server on loopback whose every connection is handled by behave(conn)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            threading.Thread(target=_run, args=(behave, conn), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        srv.close()
+
+
+def _run(behave, conn):
+    with conn:
+        try:
+            behave(conn)
+        except OSError:
+            pass
+
+
+def _read_hello(conn):
+    need = pl._HDR.size + len(pl.HELLO)
+    got = b""
+    while len(got) < need:
+        chunk = conn.recv(need - len(got))
+        if not chunk:
+            return False
+        got += chunk
+    return True
+
+
+def _greet(conn):
+    return _read_hello(conn) and conn.sendall(pl.ACK) is None
+
+
+def _never_answers(conn):
+    threading.Event().wait(5)
+
+
+def _closes_mid_reply(conn):
+    _read_hello(conn)
+    conn.sendall(pl.ACK[:5])  # then closes
+
+
+def _slow_forever(conn):
+    _greet(conn)
+    while conn.recv(1 << 16):  # answers every ping-pong, a little too late, forever
+        threading.Event().wait(0.3)
+        conn.sendall(b"\0")
+
+
+def _wrong_types(conn):
+    _greet(conn)
+    conn.recv(1 << 16)
+    conn.sendall(b"\x07")  # the reply is a zero byte; a wrong value is another protocol
+
+
+def _closes_mid_body(conn):
+    _greet(conn)
+    conn.recv(64)  # the header and a bit of the first body, then gone (RST)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+
+
+class _Http(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+
+def _one_line(capsys, rc):
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("behave, expect", [
+    (_never_answers, "did not answer the greeting within --timeout 1 s"),
+    (_slow_forever, "did not finish the measurement within --timeout 1 s"),
+    (_closes_mid_reply, "does not answer as a profile-link server"),
+    (_wrong_types, "answered b'\\x07' where a zero byte belongs"),
+    (_closes_mid_body, "closed the connection"),
+])
+def test_misbehaving_peer_is_one_line_within_the_timeout(capsys, behave, expect):
+    with tcp_peer(behave) as port:
+        rc = pl.main(["measure", f"127.0.0.1:{port}", "--hidden", "64", "--prompt-tokens",
+                      "512", "--repeats", "3", "--timeout", "1"])
+    assert expect in _one_line(capsys, rc)
+
+
+def test_a_server_of_another_protocol_is_named(capsys):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Http)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        rc = pl.main(["measure", f"127.0.0.1:{httpd.server_port}", "--timeout", "5"])
+    finally:
+        httpd.shutdown()
+    err = _one_line(capsys, rc)
+    assert "speaks another protocol" in err and "DOCTYPE" in err  # its HTML error page
+
+
+@pytest.mark.parametrize("server, expect", [
+    ("127.0.0.1:0", "out of range"), ("127.0.0.1:65536", "out of range"),
+    ("127.0.0.1:" + "9" * 400, "out of range"), ("127.0.0.1:http", "not a whole number"),
+    ("127.0.0.1:", "empty port"), (":52900", "no host"), ("a b:1", "not a host name"),
+    ("[::1:5", "not HOST:PORT"), ("127.0.0.1:-1", "out of range"),
+])
+def test_malformed_server_addresses(capsys, server, expect):
+    rc = pl.main(["measure", server])
+    err = _one_line(capsys, rc)
+    assert "argument server" in err and expect in err
+
+
+def test_refused_unknown_host_and_out_of_range_say_different_things(capsys):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # a closed port: refused, not "out of range"
+    assert "connection refused" in _one_line(capsys, pl.main(["measure", f"127.0.0.1:{port}"]))
+    err = _one_line(capsys, pl.main(["measure", "no-such-host.invalid:5"]))
+    assert "cannot resolve host" in err
+
+
+def test_serve_refuses_a_busy_port_and_survives_a_bad_client(capsys):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        err = _one_line(capsys, pl.main(["serve", "--host", "127.0.0.1", "--port",
+                                         str(busy.getsockname()[1])]))
+    finally:
+        busy.close()
+    assert "already in use" in err and "--port" in err
+    port, stop = serve_in_thread()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a profile-link client
+            assert c.recv(100) == b""  # closed by the server, no reply, no crash
+        m = measure("127.0.0.1", port, {"token": 256}, repeats=2, warmup=1, timeout_s=10)
+    finally:
+        stop.set()
+    assert m.latency_ms > 0
+    assert "not a profile-link client" in capsys.readouterr().err
