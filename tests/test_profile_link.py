@@ -231,7 +231,10 @@ def test_serve_refuses_a_busy_port_and_survives_a_bad_client(capsys):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a profile-link client
-            assert c.recv(100) == b""  # closed by the server, no reply, no crash
+            try:  # closed by the server (unread bytes make it a reset), no reply, no crash
+                assert c.recv(100) == b""
+            except ConnectionResetError:
+                pass
         m = measure("127.0.0.1", port, {"token": 256}, repeats=2, warmup=1, timeout_s=10)
     finally:
         stop.set()
