@@ -114,3 +114,92 @@ def test_builtin_models_have_their_published_parameter_counts(name, billions):
 
     model = build.skeleton(resolve_model(name))
     assert build.param_count(model) / 1e9 == pytest.approx(billions, rel=0.005)
+
+
+# ------------------------------------------------------------------- bad configs and weights
+
+BAD_FIELDS = [(k, v) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                               "num_key_value_heads", "head_dim", "intermediate_size",
+                               "vocab_size")
+              for v in (0, -4, "32", 1.5, True, [32], 10**400, 2**31)]
+
+
+@pytest.mark.parametrize("field, value", BAD_FIELDS, ids=lambda x: str(x)[:12])
+def test_bad_config_field_is_one_line_naming_config_and_field(tmp_path, field, value):
+    cfg = tiny_config(n_layers=2)
+    cfg[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as e:
+        resolve_model(str(tmp_path / "config.json"))
+    msg = str(e.value)
+    assert "config.json" in msg and field in msg and "\n" not in msg and len(msg) < 300, msg
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"num_attention_heads": 5, "head_dim": None}, "does not divide hidden_size"),
+    ({"num_key_value_heads": 3}, "does not divide num_attention_heads"),
+    ({"quantization": {"bits": 7, "group_size": 64}}, "quantization"),
+    ({"quantization": "4bit"}, "quantization"),
+])
+def test_inconsistent_heads_and_quantization(tmp_path, change, field):
+    cfg = dict(tiny_config(n_layers=2), **change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=field):
+        resolve_model(str(tmp_path / "config.json"))
+
+
+def test_a_huge_number_in_config_json_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": '
+                                          + "9" * 5000 + ', "num_hidden_layers": 2}')
+    with pytest.raises(UserError, match="config.json: not a usable JSON file"):
+        resolve_model(str(tmp_path / "config.json"))
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory):
+    pytest.importorskip("mlx.core")
+    from profiler.build import save_model_dir
+
+    return save_model_dir(tmp_path_factory.mktemp("m") / "good", tiny_config(n_layers=2))
+
+
+def _variant(tmp_path, good, weights=None, **config_change):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(good, d)
+    if weights is not None:
+        (d / "model.safetensors").write_bytes(weights(
+            (good / "model.safetensors").read_bytes()))
+    if config_change:
+        (d / "config.json").write_text(json.dumps(dict(tiny_config(n_layers=2),
+                                                       **config_change)))
+    return d
+
+
+@pytest.mark.parametrize("weights, change, says", [
+    (lambda b: b[: len(b) // 2], {}, "model.safetensors: not a readable safetensors file"),
+    (lambda b: b"", {}, "the file is empty"),
+    (lambda b: b"\x07" * 4096, {}, "model.safetensors: not a readable safetensors file"),
+    (lambda b: b[:100], {}, "model.safetensors: not a readable safetensors file"),
+    (None, {"intermediate_size": 192}, "Expected shape (192, 64)"),
+    (None, {"num_hidden_layers": 3}, "Missing 9 parameters"),
+], ids=["truncated", "empty", "garbage", "header-cut", "wrong-shape", "missing-layer"])
+def test_bad_weights_are_one_line_naming_the_file(tmp_path, good_dir, weights, change, says):
+    from profiler.build import skeleton
+
+    d = _variant(tmp_path, good_dir, weights, **change)
+    with pytest.raises(UserError) as e:
+        skeleton(resolve_model(str(d)))
+    msg = str(e.value)
+    assert says in msg and str(d) in msg and "\n" not in msg and len(msg) < 700, msg
+    assert (d / "config.json").exists()  # nothing the user had is touched
+
+
+def test_bad_weights_on_the_cli_exit_2(tmp_path, good_dir):
+    d = _variant(tmp_path, good_dir, lambda b: b[:-10])
+    p = subprocess.run([sys.executable, "-m", "profiler", str(d), "--out", str(tmp_path / "o.json"),
+                        "--quiet", "--no-microbench"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "model.safetensors" in p.stderr
+    assert not (tmp_path / "o.json").exists()
