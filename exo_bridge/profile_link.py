@@ -400,7 +400,6 @@ def measure_mlx_local(sizes: dict[str, int], hostfiles: list[str] | None = None,
     """Start the two ranks of `profile-link mlx` on this machine (loopback by default; the
     testbed passes per-rank hostfiles and namespace wrappers) and return rank 0's result."""
     import os
-    import subprocess
     import tempfile
 
     tmp = None
@@ -415,13 +414,8 @@ def measure_mlx_local(sizes: dict[str, int], hostfiles: list[str] | None = None,
     procs = []
     try:
         for r in range(2):
-            env = dict(os.environ, MLX_HOSTFILE=hostfiles[r], MLX_RANK=str(r))
-            cmd = (wrappers[r] if wrappers else []) + [
-                sys.executable, "-m", "exo_bridge.profile_link", "mlx", "--rank-from-env",
-                "--sizes", json.dumps(sizes), "--repeats", str(repeats), "--gap-ms", str(gap_ms)]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True,
-                                          start_new_session=True))
+            procs.append(_start_rank(r, hostfiles[r], sizes, repeats, gap_ms,
+                                     wrappers[r] if wrappers else None))
         outs = _wait_ranks(procs, timeout_s)
         line = [ln for ln in outs[0][0].splitlines() if ln.startswith(MLX_TAG)]
         if not line:
@@ -450,10 +444,25 @@ def _keep_log(stderr: str, rank: int) -> str:
     return path
 
 
-def _wait_ranks(procs, timeout_s: float) -> list[tuple[str, str]]:
-    """Wait for both ranks under one deadline; the first that fails (or the deadline) stops
-    both and is one line: "rank N failed: <last error line>; full log: PATH"."""
+def _start_rank(rank: int, hostfile: str, sizes: dict[str, int], repeats: int, gap_ms: float,
+                wrapper: list[str] | None = None):
+    """One `profile-link mlx` rank as a child process (MLX_HOSTFILE / MLX_RANK in its env)."""
+    import os
     import subprocess
+
+    env = dict(os.environ, MLX_HOSTFILE=hostfile, MLX_RANK=str(rank))
+    cmd = (wrapper or []) + [
+        sys.executable, "-m", "exo_bridge.profile_link", "mlx", "--rank-from-env",
+        "--sizes", json.dumps(sizes), "--repeats", str(repeats), "--gap-ms", str(gap_ms)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _wait_ranks(procs, timeout_s: float, ranks: list[int] | None = None,
+                hint: str = "") -> list[tuple[str, str]]:
+    """Wait for the ranks under one deadline; the first that fails (or the deadline) stops
+    all and is one line: "rank N failed: <last error line>; full log: PATH"."""
+    ranks = ranks or list(range(len(procs)))
 
     deadline = time.monotonic() + timeout_s
     while any(p.poll() is None for p in procs):
@@ -471,10 +480,11 @@ def _wait_ranks(procs, timeout_s: float) -> list[tuple[str, str]]:
     r = next((r for r in bad if procs[r].returncode != -9), bad[0])
     err = outs[r][1]
     last = ([ln.strip() for ln in err.splitlines() if ln.strip()] or [""])[-1][:300]
-    why = (f"did not finish within --timeout {timeout_s:g} s" if procs[r].returncode == -9
-           and time.monotonic() > deadline else
+    why = (f"did not finish within --timeout {timeout_s:g} s" + (f" ({hint})" if hint else "")
+           if procs[r].returncode == -9 and time.monotonic() > deadline else
            (last or f"exited with code {procs[r].returncode}"))
-    raise UserError(f"profile-link mlx rank {r} failed: {why}; full log: {_keep_log(err, r)}")
+    raise UserError(f"profile-link mlx rank {ranks[r]} failed: {why}; full log: "
+                    f"{_keep_log(err, ranks[r])}")
 
 
 def activation_sizes(hidden: int, dtype_bytes: int, prompt_tokens: int) -> dict[str, int]:
@@ -556,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--rank-from-env", action="store_true", help=argparse.SUPPRESS)
     x.add_argument("--sizes", type=o.json_sizes(MAX_MESSAGE), default=None, help=argparse.SUPPRESS)
     x.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=120.0,
-                   help="seconds for both ranks to finish (--local; default 120)")
+                   help="seconds for the ping-pong to finish, peer included (default 120)")
     _measure_args(x, repeats=10, gap_ms=20.0)
     x.add_argument("--local", action="store_true",
                    help="start both ranks here on loopback (a self-test of the runtime path)")
@@ -633,7 +643,7 @@ def _main_mlx(args, sizes: dict[str, int]) -> int:
 
     if args.sizes:
         sizes = args.sizes
-    if args.rank_from_env:  # a rank started by measure_mlx_local
+    if args.rank_from_env:  # a rank started by measure_mlx_local (which bounds it too)
         table = mlx_pingpong(sizes, repeats=args.repeats, gap_s=args.gap_ms / 1e3)
         if table is not None:
             print(MLX_TAG + json.dumps(table), flush=True)
@@ -644,10 +654,19 @@ def _main_mlx(args, sizes: dict[str, int]) -> int:
     else:
         if not args.hostfile or args.rank is None:
             raise UserError("profile-link mlx needs --hostfile FILE and --rank 0|1 (or --local)")
-        os.environ.update(MLX_HOSTFILE=args.hostfile, MLX_RANK=str(args.rank))
-        table = mlx_pingpong(sizes, repeats=args.repeats, gap_s=args.gap_ms / 1e3)
-        if table is None:
-            os._exit(0)
+        # the rank runs in a child: MLX waits for its peer (ring connect, recv) inside C++
+        # where no Python timer reaches; this process bounds it with --timeout
+        proc = _start_rank(args.rank, args.hostfile, sizes, args.repeats, args.gap_ms)
+        try:
+            out, _ = _wait_ranks([proc], args.timeout, ranks=[args.rank],
+                                 hint="is the other rank running, with the same hostfile?")[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        line = [ln for ln in out.splitlines() if ln.startswith(MLX_TAG)]
+        if not line:
+            os._exit(0)  # rank 1: rank 0 reports
+        table = json.loads(line[0][len(MLX_TAG):])
         m = _summarise(table, "mx.distributed ring", args.repeats,
                        "mx.distributed send/recv ping-pong (the runner's path), median")
     entry = write_link(args.cluster, args.src, args.dst, m, args.both_ways) if args.cluster \

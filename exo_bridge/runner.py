@@ -34,7 +34,7 @@ from typing import Any
 from exo_bridge.stage_worker import RESULT_TAG, encode_job
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
 from profiler import options as o
-from profiler.errors import UserError, guard
+from profiler.errors import UserError, guard, read_json
 
 BASELINES = ("exo-legacy", "exo-current", "even")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -91,8 +91,10 @@ def model_spec(model: str | None, plan: Plan | None, dtype: str = "float32",
         cfg = p / "config.json"
         if not cfg.exists():
             raise UserError(f"model directory {p} has no config.json")
+        from profiler.models import _read_config  # read_json + the config field checks
+
         return {"source": "dir", "path": str(p.resolve()), "name": p.name,
-                "config": json.loads(cfg.read_text())}
+                "config": _read_config(cfg)}
     try:
         from profiler.models import resolve_model
     except ImportError:
@@ -322,15 +324,22 @@ def launch_mlx(job: dict[str, Any], hostfile: str, timeout_s: float, python: str
     cmd = [sys.executable, "-m", "mlx._distributed_utils.launch", "--hostfile", hostfile,
            "--backend", "ring", "--python", python or sys.executable, "--",
            "-m", "exo_bridge.stage_worker", "--job", encode_job(job)]
+    fd, log = tempfile.mkstemp(prefix="exo-bridge-run-mlx-launch-", suffix=".log")
     try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        with os.fdopen(fd, "w") as err:
+            cp = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise RunError(f"mlx.launch timed out after {timeout_s:.0f} s") from None
+        raise RunError(f"mlx.launch still running after --timeout {timeout_s:g} s (stopped); "
+                       f"full log: {log}") from None
     found = [json.loads(ln.split(RESULT_TAG, 1)[1]) for ln in cp.stdout.splitlines()
              if RESULT_TAG in ln]
     if cp.returncode != 0 or len(found) != len(job["stages"]):
-        raise RunError(f"mlx.launch exited {cp.returncode} with {len(found)} of "
-                       f"{len(job['stages'])} results: {cp.stderr[-1500:].strip()}")
+        got = sorted(d["rank"] for d in found)
+        missing = [r for r in range(len(job["stages"])) if r not in got]
+        raise RunError(f"mlx.launch exited {cp.returncode}; ranks {missing} failed: "
+                       f"{_last_error_line(Path(log)) or 'no error output'}; full log: {log}")
+    os.unlink(log)
     return sorted(found, key=lambda d: d["rank"])
 
 
@@ -351,6 +360,8 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
            "max_tokens": max_tokens, "warmup_prompt": warmup_prompt,
            "warmup_tokens": warmup_tokens}
     t0 = time.perf_counter()
+    if hostfile:
+        check_hostfile(hostfile, len(stages))
     if hostfile and not _hostfile_is_local(hostfile):
         ranks = launch_mlx(job, hostfile, timeout_s, python)
     else:
@@ -373,7 +384,7 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
 
 
 def _hostfile_entries(path: str) -> list[Any]:
-    data = json.loads(Path(path).read_text())
+    data = read_json(path, f"hostfile {path}")
     if isinstance(data, dict):
         data = data.get("hosts", [])
     if not isinstance(data, list) or not data:
@@ -392,6 +403,25 @@ def _hostfile_hosts(path: str) -> list[str]:
         else:
             out.append(str(e).rsplit(":", 1)[0] if ":" in str(e) else str(e))
     return out
+
+
+def check_hostfile(path: str, n_stages: int) -> None:
+    """Every ring entry "host:port" of a hostfile is a host and a port 1..65535, one per stage;
+    else one line naming the file, the entry and what is wrong."""
+    entries = _hostfile_entries(path)
+    if len(entries) != n_stages:
+        raise UserError(f"hostfile {path} has {len(entries)} hosts for {n_stages} stages; give "
+                        "one entry per stage")
+    for i, e in enumerate(entries):
+        if isinstance(e, dict):
+            continue  # mlx.launch's {"ssh": ..., "ips": [...]}: mlx.launch checks it
+        first = e[0] if isinstance(e, list) and e else e
+        if not isinstance(first, str):
+            raise UserError(f"hostfile {path}: entry {i} is {first!r}, expected \"host:port\"")
+        try:
+            o.host_port(0)(first)
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"hostfile {path}: entry {i}: {err}") from None
 
 
 def _hostfile_ports(path: str) -> list[int] | None:

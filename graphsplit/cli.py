@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for opt, value in (("--out", args.out), ("--plot", args.plot)):
+        if value:
+            o.check_writable(value, opt)
     from graphsplit.api import make_plan
     from graphsplit.cluster import load_cluster
     from graphsplit.costmodel import Workload, extrapolation_notes

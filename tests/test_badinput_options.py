@@ -256,3 +256,34 @@ def test_profile_model_refuses_a_huge_grid_before_mlx(capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--prefill-tokens" in err
     assert "this machine allows" in err
+
+
+# --------------------------------------------------------- outputs and hostfiles, before work
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep me\n")
+    rc = split_cli.main([str(tmp_path / "c.json"), "--out", str(blocker / "plan.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--out" in err and "cannot write" in err, err
+    assert "cannot read" not in err and blocker.read_text() == "keep me\n"
+    rc = profile_cli.main(["llama-3-8b", "--out", str(blocker / "t.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and "cannot write there" in err and "not a folder" in err
+
+
+@pytest.mark.parametrize("entries, says", [
+    ([["127.0.0.1:99999"], ["127.0.0.1:1"]], "entry 0: port in '127.0.0.1:99999'"),
+    ([["127.0.0.1:1"], ["a b:5"]], "entry 1"),
+    ([["127.0.0.1:1"], [7]], "entry 1 is 7"),
+    ([["127.0.0.1:1"]], "1 hosts for 2 stages"),
+    ({"x": 1}, "expected a JSON list of hosts"),
+])
+def test_runner_hostfile_entries_are_checked(tmp_path, entries, says):
+    import json
+
+    hf = tmp_path / "hf.json"
+    hf.write_text(json.dumps(entries))
+    with pytest.raises(UserError) as e:
+        runner.check_hostfile(str(hf), 2)
+    assert says in str(e.value) and str(hf) in str(e.value) and "\n" not in str(e.value)

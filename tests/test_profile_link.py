@@ -240,3 +240,36 @@ def test_serve_refuses_a_busy_port_and_survives_a_bad_client(capsys):
         stop.set()
     assert m.latency_ms > 0
     assert "not a profile-link client" in capsys.readouterr().err
+
+
+def test_mlx_rank_whose_peer_never_comes_is_bounded_by_timeout(tmp_path):
+    """`profile-link mlx --hostfile F --rank 0` with no rank 1: MLX waits inside C++ for the
+    ring; the command runs the rank as a child and stops it at --timeout, one line, exit 2."""
+    from exo_bridge.runner import free_ports
+
+    hf = tmp_path / "hostfile.json"
+    hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    cp = subprocess.run([sys.executable, "-m", "exo_bridge.profile_link", "mlx", "--hostfile",
+                         str(hf), "--rank", "0", "--timeout", "3"], capture_output=True,
+                        text=True, timeout=60)
+    assert cp.returncode == 2 and cp.stderr.count("\n") == 1, cp.stderr
+    assert "rank 0 failed: did not finish within --timeout 3 s" in cp.stderr
+    assert "full log: " in cp.stderr
+
+
+def test_mlx_two_hosts_mode_reports_on_rank_0(tmp_path):
+    """The two-host form (one command per rank, same hostfile), here both on loopback."""
+    pytest.importorskip("mlx.core")
+    from exo_bridge.runner import free_ports
+
+    hf = tmp_path / "hostfile.json"
+    hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    cmd = [sys.executable, "-m", "exo_bridge.profile_link", "mlx", "--hostfile", str(hf),
+           "--hidden", "64", "--prompt-tokens", "8", "--repeats", "2", "--gap-ms", "1",
+           "--json", "--timeout", "90", "--rank"]
+    r1 = subprocess.Popen(cmd + ["1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    r0 = subprocess.run(cmd + ["0"], capture_output=True, text=True, timeout=120)
+    out1 = r1.communicate(timeout=60)
+    assert r0.returncode == 0 and r1.returncode == 0, (r0.stderr, out1[1])
+    assert json.loads(r0.stdout)["measurement"]["sizes"]["prompt"]["bytes"] == 8 * 64 * 2
