@@ -34,7 +34,14 @@ def shortfall_message(cluster, workload: Workload, runtime: str) -> str:
     return (f"the model does not fit these nodes (runtime {runtime}, {workload.kv_tokens} tokens "
             f"of KV x {workload.streams} stream(s)): with layers in proportion to memory, {what} "
             f"(needs {_gib(need)}, has {_gib(have)}); add a node or memory, or lower "
-            "--context-tokens / --streams")
+            f"{_kv_options(workload)}")
+
+
+def _kv_options(workload: Workload) -> str:
+    """The options that set the KV length: the prompt when it is the longer, the streams."""
+    kv = "--prompt-tokens" if workload.prompt_tokens > workload.context_tokens \
+        else "--context-tokens"
+    return kv + (" / --streams" if workload.streams > 1 else "")
 
 
 def solve(cluster, objective: str = "latency", workload: Workload = Workload(),

@@ -20,3 +20,14 @@ def test_use_all_nodes_refusal_names_the_flag_and_the_node_left_out(tmp_path):
     line = r.stderr.strip()
     assert "\n" not in line and "--use-all-nodes" in line and "tiny" in line, line
     assert "drop --use-all-nodes" in line and "--context-tokens" not in line, line
+
+
+def test_a_prompt_too_long_to_fit_blames_prompt_tokens_not_context(tmp_path):
+    t = {"a": make_table("a", 8), "b": make_table("b", 8)}
+    cluster = write_cluster(tmp_path, t)
+    r = subprocess.run(CMD + [str(cluster), "--prompt-tokens", "16777216"], capture_output=True,
+                       text=True, timeout=120)
+    line = r.stderr.strip()
+    assert r.returncode == 2 and "\n" not in line and "does not fit" in line, line
+    assert "lower --prompt-tokens" in line and "--context-tokens" not in line
+    assert "--streams" not in line  # one stream: not the cause
