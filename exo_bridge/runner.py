@@ -279,7 +279,9 @@ def launch_local(job: dict[str, Any], hosts: list[str] | None = None,
             codes = [p.poll() for p in procs]
             bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                r = bad[0]  # the first seen dead; its peers are blocked on it: stop them now
+                # the first seen dead (its peers are blocked on it: stop them now); when several
+                # are seen at once, a rank killed by a signal is the cause, not its peers' errors
+                r = min(bad, key=lambda i: (codes[i] >= 0, i))
                 _kill(procs)
                 raise failed(r, _death(codes[r], errs[r]))
             if all(c == 0 for c in codes):

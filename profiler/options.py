@@ -72,7 +72,7 @@ def _parse_int(text: str, lo: int, hi: int) -> int:
     t = str(text).strip().replace("_", "")
     if not _INT_RE.fullmatch(t):
         raise _bad(f"{shown(text)} is not a whole number; give one from {lo} to {hi}")
-    if len(t.lstrip("+-")) > len(str(max(abs(lo), abs(hi)))) + 1:
+    if len(t.lstrip("+-").lstrip("0")) > len(str(max(abs(lo), abs(hi)))) + 1:
         raise _bad(f"{shown(text)} is out of range; give a whole number from {lo} to {hi}")
     v = int(t)
     if not lo <= v <= hi:
