@@ -110,7 +110,11 @@ def memory_bytes(v: Any, where: str) -> int:
         raise ExoSchemaError(f"unexpected exo JSON at {where}: memory is a boolean")
     if isinstance(v, (int, float)):
         return int(v)
-    return int(get(v, "inBytes", where))
+    n = get(v, "inBytes", where)
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise ExoSchemaError(f"unexpected exo JSON at {where}.inBytes: {n!r} is not a number "
+                             "of bytes")
+    return int(n)
 
 
 # ---------------------------------------------------------------- views
@@ -404,14 +408,10 @@ def _obj(v: Any, where: str) -> dict:
 def _read_memory(info: NodeInfo, mem: dict, where: str) -> None:
     t = get(mem, "ramTotal", where, required=False)
     a = get(mem, "ramAvailable", where, required=False)
-    try:
-        if t is not None:
-            info.ram_total = memory_bytes(t, where + ".ramTotal")
-        if a is not None:
-            info.ram_available = memory_bytes(a, where + ".ramAvailable")
-    except (TypeError, ValueError):
-        raise ExoSchemaError(f"unexpected exo JSON at {where}: memory is not a number of "
-                             "bytes") from None
+    if t is not None:
+        info.ram_total = memory_bytes(t, where + ".ramTotal")
+    if a is not None:
+        info.ram_available = memory_bytes(a, where + ".ramAvailable")
 
 
 def _multiaddr_ip(addr: Any) -> str | None:
