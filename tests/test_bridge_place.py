@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import threading
+import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -46,12 +47,16 @@ def place(*args: str, limit: float = 60.0) -> tuple[int, str, str]:
 
     def go() -> None:
         with redirect_stdout(out), redirect_stderr(err):
-            res["rc"] = cli_main(["place", *args])
+            try:
+                res["rc"] = cli_main(["place", *args])
+            except BaseException:  # noqa: BLE001 - reported by the assertion below
+                res["crash"] = traceback.format_exc()
 
     t = threading.Thread(target=go, daemon=True)
     t.start()
     t.join(limit)
     assert not t.is_alive(), f"exo-bridge place still waiting after {limit} s: {err.getvalue()}"
+    assert "crash" not in res, f"exo-bridge place crashed:\n{res.get('crash')}"
     return res["rc"], out.getvalue(), err.getvalue()
 
 

@@ -177,6 +177,7 @@ def test_closed_port_is_connection_refused(plan):
     ("http://127.0.0.1:0", "port 0"),
     ("ftp://127.0.0.1:52415", "not http"),
     ("http://:52415", "no host"),
+    ("http://no-such-host.invalid:52415", "resolve"),  # RFC 2606: never resolves
 ])
 def test_malformed_api(plan, api, needle):
     fails_naming_api(plan, api, needle)

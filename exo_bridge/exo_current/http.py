@@ -9,7 +9,7 @@ most for what is left of it. Server-sent events (`text/event-stream`, exo's
 Every failure is a `PeerError` (a `UserError`): one line that names `--api URL`, the request,
 and what happened: connection refused, host not found, no answer within N s, an answer not
 complete after N s (bytes received), the connection closed in the middle of a body, not HTTP.
-Only the standard library; no threads.
+Only the standard library (name resolution runs in a thread, to bound it too).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -235,20 +236,25 @@ class Client:
         left = deadline - time.monotonic()
         if left <= 0:
             raise PeerError(f"{ep.label}: no time left to connect (the wait of {t:g} s is over)")
-        try:
-            sock = socket.create_connection((ep.host, ep.port), timeout=left)
-        except socket.gaierror as e:
-            raise PeerError(f"{ep.label}: cannot resolve host {ep.host!r} ({e.strerror}); "
-                            "check the host name") from None
-        except ConnectionRefusedError:
-            raise PeerError(f"{ep.label}: connection refused (nothing listens on port "
-                            f"{ep.port} of {ep.host}); is exo running there? exo's API listens "
-                            f"on port {EXO_PORT}") from None
-        except (socket.timeout, TimeoutError):
-            raise PeerError(f"{ep.label}: no connection within {t:g} s (host down, or a "
-                            "firewall drops the connection)") from None
-        except OSError as e:
-            raise PeerError(f"{ep.label}: cannot connect ({e.strerror or e})") from None
+        sock = None
+        for family, kind, proto, _, addr in self._resolve(deadline, t):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.connect(addr)
+                break
+            except ConnectionRefusedError:
+                sock.close()
+                raise PeerError(f"{ep.label}: connection refused (nothing listens on port "
+                                f"{ep.port} of {ep.host}); is exo running there? exo's API "
+                                f"listens on port {EXO_PORT}") from None
+            except (socket.timeout, TimeoutError):
+                sock.close()
+                raise PeerError(f"{ep.label}: no connection within {t:g} s (host down, or a "
+                                "firewall drops the connection)") from None
+            except OSError as e:
+                sock.close()
+                raise PeerError(f"{ep.label}: cannot connect ({e.strerror or e})") from None
         if ep.scheme == "https":
             try:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -258,6 +264,30 @@ class Client:
                 raise PeerError(f"{ep.label}: TLS handshake failed ({e}); is it http?") \
                     from None
         return sock
+
+    def _resolve(self, deadline: float, t: float) -> list:
+        """getaddrinfo under the deadline (the system resolver has no timeout of its own, so it
+        runs in a daemon thread that is abandoned if it overruns)."""
+        ep, box = self.endpoint, {}
+
+        def go() -> None:
+            try:
+                box["addrs"] = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                box["error"] = e
+
+        worker = threading.Thread(target=go, daemon=True)
+        worker.start()
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            raise PeerError(f"{ep.label}: the host name {ep.host!r} did not resolve within "
+                            f"{t:g} s; check the host name or DNS")
+        if "error" in box or not box.get("addrs"):
+            e = box.get("error")
+            raise PeerError(f"{ep.label}: cannot resolve host {ep.host!r} "
+                            f"({getattr(e, 'strerror', None) or e or 'no address'}); check the "
+                            "host name")
+        return box["addrs"]
 
     def _send(self, sock: socket.socket, method: str, path: str, body: Any,
               accept: str = "application/json") -> None:
