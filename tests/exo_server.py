@@ -380,7 +380,15 @@ class ExoState:
     # ---------------- placement (src/exo/master/placement.py, placement_utils.py)
     def place(self, card: dict, sharding: str, meta: str, min_nodes: int,
               required: set[str] | None = None) -> dict:
-        storage, n_layers = card["storageSize"]["inBytes"], card["nLayers"]
+        """exo's place_instance: the cycle, then the shards, then the backend's addresses."""
+        best = self.choose_cycle(card, sharding, meta, min_nodes, required)
+        if len(best) == 1:
+            sharding, meta = "Pipeline", "MlxRing"
+        return self.instance(card, best, sharding, meta)
+
+    def choose_cycle(self, card: dict, sharding: str, meta: str, min_nodes: int,
+                     required: set[str] | None) -> list[str]:
+        storage = card["storageSize"]["inBytes"]
         avail = {n.node_id: n.ram_available for n in self.nodes}
         cands = [c for c in self.cycles() if len(c) >= min_nodes]
         if required:
@@ -419,8 +427,11 @@ class ExoState:
         for c in cands[1:]:  # the most available RAM; the first one wins a tie
             if sum(avail[n] for n in c) > sum(avail[n] for n in best):
                 best = c
-        if len(best) == 1:
-            sharding, meta = "Pipeline", "MlxRing"
+        return best
+
+    def instance(self, card: dict, best: list[str], sharding: str, meta: str) -> dict:
+        storage, n_layers = card["storageSize"]["inBytes"], card["nLayers"]
+        avail = {n.node_id: n.ram_available for n in self.nodes}
         if sharding == "Pipeline":
             counts = layers_by_memory(n_layers, [avail[n] for n in best])
             for i, (n, k) in enumerate(zip(best, counts)):

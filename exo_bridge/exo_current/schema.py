@@ -708,6 +708,42 @@ def jaccl_coordinators(order: list[str], topo: Topology, port: int) -> dict[str,
     return out
 
 
+def ring_hosts(order: list[str], topo: Topology, port: int) -> dict[str, list[dict]]:
+    """exo's ring host lists: at a node's own rank 0.0.0.0, at its two neighbours' ranks the
+    address its connection reaches them at, elsewhere the placeholder."""
+    world, hbn = len(order), {}
+    for i, u in enumerate(order):
+        lst = []
+        for j, v in enumerate(order):
+            if i == j:
+                lst.append({"ip": SELF_IP, "port": port})
+            elif world > 2 and j not in ((i - 1) % world, (i + 1) % world):
+                lst.append({"ip": PLACEHOLDER_IP, "port": 0})
+            else:
+                ip = topo.ip(u, v)
+                if ip is None:
+                    raise UserError(f"exo's topology has no connection from {u} to {v}, and the "
+                                    "plan's rank order makes them ring neighbours; re-plan with "
+                                    "nodes exo has connected, in a ring order exo can use")
+                lst.append({"ip": ip, "port": port})
+        hbn[u] = lst
+    return hbn
+
+
+def jaccl_devices(order: list[str], topo: Topology) -> list[list[str | None]]:
+    """[i][j]: rank i's RDMA interface towards rank j (None on the diagonal)."""
+    matrix: list[list[str | None]] = []
+    for a in order:
+        row: list[str | None] = []
+        for b in order:
+            if a != b and (a, b) not in topo.rdma_iface:
+                raise UserError(f"exo's topology has no RDMA connection from {a} to {b}; jaccl "
+                                "needs RDMA between every pair: use --instance-meta MlxRing")
+            row.append(None if a == b else topo.rdma_iface[(a, b)])
+        matrix.append(row)
+    return matrix
+
+
 def build_instance(tag: str, card: CardView, ranks: list[Rank], topo: Topology, port: int,
                    make_id: Callable[[], str] = new_id) -> dict:
     """An instance built from exo's state alone (no placement of exo's covers these nodes):
@@ -729,36 +765,9 @@ def build_instance(tag: str, card: CardView, ranks: list[Rank], topo: Topology, 
                             "shardAssignments": {"modelId": card.model_id,
                                                  "runnerToShard": r2s, "nodeToRunner": n2r}}
     if tag == "MlxRingInstance":
-        hbn = {}
-        for i, u in enumerate(order):
-            lst = []
-            for j, v in enumerate(order):
-                if i == j:
-                    lst.append({"ip": SELF_IP, "port": port})
-                elif world > 2 and j not in ((i - 1) % world, (i + 1) % world):
-                    lst.append({"ip": PLACEHOLDER_IP, "port": 0})
-                else:
-                    ip = topo.ip(u, v)
-                    if ip is None:
-                        raise UserError(f"exo's topology has no connection from {u} to {v}, "
-                                        "and the plan's rank order makes them ring neighbours; "
-                                        "re-plan with nodes exo has connected, in a ring order "
-                                        "exo can use")
-                    lst.append({"ip": ip, "port": port})
-            hbn[u] = lst
-        body["hostsByNode"], body["ephemeralPort"] = hbn, port
+        body["hostsByNode"], body["ephemeralPort"] = ring_hosts(order, topo, port), port
     elif tag == "MlxJacclInstance":
-        matrix: list[list[str | None]] = []
-        for a in order:
-            row = []
-            for b in order:
-                if a != b and (a, b) not in topo.rdma_iface:
-                    raise UserError(f"exo's topology has no RDMA connection from {a} to {b}; "
-                                    "jaccl needs RDMA between every pair: use --instance-meta "
-                                    "MlxRing")
-                row.append(None if a == b else topo.rdma_iface[(a, b)])
-            matrix.append(row)
-        body["jacclDevices"] = matrix
+        body["jacclDevices"] = jaccl_devices(order, topo)
         body["jacclCoordinators"] = jaccl_coordinators(order, topo, port)
     else:
         raise ExoSchemaError(f"exo-bridge cannot build a {tag}; it knows "
