@@ -26,7 +26,8 @@ def _run_runner(rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from exo_bridge import compare, launch_legacy, place
+    from exo_bridge import compare, launch_legacy
+    from exo_bridge.exo_current import place
 
     ap = o.OneLineParser(prog="exo-bridge", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")

@@ -62,7 +62,7 @@ def add_check_arguments(ap: argparse.ArgumentParser) -> None:
 def build_strategy(args: argparse.Namespace) -> MeasuredPartitioningStrategy:
     node_map = None
     if args.node_map:
-        from exo_bridge.place import read_node_map
+        from exo_bridge.exo_current.place import read_node_map
 
         node_map = read_node_map(args.node_map)
     return MeasuredPartitioningStrategy(plan=args.plan, tables=args.tables, node_map=node_map,

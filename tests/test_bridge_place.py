@@ -1,22 +1,25 @@
-"""`exo-bridge place` against a real exo-shaped HTTP server (tests/exo_server.py, port 0)."""
+"""`exo-bridge place` against tests/exo_server.py, a real HTTP server that behaves like current
+exo's API (previews of every sharding, the event-stream await, `{"error": ...}` bodies, a
+POST /instance that checks only total memory). Everything goes through the CLI, in process."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
-import subprocess
-import sys
-import urllib.request
+import threading
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from exo_bridge import exo_api
 from exo_bridge.cli import main as cli_main
-from exo_server import GIB, ExoServer, FakeNode, Reject, to_snake_keys
+from exo_server import GIB, ExoServer, FakeNode, check_runnable, model_card
 from graphsplit.plan import Plan, Stage, write_plan
 
-MODEL = "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit"
-ROOT = Path(__file__).resolve().parents[1]
+MODEL = "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit"  # 32 layers, 4.32 GiB
+SMALL = "mlx-community/Llama-3.2-1B-Instruct-4bit"  # 16 layers, 729,808,896 bytes
 
 
 def three_nodes():
@@ -26,209 +29,250 @@ def three_nodes():
 
 
 def make_plan(tmp_path, stages, n=32, mem=None, runtime="exo-current", name="plan.json",
-              nodes_mem=None) -> Path:
-    mem = mem or {s.node: 3 * GIB for s in stages}
-    plan = Plan(model={"name": "llama-3.1-8b", "n_layers": n, "config_hash": "sha256:x",
-                       "repo_id": MODEL},
+              model=MODEL) -> Path:
+    mem = mem or {s.node: 1 * GIB for s in stages}
+    plan = Plan(model={"name": "llama", "n_layers": n, "config_hash": "sha256:x",
+                       "repo_id": model},
                 stages=stages, runtime=runtime,
                 predicted={"tpot_s": 0.03, "ttft_s": 0.5, "throughput_tps": 30.0,
                            "stage_memory_bytes": mem},
-                nodes={s.node: {"memory_bytes": (nodes_mem or {}).get(s.node, 12 * GIB)}
-                       for s in stages})
+                nodes={s.node: {"memory_bytes": 12 * GIB} for s in stages})
     return write_plan(plan, tmp_path / name)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exo_bridge.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+def place(*args: str, limit: float = 60.0) -> tuple[int, str, str]:
+    """Run `exo-bridge place ARGS` in process; (exit code, stdout, stderr). A run still going
+    after `limit` seconds is a hang: the test fails instead of waiting forever."""
+    out, err, res = io.StringIO(), io.StringIO(), {}
+
+    def go() -> None:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                res["rc"] = cli_main(["place", *args])
+            except BaseException:  # noqa: BLE001 - reported by the assertion below
+                res["crash"] = traceback.format_exc()
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"exo-bridge place still waiting after {limit} s: {err.getvalue()}"
+    assert "crash" not in res, f"exo-bridge place crashed:\n{res.get('crash')}"
+    return res["rc"], out.getvalue(), err.getvalue()
 
 
-def assert_one_line_error(cp: subprocess.CompletedProcess, *needles: str) -> None:
-    assert cp.returncode != 0
-    err = cp.stderr.strip()
-    assert "Traceback" not in err
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture
 def server():
-    with ExoServer(three_nodes()) as srv:
+    with ExoServer(three_nodes(), keepalive_s=0.05, apply_delay_s=0.05) as srv:
         yield srv
 
 
-def ranks_of(instance: dict) -> list[tuple[int, str, int, int]]:
-    return exo_api.instance_summary(exo_api.parse_instance(instance))
+def test_every_subset_and_order_of_nodes_places(tmp_path, server):
+    """Any subset of exo's nodes, in any order: exo's previews list Tensor and error entries
+    beside the Pipeline ones, the await is an event stream; the bridge posts and waits."""
+    names = ["studio", "mini", "air"]
+    for k in (1, 2, 3):
+        for order in itertools.permutations(names, k):
+            cuts = [round(32 * i / k) for i in range(k + 1)]
+            stages = [Stage(order[i], cuts[i], cuts[i + 1]) for i in range(k)]
+            plan = make_plan(tmp_path, stages, name=f"{'-'.join(order)}.json")
+            rc, out, err = place("--plan", str(plan), "--api", server.url, "--wait", "30")
+            assert rc == 0, (order, err)
+            assert "placed" in out and "ready" in out
+            posted = server.state.posted[-1]
+            assert check_runnable(posted, server.state) == [
+                (i, f"id-{order[i]}", cuts[i], cuts[i + 1]) for i in range(k)]
+    assert len(server.state.posted) == 3 + 6 + 6
+    kinds = {(p["sharding"], p["instance"] is None) for p in server.state.previews(MODEL, None)}
+    assert ("Tensor", False) in kinds and ("Pipeline", True) in kinds  # what was skipped
 
 
-def test_dry_run_prints_an_instance_the_server_accepts(tmp_path, server):
+def test_wait_follows_the_event_stream_and_sends_exo_timeout(tmp_path, server):
+    plan = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)])
+    rc, out, err = place("--plan", str(plan), "--api", server.url, "--wait", "7")
+    assert rc == 0, err
+    awaits = [p for m, p in server.state.requests if p.startswith("/instance/await")]
+    assert awaits and all("timeout_seconds=" in p for p in awaits)
+    assert float(awaits[0].split("timeout_seconds=")[1]) <= 7
+
+
+def test_wait_is_bounded_when_the_instance_never_comes(tmp_path):
+    """exo accepts the instance but never reports it (its master never applies it): exo's
+    timeout event ends the stream, and the bridge says how long it waited."""
+    with ExoServer(three_nodes(), keepalive_s=0.05, apply_delay_s=3600) as srv:
+        plan = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)])
+        rc, _, err = place("--plan", str(plan), "--api", srv.url, "--wait", "1")
+        assert rc == 2 and len(srv.state.posted) == 1
+        line = one_error_line(err)
+        assert "ready within 1 s" in line and "--wait" in line
+
+
+def test_keepalives_do_not_extend_the_wait(tmp_path):
+    """A peer that keeps the stream alive forever and never sends exo's timeout event: the
+    bridge's own total deadline ends it."""
+    with ExoServer(three_nodes(), keepalive_s=0.05, apply_delay_s=3600,
+                   honour_timeout=False) as srv:
+        plan = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)])
+        rc, _, err = place("--plan", str(plan), "--api", srv.url, "--wait", "1", "--timeout",
+                           "5")
+        assert rc == 2
+        assert "ready within 1 s" in one_error_line(err)
+
+
+def test_dry_run_posts_nothing_and_prints_a_runnable_instance(tmp_path, server):
     plan = make_plan(tmp_path, [Stage("mini", 0, 10), Stage("air", 10, 16),
                                 Stage("studio", 16, 32)])
-    cp = run_cli("place", "--plan", str(plan), "--api", server.url, "--model", MODEL,
-                 "--dry-run")
-    assert cp.returncode == 0, cp.stderr
-    instance = json.loads(cp.stdout)
-    assert server.state.posted == []  # dry run posts nothing
-    assert ranks_of(instance) == [(0, "id-mini", 0, 10), (1, "id-air", 10, 16),
-                                  (2, "id-studio", 16, 32)]
-    # the server's own validator accepts it, over real HTTP
-    req = urllib.request.Request(server.url + "/instance", method="POST",
-                                 data=json.dumps({"instance": instance}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        assert resp.status == 200
-    assert len(server.state.posted) == 1
-    # ring neighbours re-indexed: every rank's neighbours have real addresses
-    hbn = instance["MlxRingInstance"]["hostsByNode"]
-    assert hbn["id-mini"][0]["ip"] == "0.0.0.0"
-    assert {hbn["id-mini"][1]["ip"], hbn["id-mini"][2]["ip"]} <= {"10.0.0.3", "10.0.0.1"}
-    assert hbn["id-air"][0]["ip"] == "10.0.0.2" and hbn["id-air"][2]["ip"] == "10.0.0.1"
+    rc, out, err = place("--plan", str(plan), "--api", server.url, "--dry-run")
+    assert rc == 0, err
+    assert server.state.posted == []
+    assert check_runnable(json.loads(out), server.state) == [
+        (0, "id-mini", 0, 10), (1, "id-air", 10, 16), (2, "id-studio", 16, 32)]
 
 
-def test_place_posts_records_and_awaits(tmp_path, server, capsys):
-    plan = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)])
-    rc = cli_main(["place", "--plan", str(plan), "--api", server.url, "--model", MODEL])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    assert "placed" in out.out
-    assert len(server.state.posted) == 1
-    posted = server.state.posted[0]
-    assert ranks_of(posted) == [(0, "id-mini", 0, 12), (1, "id-studio", 12, 32)]
-    # fewer nodes than exo offers: air is dropped everywhere
-    body = posted["MlxRingInstance"]
-    assert sorted(body["hostsByNode"]) == ["id-mini", "id-studio"]
-    assert ("GET", f"/instance/await?model_id={MODEL.replace('/', '%2F')}") in \
-        server.state.requests
+def test_model_exo_cannot_resolve_is_said_so(tmp_path, server):
+    plan = make_plan(tmp_path, [Stage("studio", 0, 32)])
+    rc, _, err = place("--plan", str(plan), "--api", server.url, "--model", "nobody/no-such-model")
+    assert rc == 2
+    line = one_error_line(err)
+    assert "cannot resolve model nobody/no-such-model" in line and "File not found" in line
 
 
-def test_fresh_ids(tmp_path, server, capsys):
-    plan = make_plan(tmp_path, [Stage("studio", 0, 20), Stage("mini", 20, 32)])
-    exo = server.state.place(MODEL, "Pipeline", "MlxRing", 2)
-    assert cli_main(["place", "--plan", str(plan), "--api", server.url, "--dry-run"]) == 0
-    ours = json.loads(capsys.readouterr().out)
-    old, new = exo_api.parse_instance(exo), exo_api.parse_instance(ours)
-    assert new.instance_id != old.instance_id
-    assert not {s.runner_id for s in new.shards} & {s.runner_id for s in old.shards}
+def test_model_card_fetch_that_hangs_is_not_unreachable(tmp_path):
+    """exo has not cached the card and its fetch from Hugging Face hangs (offline): the API is
+    up; the bridge says what exo was doing, after its own bound."""
+    with ExoServer(three_nodes(), hub_online=False, hub_delay_s=5) as srv:
+        plan = make_plan(tmp_path, [Stage("studio", 0, 32)])
+        rc, _, err = place("--plan", str(plan), "--api", srv.url, "--model", "someone/uncached",
+                           "--timeout", "1")
+        assert rc == 2
+        line = one_error_line(err)
+        assert "cannot reach" not in line
+        assert "Hugging Face" in line and "1 s" in line
 
 
-def test_node_map_file(tmp_path, server, capsys):
+def test_a_model_exo_fetches_places(tmp_path):
+    card = model_card("someone/fetched", 32, 4 * GIB, 4096)
+    with ExoServer(three_nodes(), hub={"someone/fetched": card}, keepalive_s=0.05) as srv:
+        plan = make_plan(tmp_path, [Stage("air", 0, 16), Stage("studio", 16, 32)])
+        rc, _, err = place("--plan", str(plan), "--api", srv.url, "--model", "someone/fetched")
+        assert rc == 0, err
+        assert "fetches it from Hugging Face" in err
+
+
+def test_exo_error_bodies_are_one_line_of_exo_words(tmp_path):
+    """exo answers `{"error": {"message": ...}}`: the line carries the message, not JSON."""
+    nodes = [FakeNode("id-a", "a", 8 * GIB, 2 * GIB, "10.0.0.1"),
+             FakeNode("id-b", "b", 8 * GIB, 2 * GIB, "10.0.0.2")]
+    card = model_card("big/model", 32, 3 * GIB, 4096)
+    with ExoServer(nodes, cards={"big/model": card}, keepalive_s=0.05) as srv:
+        plan = make_plan(tmp_path, [Stage("a", 0, 16), Stage("b", 16, 32)], model="big/model")
+        # exo places it (4 GiB available in all); then b's memory drops before the post
+        orig = srv.state.create
+
+        def create_after_drop(body):
+            srv.state.nodes[1].ram_available = GIB // 2
+            return orig(body)
+
+        srv.state.create = create_after_drop
+        rc, _, err = place("--plan", str(plan), "--api", srv.url)
+        assert rc == 2
+        line = one_error_line(err)
+        assert "Insufficient memory to create instance" in line and '"message"' not in line
+
+
+def test_exo_rule_checked_before_posting(tmp_path, server):
+    """exo's POST /instance checks only the cluster's total memory; a rank whose layers exceed
+    its node's available RAM under exo's own rule (storage_size / n_layers per layer) is
+    refused by the bridge before anything is posted."""
+    nodes = [FakeNode("id-a", "a", 8 * GIB, 4 * GIB, "10.0.0.1"),
+             FakeNode("id-b", "b", 8 * GIB, 1 * GIB, "10.0.0.2")]
+    with ExoServer(nodes, keepalive_s=0.05) as srv:
+        plan = make_plan(tmp_path, [Stage("a", 0, 8), Stage("b", 8, 32)],
+                         mem={"a": GIB // 4, "b": GIB // 4})
+        rc, _, err = place("--plan", str(plan), "--api", srv.url)
+        assert rc == 2 and srv.state.posted == []
+        assert "storage_size / n_layers" in one_error_line(err)
+        rc, _, err = place("--plan", str(plan), "--api", srv.url, "--skip-memory-check")
+        assert rc == 0, err  # exo itself takes it: only the bridge protects the user
+
+
+def test_measured_memory_checked_before_posting(tmp_path, server):
+    plan = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)],
+                     mem={"mini": 20 * GIB, "studio": 3 * GIB})
+    rc, _, err = place("--plan", str(plan), "--api", server.url)
+    assert rc == 2 and server.state.posted == []
+    assert "embedding and head on every rank" in one_error_line(err)
+
+
+def test_built_from_state_when_no_preview_covers_the_plan(tmp_path):
+    """exo's own RAM-proportional split of these three nodes fails its per-node rule (its
+    Pipeline previews are errors; only the Tensor one succeeds); the plan's split fits, so the
+    bridge builds the instance from exo's state: card from the Tensor preview, addresses from
+    the topology."""
+    s = 729_808_896
+    card = model_card("tiny/three-way", 16, s, 3072, kv_heads=6)
+    nodes = [FakeNode("id-a", "a", 8 * GIB, 30 * s // 100, "10.0.0.1"),
+             FakeNode("id-b", "b", 8 * GIB, 50 * s // 100, "10.0.0.2"),
+             FakeNode("id-c", "c", 8 * GIB, 27 * s // 100, "10.0.0.3")]
+    with ExoServer(nodes, cards={"tiny/three-way": card}, keepalive_s=0.05) as srv:
+        pre = srv.state.previews("tiny/three-way", None)
+        assert not any(p["instance"] for p in pre if p["sharding"] == "Pipeline")
+        plan = make_plan(tmp_path, [Stage("c", 0, 4), Stage("b", 4, 12), Stage("a", 12, 16)],
+                         n=16, mem={"a": s // 8, "b": s // 8, "c": s // 8},
+                         model="tiny/three-way")
+        rc, _, err = place("--plan", str(plan), "--api", srv.url)
+        assert rc == 0, err
+        assert "built from exo's state" in err
+        assert check_runnable(srv.state.posted[0], srv.state) == [
+            (0, "id-c", 0, 4), (1, "id-b", 4, 12), (2, "id-a", 12, 16)]
+
+
+def test_jaccl_any_rank_zero(tmp_path):
+    with ExoServer(three_nodes(), rdma=True, keepalive_s=0.05) as srv:
+        plan = make_plan(tmp_path, [Stage("air", 0, 12), Stage("studio", 12, 32)])
+        rc, _, err = place("--plan", str(plan), "--api", srv.url, "--instance-meta",
+                           "MlxJaccl")
+        assert rc == 0, err
+        inst = srv.state.posted[0]
+        assert "MlxJacclInstance" in inst
+        assert check_runnable(inst, srv.state) == [(0, "id-air", 0, 12),
+                                                   (1, "id-studio", 12, 32)]
+
+
+def test_node_map_file(tmp_path, server):
     plan = make_plan(tmp_path, [Stage("a", 0, 8), Stage("b", 8, 32)])
     m = tmp_path / "map.json"
     m.write_text(json.dumps({"a": "id-air", "b": "id-studio"}))
-    assert cli_main(["place", "--plan", str(plan), "--api", server.url, "--node-map", str(m),
-                     "--dry-run"]) == 0
-    assert ranks_of(json.loads(capsys.readouterr().out)) == [(0, "id-air", 0, 8),
+    rc, out, err = place("--plan", str(plan), "--api", server.url, "--node-map", str(m),
+                         "--dry-run")
+    assert rc == 0, err
+    assert check_runnable(json.loads(out), server.state) == [(0, "id-air", 0, 8),
                                                              (1, "id-studio", 8, 32)]
-
-
-def test_snake_case_placement_is_understood(tmp_path, server, capsys):
-    server.state.placement_transform = to_snake_keys
-    plan = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)])
-    assert cli_main(["place", "--plan", str(plan), "--api", server.url]) == 0
-    posted = server.state.posted[0]
-    assert "shard_assignments" in posted["MlxRingInstance"]  # exo's fields kept as they came
-    assert ranks_of(posted) == [(0, "id-mini", 0, 12), (1, "id-studio", 12, 32)]
-
-
-def test_jaccl_same_rank0_accepted_and_reorder_refused(tmp_path, server, capsys):
-    plan = make_plan(tmp_path, [Stage("studio", 0, 20), Stage("mini", 20, 32)])
-    assert cli_main(["place", "--plan", str(plan), "--api", server.url, "--instance-meta",
-                     "MlxJaccl"]) == 0
-    inst = server.state.posted[0]
-    assert "MlxJacclInstance" in inst
-    plan2 = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)], name="p2.json")
-    cp = run_cli("place", "--plan", str(plan2), "--api", server.url, "--instance-meta",
-                 "MlxJaccl")
-    assert_one_line_error(cp, "rank 0")
-
-
-def test_preview_used_when_placement_lacks_a_planned_node(tmp_path, server, capsys):
-    # exo's placement for 2 nodes is studio+mini; the plan wants studio+air
-    plan = make_plan(tmp_path, [Stage("studio", 0, 24), Stage("air", 24, 32)])
-    assert cli_main(["place", "--plan", str(plan), "--api", server.url, "--dry-run"]) == 0
-    out = capsys.readouterr()
-    assert ranks_of(json.loads(out.out)) == [(0, "id-studio", 0, 24), (1, "id-air", 24, 32)]
-    assert "preview" in out.err
 
 
 def test_unknown_node_is_one_line(tmp_path, server):
     plan = make_plan(tmp_path, [Stage("studio", 0, 20), Stage("laptop", 20, 32)])
-    cp = run_cli("place", "--plan", str(plan), "--api", server.url, "--dry-run")
-    assert_one_line_error(cp, "laptop", "--node-map")
-
-
-def test_unreachable_api_is_one_line(tmp_path):
-    plan = make_plan(tmp_path, [Stage("studio", 0, 32)])
-    with ExoServer(three_nodes()) as srv:  # a port that was just free
-        url = srv.url
-    cp = run_cli("place", "--plan", str(plan), "--api", url, "--model", MODEL)
-    assert_one_line_error(cp, "cannot reach exo's API", url)
-
-
-@pytest.mark.parametrize("shape, needle", [
-    (lambda inst: {"TensorflowInstance": list(inst.values())[0]}, "TensorflowInstance"),
-    (lambda inst: {"MlxRingInstance": {**list(inst.values())[0],
-                                       "shardAssignments": {"modelId": MODEL, "assignments": []}}},
-     "runnerToShard"),
-    (lambda inst: [inst], "expected one tag"),
-])
-def test_unknown_shapes_are_one_line(tmp_path, server, shape, needle):
-    server.state.placement_transform = shape
-    plan = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)])
-    # a subprocess would not see this in-process transform: run in-process, check stderr
-    import io
-    from contextlib import redirect_stderr
-
-    buf = io.StringIO()
-    with redirect_stderr(buf):
-        rc = cli_main(["place", "--plan", str(plan), "--api", server.url, "--dry-run"])
-    err = buf.getvalue()
-    assert rc == 2 and "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and needle in lines[0], err
-
-
-def test_memory_check_against_current_exo(tmp_path, server):
-    plan = make_plan(tmp_path, [Stage("mini", 0, 12), Stage("studio", 12, 32)],
-                     mem={"mini": 20 * GIB, "studio": 3 * GIB})
-    cp = run_cli("place", "--plan", str(plan), "--api", server.url, "--dry-run")
-    assert_one_line_error(cp, "mini", "embedding and head on every rank")
-    cp = run_cli("place", "--plan", str(plan), "--api", server.url, "--dry-run",
-                 "--skip-memory-check")
-    assert cp.returncode == 0, cp.stderr
+    rc, _, err = place("--plan", str(plan), "--api", server.url, "--dry-run")
+    assert rc == 2
+    line = one_error_line(err)
+    assert "laptop" in line and "--node-map" in line
 
 
 def test_layer_count_mismatch(tmp_path, server):
     plan = make_plan(tmp_path, [Stage("mini", 0, 6), Stage("studio", 6, 16)], n=16)
-    cp = run_cli("place", "--plan", str(plan), "--api", server.url, "--model", MODEL,
-                 "--dry-run")
-    assert_one_line_error(cp, "16 layers", "32")
+    rc, _, err = place("--plan", str(plan), "--api", server.url, "--dry-run")
+    assert rc == 2
+    line = one_error_line(err)
+    assert "16 layers" in line and "32" in line
 
 
-def test_server_rejects_bad_instances(server):
-    inst = server.state.place(MODEL, "Pipeline", "MlxRing", 2)
-    view = exo_api.parse_instance(inst)
-    gap = exo_api.rewrite_instance(view, [exo_api.Rank("id-studio", 0, 10),
-                                          exo_api.Rank("id-mini", 11, 32)])
-    with pytest.raises(Reject, match="do not continue"):
-        server.state.validate(gap)
-    short = exo_api.rewrite_instance(view, [exo_api.Rank("id-studio", 0, 10),
-                                            exo_api.Rank("id-mini", 10, 31)])
-    with pytest.raises(Reject, match="layers end at 31"):
-        server.state.validate(short)
-    good = exo_api.rewrite_instance(view, [exo_api.Rank("id-mini", 0, 10),
-                                           exo_api.Rank("id-studio", 10, 32)])
-    server.state.validate(good)
-    body = good["MlxRingInstance"]
-    r = next(iter(body["shardAssignments"]["runnerToShard"].values()))["PipelineShardMetadata"]
-    r["worldSize"] = 3
-    with pytest.raises(Reject, match="worldSize"):
-        server.state.validate(good)
-
-
-def test_memory_re_predicted_for_current_exo_from_cluster_file(tmp_path, server, capsys):
+def test_memory_re_predicted_for_current_exo_from_cluster_file(tmp_path, server):
     """A plan made for legacy exo: memory is re-predicted under current exo's rule (embedding
     and head on every rank) from its cluster file."""
     from costtables import make_table, write_cluster
@@ -242,18 +286,32 @@ def test_memory_re_predicted_for_current_exo_from_cluster_file(tmp_path, server,
                 stages=[Stage("mini", 0, 12), Stage("studio", 12, 32)], runtime="exo-legacy",
                 cluster_file=str(cfile))
     p = write_plan(plan, tmp_path / "legacy-plan.json")
-    assert cli_main(["place", "--plan", str(p), "--api", server.url, "--dry-run"]) == 0
-    err = capsys.readouterr().err
+    rc, _, err = place("--plan", str(p), "--api", server.url, "--dry-run")
+    assert rc == 0, err
     assert "re-predicted" in err and "memory ok" in err
 
 
-def test_exo_without_state_matches_by_node_id(tmp_path, server, capsys):
-    server.state.state_available = False
-    plan = make_plan(tmp_path, [Stage("id-air", 0, 8), Stage("id-studio", 8, 32)])
-    assert cli_main(["place", "--plan", str(plan), "--api", server.url, "--dry-run"]) == 0
-    out = capsys.readouterr()
-    assert "/state unavailable" in out.err
-    assert ranks_of(json.loads(out.out)) == [(0, "id-air", 0, 8), (1, "id-studio", 8, 32)]
-    plan2 = make_plan(tmp_path, [Stage("studio", 0, 32)], name="names.json")
-    assert cli_main(["place", "--plan", str(plan2), "--api", server.url, "--dry-run"]) == 2
-    assert "--node-map" in capsys.readouterr().err
+def test_server_checks_only_total_memory(server):
+    """The test server is exo: POST /instance takes an instance whose ranges leave a gap, and
+    refuses one whose model exceeds the cluster's total available RAM."""
+    import urllib.error
+    import urllib.request
+
+    inst = server.state.place(server.state.cards[MODEL], "Pipeline", "MlxRing", 2)
+    (_, body), = inst.items()
+    for tagged in body["shardAssignments"]["runnerToShard"].values():
+        tagged["PipelineShardMetadata"]["startLayer"] += 1  # a gap at layer 0
+    req = urllib.request.Request(server.url + "/instance", method="POST",
+                                 data=json.dumps({"instance": inst}).encode())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    with pytest.raises(AssertionError):
+        check_runnable(inst, server.state)
+    for n in server.state.nodes:
+        n.ram_available = GIB
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(
+            server.url + "/instance", method="POST",
+            data=json.dumps({"instance": inst}).encode()), timeout=10)
+    assert e.value.code == 400
+    assert "Insufficient memory" in json.loads(e.value.read())["error"]["message"]
