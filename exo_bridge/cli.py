@@ -3,6 +3,7 @@
     exo-bridge place --plan PLAN --api http://HOST:52415 --model MODEL_ID [--dry-run]
     exo-bridge compare PLAN
     exo-bridge exo-legacy --plan PLAN [--node-map FILE] -- [exo's own arguments]
+    exo-bridge exo-legacy install --python EXO_PYTHON   (the strategy into exo's own env)
     exo-bridge strategy-check --plan PLAN --node NAME:MEMORY_MB ... [--layers N]
     exo-bridge run ...          (the MLX pipeline runner: exo_bridge.runner)
 
@@ -25,7 +26,8 @@ def _run_runner(rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from exo_bridge import compare, launch_legacy, place
+    from exo_bridge import compare, place
+    from exo_bridge.exo_legacy import cli as launch_legacy
 
     ap = argparse.ArgumentParser(prog="exo-bridge", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -51,6 +53,10 @@ def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         return _run_runner(argv[1:])
+    if argv[:2] == ["exo-legacy", "install"]:
+        from exo_bridge.exo_legacy import install
+
+        return install._main(argv[2:])
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
     if args.cmd is None:

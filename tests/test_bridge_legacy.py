@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exo_bridge.exo_types import Partition, make_topology
-from exo_bridge.legacy import (
+from exo_bridge.exo_legacy.strategy import (
     MeasuredPartitioningStrategy,
     boundary_fraction,
     exo_map,
