@@ -56,9 +56,9 @@ def render(plan: Plan) -> str:
            f"   {'tpot gain':>9} {'ttft gain':>9} {'tok/s gain':>10}")
     lines.append(hdr)
 
-    def row(name, pred, n_st):
+    def row(name, pred, n_st, error=None):
         if not pred:
-            return f"{name:<12} {'-':>6} (not applicable)"
+            return f"{name:<12} {'-':>6} ({error or 'not applicable'})"
         return (f"{name:<12} {n_st:>6} {_ms(pred['tpot_s']):>9} {_ms(pred['ttft_s']):>9} "
                 f"{pred['throughput_tps']:>8.2f} {'yes' if pred.get('fits') else 'NO':>5}"
                 f"   {_ratio(pred['tpot_s'], p['tpot_s'], False):>9}"
@@ -67,7 +67,7 @@ def render(plan: Plan) -> str:
 
     lines.append(row("ours", p, len(plan.stages)))
     for name, b in plan.baselines.items():
-        lines.append(row(name, b.get("predicted"), len(b.get("stages", []))))
+        lines.append(row(name, b.get("predicted"), len(b.get("stages", [])), b.get("error")))
         if b.get("predicted") and b["predicted"].get("shortfalls"):
             sf = ", ".join(f"{n} by {_gib(v)} GiB" for n, v in b["predicted"]["shortfalls"].items())
             lines.append(f"{'':<12} does not fit: {sf}")
