@@ -75,7 +75,7 @@ def test_wheel_has_no_dependencies_and_only_the_strategy(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = sorted(z.namelist())
         meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
-    assert [n for n in names if not n.startswith(f"{PACKAGE}-")] == [
+    assert [n for n in names if not n.startswith(DIST.replace("-", "_") + "-")] == [
         f"{PACKAGE}/{m}" for m in ("__init__.py", "__main__.py", "_exo_rules.py", "launch.py",
                                    "strategy.py")]
     assert f"Name: {DIST}" in meta and "Requires-Dist" not in meta
@@ -149,4 +149,5 @@ def test_install_refuses_bad_input_in_one_line(tmp_path):
                    check=True, timeout=120)
     _one_line(cli("--python", str(tmp_path / "v" / "bin" / "python")), "has no pip")
     cp = cli("--wheel-out", str(tmp_path))
-    assert cp.returncode == 0 and Path(cp.stdout.strip()).name.startswith(PACKAGE)
+    assert cp.returncode == 0
+    assert Path(cp.stdout.strip()).name == f"{DIST.replace('-', '_')}-0.1.0-py3-none-any.whl"

@@ -94,9 +94,26 @@ class EnvState:
     pip_check: list
 
 
+def target_env() -> dict:
+    """The environment for exo's Python: ours without the toolkit's checkout on PYTHONPATH (a
+    development checkout must not make the toolkit importable over there)."""
+    import os
+
+    env = dict(os.environ)
+    keep = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+            if p and Path(p).resolve() != TOOLKIT_ROOT]
+    if keep:
+        env["PYTHONPATH"] = os.pathsep.join(keep)
+    else:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
 def _run(python: str, args: list[str], what: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run exo's Python, from a neutral directory (not the checkout: `-c` puts cwd on sys.path)."""
     try:
-        return subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout,
+                              env=target_env(), cwd=tempfile.gettempdir())
     except OSError as e:
         raise UserError(f"--python {python}: cannot run it ({e.strerror or e}); give the Python "
                         "of legacy exo's environment, e.g. ~/exo/.venv/bin/python") from None
@@ -155,7 +172,8 @@ def build_wheel(out_dir: Path, installed: dict | None) -> Path:
         files[f"{PACKAGE}/{name}"] = src.read_bytes()
     if installed is not None:
         files[f"{PACKAGE}/_installed.json"] = json.dumps(installed, indent=1).encode()
-    info = f"{PACKAGE}-{ver}.dist-info"
+    stem = f"{DIST.replace('-', '_')}-{ver}"  # the wheel's and dist-info's name (PEP 427)
+    info = f"{stem}.dist-info"
     files[f"{info}/METADATA"] = (
         f"Metadata-Version: 2.1\nName: {DIST}\nVersion: {ver}\n"
         "Summary: The measured split as a legacy exo PartitioningStrategy (standard library "
@@ -164,7 +182,7 @@ def build_wheel(out_dir: Path, installed: dict | None) -> Path:
                               "true\nTag: py3-none-any\n").encode()
     record = [_record_line(n, d) for n, d in files.items()] + [f"{info}/RECORD,,"]
     files[f"{info}/RECORD"] = ("\n".join(record) + "\n").encode()
-    path = Path(out_dir) / f"{PACKAGE}-{ver}-py3-none-any.whl"
+    path = Path(out_dir) / f"{stem}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for name in sorted(files):
             info_ = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
@@ -224,6 +242,8 @@ def uninstall(python: str) -> tuple[EnvState, EnvState]:
     _pip(python, ["uninstall", "-y", DIST], f"uninstalling {DIST}")
     after = probe(python)
     diff = changes(before, after)
+    if DIST in after.dists:
+        diff.append(f"{DIST} is still listed")
     if diff:
         raise UserError(f"--python {python}: uninstalling {DIST} changed exo's environment "
                         f"({'; '.join(diff)})")
