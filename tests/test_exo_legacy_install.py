@@ -151,3 +151,21 @@ def test_install_refuses_bad_input_in_one_line(tmp_path):
     cp = cli("--wheel-out", str(tmp_path))
     assert cp.returncode == 0
     assert Path(cp.stdout.strip()).name == f"{DIST.replace('-', '_')}-0.1.0-py3-none-any.whl"
+
+
+def test_install_refuses_and_rolls_back_when_the_strategy_would_pull_in_the_toolkit(tmp_path):
+    """An environment where the toolkit is importable (a .pth file): the installed strategy would
+    run on the toolkit's modules, not stand alone; the installer refuses and uninstalls it."""
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "toolkit.pth").write_text(str(ROOT) + "\n")
+    cp = subprocess.run([sys.executable, "-m", "exo_bridge.cli", "exo-legacy", "install",
+                         "--python", str(py)], capture_output=True, text=True, timeout=300,
+                        cwd=ROOT)
+    _one_line(cp, "refused, importing it pulled in graphsplit", "uninstalled again")
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], capture_output=True,
+                            text=True, check=True).stdout
+    assert DIST not in {d["name"] for d in json.loads(listed)}
