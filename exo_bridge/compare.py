@@ -65,6 +65,8 @@ def splits(plan: Plan, repredict: bool = False) -> list[Split]:
                             "the plan was made in, or re-plan with split-model")
     for key, label in ROWS:
         if key == "measured":
+            if (plan.solver or {}).get("manual"):
+                label = "manual (this plan)"
             s = Split(key, label, list(plan.stages), dict(plan.predicted or {}), "plan")
         elif key in (plan.baselines or {}) and not repredict:
             b = plan.baselines[key]

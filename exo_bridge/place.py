@@ -29,6 +29,7 @@ from typing import Any
 
 from exo_bridge import exo_api
 from exo_bridge.exo_api import ExoSchemaError, InstanceView, NodeInfo, Rank
+from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, read_plan
 from profiler.errors import UserError, read_json
 
@@ -282,6 +283,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", help="exo model id (Hugging Face repo id); default: the plan's "
                     "model.repo_id")
     ap.add_argument("--node-map", help="JSON file {plan node: exo node id}")
+    ap.add_argument("--layers", metavar="SPEC", help="replace the plan's stages by a manual "
+                    "split, e.g. studio:20,mini:12 (graphsplit.manual.apply_layers)")
     ap.add_argument("--instance-meta", default="MlxRing", choices=["MlxRing", "MlxJaccl"],
                     help="exo's distributed backend (default MlxRing)")
     ap.add_argument("--min-nodes", type=int, help="ask exo for a placement over at least this "
@@ -296,6 +299,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     plan = read_plan(args.plan)
+    if args.layers:
+        plan = apply_layers(plan, args.layers)
     model = args.model or (plan.model or {}).get("repo_id")
     if not model:
         raise UserError("--model is required (the plan has no model.repo_id): give exo's model "
