@@ -46,3 +46,16 @@ def test_exo_current_refuses_when_a_nodes_share_exceeds_its_memory():
 def test_exo_current_places_when_every_share_fits():
     c = _cluster([600 / 1024, 600 / 1024], weight_mib=280, n=4)
     assert exo_current_stages(c) == [Stage("n0", 0, 2), Stage("n1", 2, 4)]
+
+
+def test_split_model_shows_exos_refusal(tmp_path, capsys):
+    from costtables import write_cluster
+    from graphsplit.cli import main
+
+    t = {f"n{i}": make_table(f"n{i}", 3, weight_bytes=390 * MiB, memory_usable=600 * MiB,
+                             embed_bytes=0, head_bytes=0) for i in range(3)}
+    # exo places on the smallest set that holds the storage (2 nodes) and refuses; ours uses 3
+    assert main([str(write_cluster(tmp_path, t)), "--prompt-tokens", "16",
+                 "--context-tokens", "64"]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("exo-current"))
+    assert "(exo would refuse: node 0 (n0) needs 0.76 GiB for 2 layers" in row
