@@ -27,7 +27,7 @@ def _run_runner(rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from exo_bridge import compare, place
-    from exo_bridge.exo_legacy import cli as launch_legacy
+    from exo_bridge.exo_legacy import cli as legacy_cli
 
     ap = argparse.ArgumentParser(prog="exo-bridge", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(c)
     c.set_defaults(func=compare.run)
     x = sub.add_parser("exo-legacy", help="start legacy exo's node with the measured strategy")
-    launch_legacy.add_arguments(x)
-    x.set_defaults(func=launch_legacy.run)
+    legacy_cli.add_arguments(x)
+    x.set_defaults(func=legacy_cli.run)
     s = sub.add_parser("strategy-check", help="what the legacy strategy answers for a topology")
-    launch_legacy.add_check_arguments(s)
-    s.set_defaults(func=launch_legacy.run_check)
+    legacy_cli.add_check_arguments(s)
+    s.set_defaults(func=legacy_cli.run_check)
     sub.add_parser("run", help="run a plan on MLX's distributed runtime (see `exo-bridge run "
                                "--help`)", add_help=False)
     return ap

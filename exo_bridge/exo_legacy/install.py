@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import importlib
 import json
 import subprocess
 import sys
@@ -36,13 +37,11 @@ from profiler.errors import UserError, guard
 
 DIST = "exo-measured-split-strategy"
 PACKAGE = "exo_measured_split"
-TOOLKIT_ROOT = Path(__file__).resolve().parents[2]
-# the modules the stand-alone distribution ships: name in the package -> source in the toolkit
-SOURCES = {
-    "strategy.py": TOOLKIT_ROOT / "exo_bridge" / "exo_legacy" / "strategy.py",
-    "launch.py": TOOLKIT_ROOT / "exo_bridge" / "exo_legacy" / "launch.py",
-    "_exo_rules.py": TOOLKIT_ROOT / "graphsplit" / "exo_rules.py",
-}
+TOOLKIT_ROOT = Path(__file__).resolve().parents[2]  # the directory holding exo_bridge/
+# the modules the stand-alone distribution ships: name in the package -> module in the toolkit
+SOURCES = {"strategy.py": "exo_bridge.exo_legacy.strategy",
+           "launch.py": "exo_bridge.exo_legacy.launch",
+           "_exo_rules.py": "graphsplit.exo_rules"}
 INIT = '''"""The measured split for legacy exo, stand-alone (standard library only).
 
 Installed by `exo-bridge exo-legacy install`; the one-line hook in exo/main.py:
@@ -168,8 +167,8 @@ def build_wheel(out_dir: Path, installed: dict | None) -> Path:
     ver = toolkit_version()
     files: dict[str, bytes] = {f"{PACKAGE}/__init__.py": INIT.encode(),
                                f"{PACKAGE}/__main__.py": MAIN.encode()}
-    for name, src in SOURCES.items():
-        files[f"{PACKAGE}/{name}"] = src.read_bytes()
+    for name, module in SOURCES.items():
+        files[f"{PACKAGE}/{name}"] = Path(importlib.import_module(module).__file__).read_bytes()
     if installed is not None:
         files[f"{PACKAGE}/_installed.json"] = json.dumps(installed, indent=1).encode()
     stem = f"{DIST.replace('-', '_')}-{ver}"  # the wheel's and dist-info's name (PEP 427)
