@@ -240,7 +240,7 @@ def assert_positional(parts, n):
 
 def test_fallback_never_truncates_to_an_empty_shard():
     """A node with little memory got a fraction under 1/n from exo's own weighting: its shard was
-    dropped and every later node took its neighbour's layers. The fallback now gives whole layers."""
+    dropped and every later node took its neighbour's layers. The fallback gives whole layers."""
     strat = MeasuredPartitioningStrategy(plan=plan3(), warn=lambda m: None)
     topo = make_topology({"studio": 65536, "tiny": 512, "air": 256})
     # exo's own weighting drops tiny's shard at 32 layers: air would be handed shards[2]

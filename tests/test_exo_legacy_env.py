@@ -315,7 +315,8 @@ def _plan(tmp_path) -> Path:
 def test_legacy_exo_env_keeps_its_pins_and_engine_after_install(exo_venv, tmp_path):
     py = exo_venv / "bin" / "python"
     stmts = json.dumps([s for _, s in ENGINE_IMPORTS])
-    before = {"dists": _dists(py), "check": _pip_check(py), "imports": _run(py, PROBE_IMPORTS, stmts)}
+    before = {"dists": _dists(py), "check": _pip_check(py),
+              "imports": _run(py, PROBE_IMPORTS, stmts)}
     pins = dict(before["dists"])
     assert {n: pins.get(n) for n in EXO_PINS} == EXO_PINS
     assert before["check"] == ["mlx-lm 0.21.1 has requirement mlx>=0.22.0, but you have mlx "
@@ -328,7 +329,8 @@ def test_legacy_exo_env_keeps_its_pins_and_engine_after_install(exo_venv, tmp_pa
                          "--python", str(py)], capture_output=True, text=True, timeout=600,
                         env=dict(env, PYTHONPATH=f"{ROOT}{os.pathsep}{fake}"))
     assert cp.returncode == 0, cp.stderr
-    assert "distributions unchanged" in cp.stdout and "legacy exo importable there: yes" in cp.stdout
+    assert "distributions unchanged" in cp.stdout
+    assert "legacy exo importable there: yes" in cp.stdout
 
     # (a) nothing of exo's changed; our distribution is the only addition
     after = _dists(py)

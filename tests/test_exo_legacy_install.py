@@ -103,8 +103,8 @@ def test_standalone_strategy_replans_through_the_toolkits_python(tmp_path):
     site = _unpacked(tmp_path, {"toolkit_python": sys.executable, "toolkit_path": str(ROOT)})
     plan = _plan(tmp_path)
     topo = ["studio:65536", "mini:16384", "air:8192"]
-    cp = subprocess.run([sys.executable, "-I", "-S", "-c", RUN_STANDALONE, str(site), str(plan), *topo],
-                        capture_output=True, text=True, timeout=300,
+    cp = subprocess.run([sys.executable, "-I", "-S", "-c", RUN_STANDALONE, str(site), str(plan),
+                         *topo], capture_output=True, text=True, timeout=300,
                         env={"PATH": os.environ["PATH"]}, cwd=tmp_path)
     assert cp.returncode == 0, cp.stderr
     out = json.loads(cp.stdout)

@@ -74,7 +74,8 @@ def test_manual_split_predicted_beside_optimum_and_baselines(cluster, tmp_path, 
     c, wl = load_cluster(cluster), Workload(64, 256, 1)
     want = predict(c, plan.stages, wl, "exo-current")
     assert plan.predicted["tpot_s"] == pytest.approx(want.tpot_s)
-    manual_row = next(ln for ln in text.splitlines() if ln.startswith("manual ") and "split" not in ln)
+    manual_row = next(ln for ln in text.splitlines()
+                      if ln.startswith("manual ") and "split" not in ln)
     assert f"{want.tpot_s * 1e3:.2f}" in manual_row
     # the optimum beside it is the solver's plan for the same inputs, and no worse
     best = make_plan(c, "latency", wl, "exo-current")

@@ -108,7 +108,8 @@ def target_env() -> dict:
     return env
 
 
-def _run(python: str, args: list[str], what: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(python: str, args: list[str], what: str,
+         timeout: int = 300) -> subprocess.CompletedProcess:
     """Run exo's Python, from a neutral directory (not the checkout: `-c` puts cwd on sys.path)."""
     try:
         return subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout,

@@ -71,8 +71,10 @@ def run_exo(strategy: Any, exo_args: List[str]) -> int:
                             "strategy's launcher in a fresh process")
     mod = importlib.import_module(LEGACY_MODULE)
     mod.RingMemoryWeightedPartitioningStrategy = lambda *a, **k: strategy  # what main.py builds
-    what = ("plan " + " -> ".join(f"{strategy.to_exo(s.node)}[{s.start_layer},{s.end_layer})"
-                                  for s in strategy.plan.stages)) if strategy.plan else "cost tables"
+    what = "cost tables"
+    if strategy.plan:
+        what = "plan " + " -> ".join(f"{strategy.to_exo(s.node)}[{s.start_layer},{s.end_layer})"
+                                     for s in strategy.plan.stages)
     print(f"exo-bridge: legacy exo starts with the measured partitioning strategy ({what})",
           file=sys.stderr)
     sys.argv = ["exo"] + list(exo_args)
