@@ -272,9 +272,16 @@ def exo_venv(tmp_path) -> Path:
     return dst
 
 
+def _clean_env() -> dict:
+    """exo's own environment: nothing of ours on PYTHONPATH."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def _run(python: Path, code: str, *args: str, env: dict | None = None) -> dict:
+    """Run exo's Python from a neutral directory (`-c` puts the working directory on sys.path,
+    and a checkout's *.egg-info there would look like an installed distribution)."""
     cp = subprocess.run([str(python), "-c", code, *args], capture_output=True, text=True,
-                        timeout=300, env=env)
+                        timeout=300, env=env or _clean_env(), cwd=python.parents[2])
     assert cp.returncode == 0, cp.stderr
     return json.loads(cp.stdout.strip().splitlines()[-1])
 
@@ -287,7 +294,7 @@ def _dists(python: Path) -> dict:
 
 def _pip_check(python: Path) -> list[str]:
     cp = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True,
-                        timeout=120)
+                        timeout=120, env=_clean_env(), cwd=python.parents[2])
     return sorted(cp.stdout.strip().splitlines())
 
 
