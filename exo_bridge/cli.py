@@ -3,6 +3,7 @@
     exo-bridge place --plan PLAN --api http://HOST:52415 --model MODEL_ID [--dry-run]
     exo-bridge compare PLAN
     exo-bridge exo-legacy --plan PLAN [--node-map FILE] -- [exo's own arguments]
+    exo-bridge exo-legacy install --python EXO_PYTHON   (the strategy into exo's own env)
     exo-bridge strategy-check --plan PLAN --node NAME:MEMORY_MB ... [--layers N]
     exo-bridge run ...          (the MLX pipeline runner: exo_bridge.runner)
 
@@ -26,8 +27,9 @@ def _run_runner(rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from exo_bridge import compare, launch_legacy
+    from exo_bridge import compare
     from exo_bridge.exo_current import place
+    from exo_bridge.exo_legacy import cli as legacy_cli
 
     ap = o.OneLineParser(prog="exo-bridge", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -39,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(c)
     c.set_defaults(func=compare.run)
     x = sub.add_parser("exo-legacy", help="start legacy exo's node with the measured strategy")
-    launch_legacy.add_arguments(x)
-    x.set_defaults(func=launch_legacy.run)
+    legacy_cli.add_arguments(x)
+    x.set_defaults(func=legacy_cli.run)
     s = sub.add_parser("strategy-check", help="what the legacy strategy answers for a topology")
-    launch_legacy.add_check_arguments(s)
-    s.set_defaults(func=launch_legacy.run_check)
+    legacy_cli.add_check_arguments(s)
+    s.set_defaults(func=legacy_cli.run_check)
     sub.add_parser("run", help="run a plan on MLX's distributed runtime (see `exo-bridge run "
                                "--help`)", add_help=False)
     return ap
@@ -53,6 +55,10 @@ def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         return _run_runner(argv[1:])
+    if argv[:2] == ["exo-legacy", "install"]:
+        from exo_bridge.exo_legacy import install
+
+        return install._main(argv[2:])
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
     if args.cmd is None:

@@ -31,6 +31,7 @@ class Split:
     stages: list[Stage]
     predicted: dict[str, Any] = field(default_factory=dict)
     source: str = "plan"
+    error: str = ""  # why there is no split (e.g. "exo would refuse: ...")
 
 
 def _workload(plan: Plan):
@@ -65,17 +66,20 @@ def splits(plan: Plan, repredict: bool = False) -> list[Split]:
                             "the plan was made in, or re-plan with split-model")
     for key, label in ROWS:
         if key == "measured":
+            if (plan.solver or {}).get("manual"):
+                label = "manual (this plan)"
             s = Split(key, label, list(plan.stages), dict(plan.predicted or {}), "plan")
         elif key in (plan.baselines or {}) and not repredict:
             b = plan.baselines[key]
             s = Split(key, label, stages_from_json(b.get("stages"), f"plan baseline {key}"),
-                      dict(b.get("predicted") or {}), "plan")
+                      dict(b.get("predicted") or {}), "plan", str(b.get("error") or ""))
         elif cluster is not None:
-            from graphsplit import baselines
+            from graphsplit.baselines import BASELINES
 
-            fn = (baselines.exo_legacy_stages if key == "exo-legacy"
-                  else baselines.exo_current_stages)
-            s = Split(key, label, list(fn(cluster)), {}, "re-predicted")
+            try:
+                s = Split(key, label, list(BASELINES[key](cluster)), {}, "re-predicted")
+            except UserError as e:  # exo would refuse this cluster
+                s = Split(key, label, [], {}, "re-predicted", str(e))
         else:
             s = Split(key, label, [], {}, "missing")
         if cluster is not None and s.stages and (repredict or not s.predicted):
@@ -104,7 +108,7 @@ def render(plan: Plan, rows: list[Split]) -> str:
     for r in rows:
         p = r.predicted
         layers = ", ".join(f"{s.node}[{s.start_layer},{s.end_layer})" for s in r.stages) \
-            or "(not in the plan; no cluster file to compute it)"
+            or f"({r.error or 'not in the plan; no cluster file to compute it'})"
         lines.append(f"{r.label:<30} {_fmt(p.get('tpot_s'), 1000):>10} "
                      f"{_fmt(p.get('ttft_s'), 1, 3):>10} {_fmt(p.get('throughput_tps'), 1, 1):>10}"
                      f"  {layers}")
@@ -137,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({r.key: {"label": r.label, "source": r.source,
                                   "stages": [asdict(s) for s in r.stages],
-                                  "predicted": r.predicted} for r in rows}, indent=2))
+                                  "predicted": r.predicted,
+                                  **({"error": r.error} if r.error else {})}
+                          for r in rows}, indent=2))
     else:
         print(render(plan, rows))
     return 0

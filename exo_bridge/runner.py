@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from exo_bridge.stage_worker import RESULT_TAG, encode_job
+from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
 from profiler import options as o
 from profiler.errors import UserError, guard, read_json
@@ -533,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ring hostfile ([[\"ip:port\"], ...] per rank) or mlx.launch hostfile "
                     "for remote hosts; default: every rank on 127.0.0.1")
     ap.add_argument("--python", type=o.path("interpreter"), default=None, help="interpreter on remote hosts (mlx.launch)")
+    ap.add_argument("--layers", type=o.text("manual split"), metavar="SPEC",
+                    help="replace the plan's stages by a manual split, e.g. studio:20,mini:12 "
+                    "(graphsplit.manual.apply_layers)")
     ap.add_argument("--stages-from", default="plan", choices=("plan",) + BASELINES + ("all",),
                     help="run the plan's stages, one baseline's, or all of them in turn")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
@@ -548,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = read_plan(args.plan)
+    if args.layers:
+        plan = apply_layers(plan, args.layers)
     spec = model_spec(args.model, plan, dtype=args.dtype)
     P = args.prompt_tokens or int(plan.workload.get("prompt_tokens") or 32)
     which = ["plan", *[b for b in BASELINES if b in plan.baselines]] \

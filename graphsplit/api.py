@@ -126,3 +126,32 @@ def make_plan(cluster, objective: str = "latency", workload: Workload = Workload
                 solver=res.to_dict(), baselines=baseline_entries(cluster, workload, runtime),
                 cluster_file=cluster_file, nodes=node_entries(cluster))
 
+
+
+def make_manual_plan(cluster, spec: str, objective: str = "latency",
+                     workload: Workload = Workload(), runtime: str = "exo-current",
+                     use_all_nodes: bool = False, solver: str = "auto",
+                     cluster_file: str | None = None) -> Plan:
+    """The manual split `spec` (`studio:20,mini:12`, execution order as written) as a plan:
+    its stages and prediction, recorded as manual (solver.name "manual"); the optimum for the
+    same objective and exo's baselines beside it (baselines["optimal"], then the usual ones).
+    A manual split that does not fit is predicted all the same (fits: false, shortfalls)."""
+    from graphsplit.manual import manual_solver_entry, parse_layers
+
+    stages = parse_layers(spec, cluster.ids, cluster.n_layers)
+    pred = predict(cluster, stages, workload, runtime).to_dict()
+    pred["derived_from"] = "measured cost tables" + (
+        " (some nodes roofline-estimated)" if pred["estimated"] else "")
+    try:
+        best = make_plan(cluster, objective, workload, runtime, use_all_nodes, solver,
+                         cluster_file)
+        optimal = {"stages": [s.__dict__.copy() for s in best.stages],
+                   "predicted": best.predicted, "solver": best.solver}
+        rest = best.baselines
+    except NoFitError as e:
+        optimal = {"stages": [], "predicted": {}, "error": str(e)}
+        rest = baseline_entries(cluster, workload, runtime)
+    return Plan(model=cluster.model_info(), stages=stages, predicted=pred, runtime=runtime,
+                objective=objective, workload=workload.to_dict(),
+                solver=manual_solver_entry(spec), baselines={"optimal": optimal, **rest},
+                cluster_file=cluster_file, nodes=node_entries(cluster))

@@ -1,16 +1,20 @@
 """exo's own splitting rules, re-implemented as baselines (memory-only, speed- and link-blind).
 
-* ``exo-legacy`` (RingMemoryWeightedPartitioningStrategy + map_partitions_to_shards): nodes
-  sorted by (TOTAL memory, node id) descending; node i gets the fraction
-  [start, round(start + mem_i / total, 5)); fractions map to layers by truncation:
-  start_layer = int(start * n), end_layer = int(end * n) - 1 (inclusive), the last shard forced to
-  end at n - 1, empty shards dropped. Returned here as half-open Stages.
-* ``exo-current`` (master/placement.py): the smallest set ("cycle") of nodes whose summed
-  AVAILABLE memory holds the model's storage size (among sets of that size: the most available
-  memory, ties to the cluster file's order), layers proportional to available memory with
-  largest-remainder rounding (floors, leftovers to the largest remainders, ties to the earlier
-  node; a node left with 0 layers takes one from the node with the most, ties to the earlier).
-  Layers follow the cycle's node order (here: the cluster file's order).
+* ``exo-legacy`` (RingMemoryWeightedPartitioningStrategy + map_partitions_to_shards, the rules in
+  `graphsplit.exo_rules`): nodes weighted by TOTAL memory in whole MB (``total // 2**20``, what
+  legacy exo's DeviceCapabilities reports), sorted by (memory, node id) descending; node i gets
+  the fraction [start, round(start + mem_i / total, 5)); fractions map to layers by truncation,
+  empty shards dropped. Returned here as half-open Stages.
+* ``exo-current`` (master/placement.py, placement_utils.py): the smallest set ("cycle") of nodes
+  whose summed AVAILABLE memory holds the model's storage size (among sets of that size: the
+  most available memory, ties to the cluster file's order), layers proportional to available
+  memory with largest-remainder rounding (floors, leftovers to the largest remainders, ties to
+  the earlier node; a node left with 0 layers takes one from the node with the most, ties to the
+  earlier). Layers follow the cycle's node order (here: the cluster file's order). Where exo
+  refuses to place, so does the baseline, with "exo would refuse: ..." and exo's reason: no set
+  of nodes holds the storage size ("No cycles found with sufficient memory"), or a node's share
+  of the storage (``storage * layers // n_layers``) exceeds its available memory
+  (``_allocate_and_validate_layers``: "Node i (id) has insufficient memory").
 * ``even``: every node in file order, n // D layers each, the first n % D nodes one more
   (mlx-lm's own even pipeline split).
 """
@@ -19,8 +23,13 @@ from __future__ import annotations
 
 import itertools
 
+from graphsplit.exo_rules import exo_legacy_fractions, exo_truncation_map, memory_mb
 from graphsplit.plan import Stage
 from profiler.errors import UserError
+
+
+class ExoWouldRefuse(UserError):
+    """exo's own placement refuses this cluster; the message starts "exo would refuse: "."""
 
 
 def _check(nodes, n_layers):
@@ -30,42 +39,8 @@ def _check(nodes, n_layers):
         raise UserError("baseline: the model has no layers")
 
 
-def exo_legacy_fractions(nodes: list[tuple[str, float]]) -> list[tuple[str, float, float]]:
-    """Legacy exo's RingMemoryWeighted fractions: nodes sorted by (memory, id) descending, each
-    [start, round(start + mem / total, 5)). With no memory reported at all, equal shares."""
-    order = sorted(nodes, key=lambda x: (x[1], x[0]), reverse=True)
-    total = sum(m for _, m in order)
-    parts = []
-    start = 0.0
-    for nid, mem in order:
-        share = mem / total if total > 0 else 1.0 / len(order)
-        end = round(start + share, 5)
-        parts.append((nid, start, end))
-        start = end
-    return parts
-
-
-def exo_truncation_map(parts: list[tuple[str, float, float]],
-                       n_layers: int) -> list[tuple[str, int, int]]:
-    """Legacy exo's fraction -> layer rule (`map_partitions_to_shards`): (node, start, END
-    INCLUSIVE) with start = int(start * n), end = int(end * n) - 1, the last partition forced to
-    end at n - 1, empty ones dropped. Truncation, not rounding: k / n can land on layer k - 1."""
-    out: list[tuple[str, int, int]] = []
-    for i, (nid, s, e) in enumerate(parts):
-        a = int(s * n_layers)
-        b = int(e * n_layers) - 1
-        if i == len(parts) - 1:
-            b = n_layers - 1
-        if a <= b:
-            out.append((nid, a, b))
-    if out and out[-1][2] < n_layers - 1:
-        nid, a, _ = out[-1]
-        out[-1] = (nid, a, n_layers - 1)
-    return out
-
-
 def exo_legacy_partition(nodes: list[tuple[str, int]], n_layers: int) -> list[Stage]:
-    """Legacy exo's ring memory-weighted split of `n_layers` over (node_id, TOTAL memory)."""
+    """Legacy exo's ring memory-weighted split of `n_layers` over (node_id, TOTAL memory in MB)."""
     _check(nodes, n_layers)
     if sum(m for _, m in nodes) <= 0:
         raise UserError("exo-legacy baseline: the nodes report no memory")
@@ -114,7 +89,10 @@ def model_storage_bytes(table) -> int:
 
 def exo_current_cycle(cluster) -> list:
     """The nodes exo-current would place on: the smallest set whose available memory holds the
-    model (most available memory among sets of that size; ties to file order)."""
+    model (most available memory among sets of that size; ties to file order). Raises
+    ExoWouldRefuse when no set does (exo: "No cycles found with sufficient memory").
+
+    Complexity: O(2^N) subsets in the worst case (N nodes; exo enumerates its cycles likewise)."""
     need = model_storage_bytes(cluster.nodes[0].table)
     nodes = cluster.nodes
     for k in range(1, len(nodes) + 1):
@@ -125,18 +103,46 @@ def exo_current_cycle(cluster) -> list:
                 best = (s, combo)
         if best is not None:
             return list(best[1])
-    return list(nodes)  # nothing holds it: exo would refuse; show the all-node split
+    have = sum(n.available_bytes for n in nodes)
+    raise ExoWouldRefuse(
+        f"exo would refuse: no set of nodes has the model's {_gb(need)} of storage available "
+        f"(all {len(nodes)} together have {_gb(have)}; exo: \"No cycles found with sufficient "
+        "memory\")")
+
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def exo_current_memory_check(nodes: list[tuple[str, int]], stages: list[Stage],
+                             storage_bytes: int, n_layers: int) -> None:
+    """exo's per-node check after allocating layers: a node's share of the storage,
+    `storage * layers // n_layers`, must not exceed its available memory."""
+    avail = dict(nodes)
+    for i, s in enumerate(stages):
+        need = storage_bytes * s.n_layers // n_layers
+        if need > avail[s.node]:
+            raise ExoWouldRefuse(
+                f"exo would refuse: node {i} ({s.node}) needs {_gb(need)} for {s.n_layers} "
+                f"layers but has {_gb(avail[s.node])} available (exo: \"has insufficient "
+                "memory\")")
 
 
 def exo_legacy_stages(cluster) -> list[Stage]:
-    return exo_legacy_partition([(n.id, int(n.total_bytes)) for n in cluster.nodes],
+    return exo_legacy_partition([(n.id, memory_mb(n.total_bytes)) for n in cluster.nodes],
                                 cluster.n_layers)
 
 
 def exo_current_stages(cluster) -> list[Stage]:
     cyc = exo_current_cycle(cluster)
-    cyc = cyc[:cluster.n_layers]
-    return exo_current_partition([(n.id, int(n.available_bytes)) for n in cyc], cluster.n_layers)
+    if len(cyc) > cluster.n_layers:
+        raise ExoWouldRefuse(f"exo would refuse: cannot distribute {cluster.n_layers} layers "
+                             f"across {len(cyc)} nodes (needs at least 1 layer per node)")
+    nodes = [(n.id, int(n.available_bytes)) for n in cyc]
+    stages = exo_current_partition(nodes, cluster.n_layers)
+    exo_current_memory_check(nodes, stages, model_storage_bytes(cluster.nodes[0].table),
+                             cluster.n_layers)
+    return stages
 
 
 def even_stages(cluster) -> list[Stage]:

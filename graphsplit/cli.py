@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every node gets at least one layer (as current exo does)")
     p.add_argument("--solver", default="auto",
                    choices=["auto", "bitmask", "fixed-order", "milp", "brute"])
+    p.add_argument("--layers", type=o.text("manual split"), metavar="SPEC", help="predict a manual split instead, per-node "
+                   "layer counts in execution order (e.g. studio:20,mini:12), beside the optimum "
+                   "and exo's splits; --out writes it as the plan")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", type=o.path("plan file"), metavar="PLAN.json", help="write the plan file")
     p.add_argument("--plot", type=o.path("image file"), metavar="FILE.png", help="draw per-layer cost and the timeline")
@@ -45,15 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     for opt, value in (("--out", args.out), ("--plot", args.plot)):
         if value:
             o.check_writable(value, opt)
-    from graphsplit.api import make_plan
+    from graphsplit.api import make_manual_plan, make_plan
     from graphsplit.cluster import load_cluster
     from graphsplit.costmodel import Workload, extrapolation_notes
     from graphsplit.plan import write_plan
     workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
                         streams=args.streams)
     cluster = load_cluster(args.cluster)
-    plan = make_plan(cluster, args.objective, workload, args.runtime, args.use_all_nodes,
-                     args.solver, cluster_file=args.cluster)
+    if args.layers is not None:  # a manual split, predicted beside the optimum
+        plan = make_manual_plan(cluster, args.layers, args.objective, workload, args.runtime,
+                                args.use_all_nodes, args.solver, cluster_file=args.cluster)
+    else:
+        plan = make_plan(cluster, args.objective, workload, args.runtime, args.use_all_nodes,
+                         args.solver, cluster_file=args.cluster)
     plan.predicted["extrapolated"] = extrapolation_notes(cluster, workload)
     if args.simulate:
         from graphsplit.simulate import simulate

@@ -20,6 +20,19 @@ def _ratio(base: float, ours: float, higher_is_better: bool) -> str:
     return f"{r:.2f}x"
 
 
+def _solver_lines(plan: Plan) -> list[str]:
+    sv = plan.solver
+    if sv.get("manual"):
+        opt = (plan.baselines.get("optimal") or {}).get("solver") or {}
+        best = (f"the optimum (row 'optimal') by solver {opt.get('name')}, "
+                f"{'proven optimal' if opt.get('optimal') else 'NOT proven optimal'}"
+                if opt else "no optimum: nothing fits")
+        return [f"manual split --layers {sv.get('layers')} (execution order as written); {best}"]
+    return [f"solver {sv.get('name')}: "
+            f"{'proven optimal' if sv.get('optimal') else 'NOT proven optimal'}"
+            f" ({sv.get('message')}), {sv.get('solve_s', 0):.3f} s"]
+
+
 def render(plan: Plan) -> str:
     p = plan.predicted
     w = plan.workload
@@ -45,34 +58,43 @@ def render(plan: Plan) -> str:
             f"{s.end_layer - s.start_layer:>4} {_ms(p['stage_compute_s'][n]):>10} "
             f"{_ms(p['stage_link_s'][n]):>8} {_ms(p['stage_prefill_s'][n]):>11}  "
             f"{_gib(used) + ' / ' + _gib(cap):>25}")
+    manual = bool(plan.solver.get("manual"))
+    ours = "manual" if manual else "ours"
     unused = [n for n in plan.nodes if n not in {s.node for s in plan.stages}]
     if unused:
-        lines.append(f"       unused: {', '.join(unused)} (faster without them)")
-    sv = plan.solver
-    lines += ["", f"solver {sv.get('name')}: "
-              f"{'proven optimal' if sv.get('optimal') else 'NOT proven optimal'}"
-              f" ({sv.get('message')}), {sv.get('solve_s', 0):.3f} s", ""]
+        why = "not in --layers" if manual else "faster without them"
+        lines.append(f"       unused: {', '.join(unused)} ({why})")
+    if p.get("shortfalls"):
+        sf = ", ".join(f"{n} by {_gib(v)} GiB" for n, v in p["shortfalls"].items())
+        lines.append(f"       does not fit: {sf}")
+    lines += [""] + _solver_lines(plan) + [""]
     hdr = (f"{'plan':<12} {'stages':>6} {'tpot ms':>9} {'ttft ms':>9} {'tok/s':>8} {'fits':>5}"
            f"   {'tpot gain':>9} {'ttft gain':>9} {'tok/s gain':>10}")
     lines.append(hdr)
 
-    def row(name, pred, n_st):
+    def row(name, pred, n_st, error=None):
         if not pred:
-            return f"{name:<12} {'-':>6} (not applicable)"
+            return f"{name:<12} {'-':>6} ({error or 'not applicable'})"
         return (f"{name:<12} {n_st:>6} {_ms(pred['tpot_s']):>9} {_ms(pred['ttft_s']):>9} "
                 f"{pred['throughput_tps']:>8.2f} {'yes' if pred.get('fits') else 'NO':>5}"
                 f"   {_ratio(pred['tpot_s'], p['tpot_s'], False):>9}"
                 f" {_ratio(pred['ttft_s'], p['ttft_s'], False):>9}"
                 f" {_ratio(pred['throughput_tps'], p['throughput_tps'], True):>10}")
 
-    lines.append(row("ours", p, len(plan.stages)))
+    lines.append(row(ours, p, len(plan.stages)))
     for name, b in plan.baselines.items():
-        lines.append(row(name, b.get("predicted"), len(b.get("stages", []))))
+        lines.append(row(name, b.get("predicted"), len(b.get("stages", [])), b.get("error")))
+        if name == "optimal" and b.get("stages"):
+            from graphsplit.manual import format_layers
+            from graphsplit.plan import stages_from_json
+
+            lines.append(f"{'':<12} --layers {format_layers(stages_from_json(b['stages'], name))}")
         if b.get("predicted") and b["predicted"].get("shortfalls"):
             sf = ", ".join(f"{n} by {_gib(v)} GiB" for n, v in b["predicted"]["shortfalls"].items())
             lines.append(f"{'':<12} does not fit: {sf}")
-    lines.append("(gain = how much better ours is than that baseline; tpot = time per output "
-                 "token of one stream, ttft = time to first token, tok/s for the streams)")
+    lines.append(f"(gain = how much better {ours} is than that row, below 1.00x worse; tpot = "
+                 "time per output token of one stream, ttft = time to first token, tok/s for "
+                 "the streams)")
     if p.get("pareto"):
         lines += ["", "Pareto frontier (latency vs throughput):",
                   f"{'tpot ms':>9} {'bottleneck ms':>14} {'tok/s':>8}  stages"]

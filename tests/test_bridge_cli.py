@@ -197,7 +197,7 @@ def test_launcher_runs_exo_with_the_measured_strategy(tmp_path, fake_exo):
     out = json.loads(cp.stdout.strip().splitlines()[-1])
     assert out["node"] == "mini" and out["strategy"] == "MeasuredPartitioningStrategy"
     from exo_bridge.exo_types import Partition
-    from exo_bridge.legacy import exo_map_stages
+    from exo_bridge.exo_legacy.strategy import exo_map_stages
 
     parts = [Partition(*p) for p in out["parts"]]
     assert [(s.node, s.start_layer, s.end_layer) for s in exo_map_stages(parts, 32)] == \
@@ -208,7 +208,7 @@ def test_one_line_change_uses_exo_types_and_env(tmp_path, fake_exo):
     code = textwrap.dedent("""
         import json
         from exo_bridge.exo_types import EXO_INSTALLED
-        from exo_bridge.legacy import strategy_from_env as RingMemoryWeightedPartitioningStrategy
+        from exo_bridge.exo_legacy.strategy import strategy_from_env as RingMemoryWeightedPartitioningStrategy
         from exo.topology.partitioning_strategy import PartitioningStrategy, Partition
         from exo.topology.topology import Topology
         from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops

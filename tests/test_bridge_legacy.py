@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exo_bridge.exo_types import Partition, make_topology
-from exo_bridge.legacy import (
+from exo_bridge.exo_legacy.strategy import (
     MeasuredPartitioningStrategy,
     boundary_fraction,
     exo_map,
@@ -211,3 +211,86 @@ def test_replan_from_the_plans_cluster_file_from_another_directory(tmp_path, mon
     strat.partition(make_topology({"studio": 65536, "mini": 16384}))
     assert strat.last_decision.source == "replan", warnings
     assert {s.node for s in strat.last_decision.stages} <= {"studio", "mini"}
+
+
+# -- no partition may truncate to an empty shard -------------------------------------------------
+
+
+def exo_shards(partitions, n_layers):
+    """Oracle written from exo's map_partitions_to_shards (e4238f9), independently of the package:
+    inclusive shards (node, start, end) by truncation, the last partition ending at n - 1, empty
+    ones left out. exo then takes shards[i] for the i-th partition (Node.get_current_shard)."""
+    shards = []
+    for i, p in enumerate(partitions):
+        first, last = int(p.start * n_layers), int(p.end * n_layers) - 1
+        if i == len(partitions) - 1:
+            last = n_layers - 1
+        if first <= last:
+            shards.append((p.node_id, first, last))
+    if shards and shards[-1][2] < n_layers - 1:
+        shards[-1] = (shards[-1][0], shards[-1][1], n_layers - 1)
+    return shards
+
+
+def assert_positional(parts, n):
+    """exo's positional indexing is right only when every partition keeps its own shard."""
+    shards = exo_shards(parts, n)
+    assert [s[0] for s in shards] == [p.node_id for p in parts], (n, parts, shards)
+
+
+def test_fallback_never_truncates_to_an_empty_shard():
+    """A node with little memory got a fraction under 1/n from exo's own weighting: its shard was
+    dropped and every later node took its neighbour's layers. The fallback gives whole layers."""
+    strat = MeasuredPartitioningStrategy(plan=plan3(), warn=lambda m: None)
+    topo = make_topology({"studio": 65536, "tiny": 512, "air": 256})
+    # exo's own weighting drops tiny's shard at 32 layers: air would be handed shards[2]
+    assert [s[0] for s in exo_shards(memory_weighted_partitions(
+        [("studio", 65536), ("tiny", 512), ("air", 256)]), 32)] == ["studio", "air"]
+    parts = strat.partition(topo)
+    assert strat.last_decision.source == "fallback"
+    assert [p.node_id for p in parts] == ["studio", "tiny", "air"]  # exo's order: memory desc
+    for n in range(32, 32 * 8 + 1):
+        assert_positional(parts, n)
+    assert exo_map_stages(parts, 32) == [Stage("studio", 0, 30), Stage("tiny", 30, 31),
+                                         Stage("air", 31, 32)]
+
+
+def test_fallback_with_more_nodes_than_layers_idles_the_smallest():
+    plan = Plan(model={"name": "toy", "n_layers": 3, "config_hash": "x"},
+                stages=[Stage("a", 0, 3)], runtime="exo-legacy")
+    warnings: list[str] = []
+    strat = MeasuredPartitioningStrategy(plan=plan, warn=warnings.append)
+    parts = strat.partition(make_topology({"b": 4, "c": 3, "d": 2, "e": 1}))
+    assert [p.node_id for p in parts] == ["b", "c", "d"]
+    assert_positional(parts, 3)
+    assert "e run no layers" in warnings[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=160), st.data())
+def test_no_empty_shard_for_the_plans_layer_count_or_more(n, data):
+    """Plan and fallback answers: one shard per partition for n and every larger layer count."""
+    k = data.draw(st.integers(min_value=1, max_value=min(n, 12)))
+    cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), min_size=k - 1, max_size=k - 1))) \
+        if k > 1 else []
+    bounds = [0] + cuts + [n]
+    stages = [Stage(f"d{i}", bounds[i], bounds[i + 1]) for i in range(k)]
+    plan = Plan(model={"name": "toy", "n_layers": n, "config_hash": "x"}, stages=stages,
+                runtime="exo-legacy")
+    strat = MeasuredPartitioningStrategy(plan=plan, warn=lambda m: None)
+    same = strat.partition(make_topology({s.node: 1024 for s in stages}))
+    mems = data.draw(st.lists(st.integers(1, 2 ** 19), min_size=1, max_size=12))
+    other = strat.partition(make_topology({f"x{i}": m for i, m in enumerate(mems)}))
+    assert strat.last_decision.source == "fallback"
+    assert exo_map_stages(same, n) == stages
+    for m in sorted({n, n + 1, 2 * n + 1, 3 * n, 1024, data.draw(st.integers(n, 4 * n))}):
+        assert_positional(same, m)
+        assert_positional(other, m)
+
+
+def test_smaller_models_cannot_be_promised():
+    """Why the guarantee starts at the plan's layer count: [0,1) + [1,n) needs its boundary
+    below 2/n, and n/2 layers need it at 2/n or above."""
+    parts = stages_to_partitions([Stage("a", 0, 1), Stage("b", 1, 32)], 32)
+    assert_positional(parts, 32)
+    assert len(exo_shards(parts, 16)) == 1

@@ -40,6 +40,7 @@ from exo_bridge.exo_current import schema
 from exo_bridge.exo_current.http import Client, PeerError, PeerTimeout, parse_api_url
 from exo_bridge.exo_current.schema import (CardView, ClusterState, ExoSchemaError, NodeInfo,
                                            Preview, Rank)
+from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, read_plan
 from profiler.errors import UserError, read_json
 
@@ -376,21 +377,28 @@ def place(plan: Plan, exo: Exo, model: str, node_map: dict[str, str] | None = No
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--plan", required=True, help="plan file from `split-model --out`")
-    ap.add_argument("--api", default="http://127.0.0.1:52415", help="exo's API (default "
-                    "http://127.0.0.1:52415)")
-    ap.add_argument("--model", help="exo model id (Hugging Face repo id); default: the plan's "
-                    "model.repo_id")
-    ap.add_argument("--node-map", help="JSON file {plan node: exo node id}")
+    from profiler import options as o
+
+    ap.add_argument("--plan", required=True, type=o.path("plan file"),
+                    help="plan file from `split-model --out`")
+    ap.add_argument("--api", default="http://127.0.0.1:52415", type=o.text("exo API URL"),
+                    help="exo's API (default http://127.0.0.1:52415)")
+    ap.add_argument("--model", type=o.text("exo model id"), help="exo model id (Hugging Face "
+                    "repo id); default: the plan's model.repo_id")
+    ap.add_argument("--node-map", type=o.path("node map file"),
+                    help="JSON file {plan node: exo node id}")
+    ap.add_argument("--layers", type=o.text("manual split"), metavar="SPEC",
+                    help="replace the plan's stages by a manual split, e.g. studio:20,mini:12 "
+                    "(graphsplit.manual.apply_layers)")
     ap.add_argument("--instance-meta", default="MlxRing", choices=["MlxRing", "MlxJaccl"],
                     help="exo's distributed backend (default MlxRing)")
     ap.add_argument("--dry-run", action="store_true", help="print the instance JSON; post "
                     "nothing")
     ap.add_argument("--skip-memory-check", action="store_true")
-    ap.add_argument("--timeout", type=float, default=10.0, help="seconds each API request may "
-                    "take in all, connect to last byte (default 10)")
-    ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait in all for exo "
-                    "to report the instance ready (default 120)")
+    ap.add_argument("--timeout", type=o.seconds(3600), default=10.0, help="seconds each API "
+                    "request may take in all, connect to last byte (default 10)")
+    ap.add_argument("--wait", type=o.seconds(86400), default=120.0, help="seconds to wait in "
+                    "all for exo to report the instance ready (default 120)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -398,6 +406,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.wait > 0:
         raise UserError(f"--wait {args.wait}: must be a positive number of seconds")
     plan = read_plan(args.plan)
+    if args.layers:
+        plan = apply_layers(plan, args.layers)
     model = args.model or (plan.model or {}).get("repo_id")
     if not model:
         raise UserError("--model is required (the plan has no model.repo_id): give exo's model "
