@@ -32,14 +32,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from profiler import fields as F
 from profiler.costtable import CostTable, read_table
-from profiler.errors import UserError, read_json
+from profiler.errors import UserError
+from profiler.files import read_json
 
 DEFAULT_LINK = {"latency_ms": 1.0, "bandwidth_gbps": 10.0}
 
 
 class ClusterError(UserError):
     """A cluster file that cannot be used; the message names the file and what is wrong."""
+
+
+_NAME = F.Str(nonempty=True)
+LINK_FIELDS = {"latency_ms": F.Num(ge=0), "bandwidth_gbps": F.Num(gt=0)}
+MEASURED = F.Obj({"by": F.Str(), "repeats": F.Int(ge=0), "at": F.Str(),
+                  "sizes": F.Map(F.Obj(extra=F.Num(ge=0), name="an object of numbers"))},
+                 name="an object (how profile-link measured the link)")
+LINK = F.Obj({"from": _NAME, "to": _NAME, **LINK_FIELDS, "both_ways": F.Bool(),
+              "measured": MEASURED}, required=("from", "to"),
+             name="an object {from, to, latency_ms, bandwidth_gbps}")
+CHIP = F.Obj({"memory_bandwidth_gbs": F.Num(gt=0), "fp16_tflops": F.Num(gt=0),
+              "tflops": F.Num(gt=0), "memory_bytes": F.POS_BYTES},
+             required=("memory_bandwidth_gbs", "memory_bytes"),
+             name="an object {memory_bandwidth_gbs, fp16_tflops, memory_bytes}")
+NODE = F.Obj({"id": _NAME, "profile": _NAME, "chip": CHIP, "derive_from": _NAME,
+              "memory_bytes": F.POS_BYTES, "available_bytes": F.POS_BYTES,
+              "total_bytes": F.POS_BYTES}, required=("id",),
+             name='an object {"id", "profile"} or {"id", "chip", "derive_from"}')
+CLUSTER = F.Obj({"model": _NAME, "nodes": F.List(NODE, nonempty=True), "links": F.List(LINK),
+                 "default_link": F.Obj(LINK_FIELDS, name="an object {latency_ms, "
+                                                          "bandwidth_gbps}")},
+                required=("nodes",), name="an object with 'nodes'")
+
+
+def check_fields(data: Any, where: str) -> None:
+    """Every field of a parsed cluster file has the right type and range (one ClusterError
+    line naming the field otherwise). `where` names the file."""
+    try:
+        F.check(data, CLUSTER)
+    except F.FieldError as e:
+        raise ClusterError(f"{where}: {e.path}: {e.problem}; fix that field (the format is in "
+                           "README.md, 'A cluster file')") from None
 
 
 @dataclass(frozen=True)
@@ -191,6 +225,7 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
     base_dir = Path(base_dir)
     if not isinstance(data, dict):
         raise ClusterError(f"{where}: the top level must be a JSON object with 'nodes'")
+    check_fields(data, where)
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise ClusterError(f"{where}: 'nodes' must be a non-empty list of "
