@@ -337,12 +337,9 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
 
 
 def _hostfile_entries(path: str) -> list[Any]:
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict):
-        data = data.get("hosts", [])
-    if not isinstance(data, list) or not data:
-        raise UserError(f"hostfile {path}: expected a JSON list of hosts")
-    return data
+    from exo_bridge.formats import read_hostfile  # checked field by field, special files refused
+
+    return read_hostfile(path)
 
 
 def _hostfile_hosts(path: str) -> list[str]:

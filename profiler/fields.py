@@ -26,6 +26,7 @@ class FieldError(Exception):
     def __init__(self, path: str, problem: str):
         super().__init__(f"{path or 'top level'}: {problem}")
         self.path = path or "top level"
+        self.where = path  # "" at the top level
         self.problem = problem
 
 
@@ -154,7 +155,7 @@ class Opt(Spec):
             try:
                 self.inner.check(v, path)
             except FieldError as e:
-                if e.path == path:  # the value itself is wrong: say null is allowed too
+                if e.where == path:  # the value itself is wrong: say null is allowed too
                     self.fail(v, path)
                 raise
 
@@ -237,8 +238,8 @@ class OneOf(Spec):
                 return
             except FieldError as e:
                 errors.append(e)
-        deepest = max(errors, key=lambda e: len(e.path))
-        if deepest.path != path:
+        deepest = max(errors, key=lambda e: len(e.where))
+        if deepest.where != path:
             raise deepest
         self.fail(v, path)
 
