@@ -255,7 +255,13 @@ def _write_problem(e: OSError) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str, what: str | None = None,
                       make_parents: bool = False) -> Path:
-    """Write `text` to `path` so a reader sees the old file or the new one, never half of one.
+    """`atomic_write_bytes` of `text` in UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"), what, make_parents=make_parents)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str | None = None,
+                       make_parents: bool = False) -> Path:
+    """Write `data` to `path` so a reader sees the old file or the new one, never half of one.
 
     The temporary file is created with mode 0666 minus the umask (like any tool's output), or
     with the mode of the file it replaces; it is fsync'ed, renamed over the target and the
@@ -265,7 +271,6 @@ def atomic_write_text(path: str | os.PathLike, text: str, what: str | None = Non
     target = check_output(path, what, make_parents=make_parents)
     old = _stat(target, what)
     tmp = target.parent / f".{target.name}.{os.getpid()}.{time.monotonic_ns() % 10**9}.tmp"
-    data = text.encode("utf-8")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                      0o666)

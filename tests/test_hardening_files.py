@@ -263,7 +263,7 @@ WRITER = textwrap.dedent("""
 
 
 def test_two_processes_updating_one_cluster_file_lose_nothing(tmp_path):
-    n = 12
+    n = 30
     cl = tmp_path / "cluster.json"
     cl.write_text(json.dumps({"model": "m", "nodes": [{"id": f"n{i}"} for i in range(n + 2)]}))
     go = tmp_path / "go"
@@ -309,3 +309,20 @@ def test_a_second_profile_of_the_same_table_refuses(tmp_path):
         holder.wait(timeout=60)
     with locked(out, "t", wait_s=0):  # released with the process
         pass
+
+
+def test_plot_output_is_checked_and_written_atomically(tmp_path, cluster):
+    os.mkfifo(tmp_path / "fifo.png")
+    rc, out, err = _split([cluster, "--plot", tmp_path / "fifo.png"])
+    assert rc == 2 and "--plot" in _one_line(err) and "FIFO" in err
+    rc, out, err = _split([cluster, "--plot", tmp_path / "p.xyz"])
+    assert rc == 2 and ".xyz is not an image format" in _one_line(err)
+    rc, out, err = _split([cluster, "--plot", tmp_path / "p.png"])
+    assert rc == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert stat.S_IMODE(os.stat(tmp_path / "p.png").st_mode) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
