@@ -123,7 +123,7 @@ SOLVER = F.Obj({"name": F.Str(), "optimal": F.Bool(), "status": F.Int(), "messag
                 "solve_s": F.SECONDS, "objective_value": F.Opt(F.Num()),
                 "work": F.Opt(F.Int(ge=0))})
 BASELINE = F.Obj({"stages": F.List(STAGE), "predicted": PREDICTED, "error": F.Str()},
-                 name="an object {stages, predicted}")
+                 required=("stages", "predicted"), name="an object {stages, predicted}")
 NODE_ENTRY = F.Obj({"memory_bytes": F.BYTES, "available_bytes": F.BYTES,
                     "total_bytes": F.BYTES, "estimated": F.Bool(), "profile": F.Opt(F.Str()),
                     "device": F.Str(), "derive_from": F.Opt(F.Str())})

@@ -281,6 +281,14 @@ def _known(cls, d: dict) -> dict:
     return {k: v for k, v in d.items() if k in names}
 
 
+def _required(cls) -> tuple[str, ...]:
+    """The dataclass fields without a default: a table must carry them."""
+    from dataclasses import MISSING
+
+    return tuple(k for k, f in cls.__dataclass_fields__.items()
+                 if f.default is MISSING and f.default_factory is MISSING)
+
+
 _STR = F.Str()
 _NAME = F.Str(nonempty=True)
 _TIMES = F.List(F.SECONDS, nonempty=True)
@@ -292,15 +300,13 @@ MODEL = F.Obj({
     "source": _STR, "num_attention_heads": F.Int(ge=0, le=10**6),
     "num_key_value_heads": F.Int(ge=0, le=10**6), "head_dim": F.Int(ge=0, le=10**6),
     "intermediate_size": F.Int(ge=0, le=10**9), "vocab_size": F.Int(ge=0, le=10**9),
-    "tie_word_embeddings": F.Bool()}, required=("name", "config_hash", "n_layers",
-                                                "hidden_size"))
+    "tie_word_embeddings": F.Bool()}, required=_required(ModelInfo))
 DEVICE = F.Obj({
     "host": _NAME, "name": _STR, "backend": _STR, "mlx_version": _STR, "platform": _STR,
     "memory_total_bytes": F.BYTES, "memory_usable_bytes": F.BYTES,
     "memory_bandwidth_gbs": F.Num(ge=0), "matmul_tflops": F.Num(ge=0),
     "microbench": F.Obj(name="an object (how the microbenchmarks ran; informational)")},
-    required=("host", "name", "backend", "memory_total_bytes", "memory_usable_bytes",
-              "memory_bandwidth_gbs", "matmul_tflops"))
+    required=_required(DeviceInfo))
 QUANT = F.Opt(F.Obj({"bits": F.Int(gt=0, le=64), "group_size": F.Int(gt=0, le=1 << 20),
                      "mode": _STR}, name="an object {bits, group_size}"))
 # method: what the run did. Fields a reader acts on are typed; the prose ones are strings.

@@ -10,7 +10,8 @@
   file beside it, created like any other file (mode 0666 minus the umask; a replaced file keeps
   its mode), is fsync'ed and renamed over the target: a reader, a crash or a full disk leaves the
   old file or the new one, never half of one. A failed write says it was a write, and that the
-  old file is unchanged.
+  old file is unchanged. Temporary files of a writer killed mid-write (kill -9) are removed by
+  the next write of the same file.
 * `locked(path)`: an advisory lock (`fcntl.flock`) on a sidecar ``.<name>.lock`` beside a file,
   for read-modify-write (a cluster file updated by `profile-link`: wait up to `wait_s`) and for
   one writer per file (a second `profile-model` of the same table refuses at once, naming the
@@ -301,7 +302,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str | None = 
             os.unlink(tmp)
         raise
     _fsync_dir(target.parent)
+    _remove_stale_temps(target)
     return target
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Temporary files of this target left by a writer that was killed (kill -9) mid-write:
+    named ``.<name>.<pid>.<n>.tmp``; removed when that pid no longer runs."""
+    import glob
+
+    prefix = f".{target.name}."
+    for t in target.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = t.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                t.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _fsync_dir(d: Path) -> None:

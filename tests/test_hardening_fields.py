@@ -96,8 +96,14 @@ def mutated(data, path, value):
     cur = d
     for k in path[:-1]:
         cur = cur[k]
-    cur[path[-1]] = value
+    if value is DELETE:
+        del cur[path[-1]]
+    else:
+        cur[path[-1]] = value
     return d
+
+
+DELETE = object()  # a mutation class of its own: the field is removed
 
 
 def _names(path) -> set[str]:
@@ -124,19 +130,21 @@ def run_guarded(fn, *args) -> tuple[int, str]:
 
 
 def check_outcome(rc: int, err: str, path, original, bad, filename: str) -> None:
-    where = f"{dotted(path)} = {_label(bad)}"
+    where = f"{dotted(path)} = {'(deleted)' if bad is DELETE else _label(bad)}"
     assert "Traceback" not in err, where
     assert rc in (0, 2), f"{where}: exit code {rc}: {err}"
     free = any(dotted(path).startswith(f) for f in FREE)
-    must_refuse = _label(bad) in NEVER_OK or (
+    must_refuse = bad is not DELETE and (_label(bad) in NEVER_OK or (
         not free and original is not None and _jtype(bad) != _jtype(original)
-        and not (bad is None and path[-1] in NULLABLE))
+        and not (bad is None and path[-1] in NULLABLE)))
     if must_refuse:
         assert rc == 2, f"{where}: accepted"
     if rc == 2:
         lines = err.strip().splitlines()
         assert len(lines) == 1, f"{where}: {err}"
         assert lines[0].startswith("error: ") and filename in lines[0], f"{where}: {err}"
+        if bad is DELETE:  # what breaks is named (a reference, a missing row): the file is enough
+            return
         # the field, or (a broken reference: another field names it) the value itself
         named = _names(path) | ({bad} if isinstance(bad, str) else set())
         assert any(n in lines[0] for n in named), f"{where}: field not named: {err}"
@@ -189,7 +197,7 @@ def test_cost_table_every_field(tmp_path):
     f = tmp_path / "t.json"
     n = 0
     for path, original in walk(data):
-        for bad in BAD:
+        for bad in BAD + [DELETE]:
             write_raw(f, mutated(data, path, bad))
             rc, err = run_guarded(read_table, f)
             check_outcome(rc, err, path, original, bad, str(f))
@@ -203,7 +211,7 @@ def test_cluster_every_field(cluster_dir, tmp_path):
     data = json.loads((cluster_dir / "cluster.json").read_text())
     f = cluster_dir / "mut.json"
     for path, original in walk(data):
-        for bad in BAD:
+        for bad in BAD + [DELETE]:
             write_raw(f, mutated(data, path, bad))
             rc, err = run_guarded(load_cluster, f)
             check_outcome(rc, err, path, original, bad, str(f))
@@ -218,7 +226,7 @@ def test_plan_every_field(cluster_dir):
     f = cluster_dir / "mut-plan.json"
     n = 0
     for path, original in walk(data):
-        for bad in BAD:
+        for bad in BAD + [DELETE]:
             write_raw(f, mutated(data, path, bad))
             rc, err = run_guarded(read_plan, f)
             check_outcome(rc, err, path, original, bad, str(f))
@@ -241,7 +249,7 @@ def test_node_map_and_hostfile_every_field(tmp_path, fmt):
     }[fmt]
     f = tmp_path / "f.json"
     for path, original in walk(data):
-        for bad in BAD:
+        for bad in BAD + [DELETE]:
             write_raw(f, mutated(data, path, bad))
             rc, err = run_guarded(reader, f)
             check_outcome(rc, err, path, original, bad, str(f))
@@ -324,3 +332,33 @@ def test_hand_edited_plan_with_an_unknown_node(cluster_dir, tmp_path):
     write_raw(f, good)
     rc, err = run_guarded(bridge_main, ["compare", str(f)])
     assert rc == 2 and "stages[0].node: 'nosuch' is not one of the plan's nodes" in err, err
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda d: d["stages"][0].update(node="nosuch"), "stages[0].node: 'nosuch' is not one of"),
+    (lambda d: d["predicted"].update(tpot_s="fast"), "predicted.tpot_s: must be a number"),
+    (lambda d: d["workload"].update(prompt_tokens=float("nan")), "workload.prompt_tokens: NaN"),
+    (lambda d: d["baselines"]["even"]["predicted"]["stage_compute_s"].update(a=[1]),
+     "baselines.even.predicted.stage_compute_s.a: must be a number"),
+    (lambda d: d["stages"][0].update(end_layer=10**400), "stages[0].end_layer: an integer of 401"),
+])
+def test_every_command_that_reads_a_plan_refuses_it_the_same_way(cluster_dir, tmp_path, edit,
+                                                                 expect):
+    """compare, place, run and strategy-check all read plans through read_plan: the same bad
+    plan gives the same line from each (before anything is contacted or started)."""
+    from exo_bridge.cli import main as bridge_main
+
+    data = json.loads((cluster_dir / "plan.json").read_text())
+    edit(data)
+    f = tmp_path / "hand-edited.json"
+    write_raw(f, data)
+    lines = set()
+    for argv in (["compare", str(f)], ["place", "--plan", str(f), "--api", "http://127.0.0.1:9",
+                                       "--model", "m"],
+                 ["run", str(f)], ["strategy-check", "--plan", str(f), "--node", "a:1000"]):
+        rc, err = run_guarded(bridge_main, argv)
+        assert rc == 2, (argv, err)
+        lines.add(err.strip())
+    assert len(lines) == 1, lines
+    line = lines.pop()
+    assert expect in line and str(f) in line and "\n" not in line, line

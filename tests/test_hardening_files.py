@@ -326,3 +326,88 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+LOOP_WRITER = textwrap.dedent("""
+    import sys
+    from profiler.files import atomic_write_json
+    i = 0
+    while True:
+        atomic_write_json(sys.argv[1], {"i": i, "pad": ["x" * 100] * 5000})
+        i += 1
+        if i == 3:
+            print("writing", flush=True)
+""")
+
+
+def test_kill_9_mid_write_leaves_a_whole_file_and_no_litter(tmp_path):
+    """Readers during the writes and after kill -9 always see a whole file (old or new); the
+    next write removes the killed writer's temporary file."""
+    target = tmp_path / "plan.json"
+    p = subprocess.Popen([sys.executable, "-c", LOOP_WRITER, str(target)], env=ENV,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        seen = set()
+        while len(seen) < 3:  # until the reads have overlapped several writes
+            seen.add(json.loads(target.read_text())["i"])  # never half a file
+        p.kill()
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    json.loads(target.read_text())
+    if not list(tmp_path.glob(".plan.json.*.tmp")):  # killed between two writes: make litter
+        (tmp_path / f".plan.json.{p.pid}.1.tmp").write_text('{"half": ')
+    atomic_write_json(target, {"i": -1})
+    assert json.loads(target.read_text()) == {"i": -1}
+    assert not list(tmp_path.glob(".plan.json.*.tmp"))
+
+
+CLUSTER_HOLDER = textwrap.dedent("""
+    import sys
+    from profiler.files import locked
+    with locked(sys.argv[1], "cluster"):
+        print("held", flush=True)
+        sys.stdin.readline()
+""")
+
+
+def test_a_second_cluster_writer_waits_then_refuses_in_one_line(tmp_path):
+    import threading
+
+    from exo_bridge.profile_link import LinkMeasurement, main as link_main, write_link
+
+    cl = tmp_path / "cluster.json"
+    cl.write_text(json.dumps({"model": "m", "nodes": [{"id": "a"}, {"id": "b"}]}))
+    m = LinkMeasurement(host="x", latency_ms=0.5, bandwidth_gbps=2.0)
+    holder = subprocess.Popen([sys.executable, "-c", CLUSTER_HOLDER, str(cl)], env=ENV,
+                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError) as e:
+            write_link(cl, "a", "b", m, wait_s=0.2)
+        assert f"another run (pid {holder.pid}" in str(e.value) and "waited 0.2 s" in str(e.value)
+        done = []
+        t = threading.Thread(target=lambda: done.append(write_link(cl, "a", "b", m)))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not done  # waiting: the holder still has the lock
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        t.join(60)
+        assert done and json.loads(cl.read_text())["links"][0]["latency_ms"] == 0.5
+    finally:
+        if holder.poll() is None:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+        holder.wait(timeout=60)
+    # a bad cluster file is refused before anything is measured (no server at port 9)
+    cl.write_text(json.dumps({"model": "m", "nodes": [{"id": "a", "memory_bytes": -5}]}))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = link_main(["measure", "127.0.0.1:9", "--cluster", str(cl), "--from", "a",
+                        "--to", "b"])
+    assert rc == 2 and "nodes[0].memory_bytes: must be a number > 0, got -5" in _one_line(
+        err.getvalue())
