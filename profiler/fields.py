@@ -106,7 +106,10 @@ class Num(Spec):
             self.fail(v, path)
         if self.integer and not isinstance(v, int):
             self.fail(v, path)
-        if abs(v) > MAX_INT or (self.gt is not None and not v > self.gt) or (
+        if abs(v) > MAX_INT:
+            raise FieldError(path, f"{shown(v)} is far too large for this field; write "
+                             f"{self.describe()}")
+        if (self.gt is not None and not v > self.gt) or (
                 self.ge is not None and not v >= self.ge) or (self.le is not None
                                                              and not v <= self.le):
             self.fail(v, path)
