@@ -313,8 +313,10 @@ def test_a_second_profile_of_the_same_table_refuses(tmp_path):
 
 def test_plot_output_is_checked_and_written_atomically(tmp_path, cluster):
     os.mkfifo(tmp_path / "fifo.png")
-    rc, out, err = _split([cluster, "--plot", tmp_path / "fifo.png"])
+    rc, out, err = _split([cluster, "--out", tmp_path / "plan.json", "--plot",
+                           tmp_path / "fifo.png"])
     assert rc == 2 and "--plot" in _one_line(err) and "FIFO" in err
+    assert not (tmp_path / "plan.json").exists()  # refused before the plan was written
     rc, out, err = _split([cluster, "--plot", tmp_path / "p.xyz"])
     assert rc == 2 and ".xyz is not an image format" in _one_line(err)
     rc, out, err = _split([cluster, "--plot", tmp_path / "p.png"])
