@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profiler.costtable import atomic_write_json
 from profiler import options as o
 from profiler.errors import UserError, guard
+from profiler.files import atomic_write_json, locked, read_json
 
 DEFAULT_PORT = 52900
 _HDR = struct.Struct("!QI")  # payload bytes, reply bytes
@@ -495,31 +495,52 @@ def activation_sizes(hidden: int, dtype_bytes: int, prompt_tokens: int) -> dict[
 
 
 def write_link(cluster_path: str | Path, src: str, dst: str, m: LinkMeasurement,
-               both_ways: bool = False) -> dict[str, Any]:
-    """Put the measurement into the cluster file's `links` (replacing src->dst), atomically."""
+               both_ways: bool = False, wait_s: float = 60.0) -> dict[str, Any]:
+    """Put the measurement into the cluster file's `links` (replacing src->dst).
+
+    Read-modify-write under the cluster file's lock (profiler.files.locked: a second
+    `profile-link` writing the same file waits up to `wait_s`, then refuses in one line), so two
+    measurements written at once both end up in the file; the write itself is atomic. The file
+    is checked field by field first (graphsplit.cluster.check_fields): a bad one is refused,
+    not rewritten."""
     path = Path(cluster_path)
-    if not path.exists():
-        raise UserError(f"cluster file {path}: no such file")
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise UserError(f"cluster file {path}: expected a JSON object")
-    ids = {n.get("id") for n in data.get("nodes", []) if isinstance(n, dict)}
-    for x in (src, dst):
-        if ids and x not in ids:
-            raise UserError(f"cluster file {path}: no node {x!r} (nodes: {', '.join(sorted(ids))})")
+    what = f"cluster file {path}"
     entry = {"from": src, "to": dst, "latency_ms": round(m.latency_ms, 4),
              "bandwidth_gbps": round(m.bandwidth_gbps, 6),
              "measured": {"by": "profile-link", "sizes": m.sizes, "repeats": m.repeats,
                           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     if both_ways:
         entry["both_ways"] = True
-    links = [lk for lk in data.get("links", []) if not (
-        (lk.get("from"), lk.get("to")) == (src, dst)
-        or (both_ways and (lk.get("from"), lk.get("to")) == (dst, src)))]
-    links.append(entry)
-    data["links"] = links
-    atomic_write_json(path, data)
+    with locked(path, what, wait_s=wait_s):
+        data = read_cluster_for_link(path, src, dst)
+        links = [lk for lk in data.get("links", []) if not (
+            (lk["from"], lk["to"]) == (src, dst)
+            or (both_ways and (lk["from"], lk["to"]) == (dst, src)))]
+        links.append(entry)
+        data["links"] = links
+        atomic_write_json(path, data, what=what)
     return entry
+
+
+def read_cluster_for_link(cluster_path: str | Path, src: str, dst: str) -> dict[str, Any]:
+    """The parsed cluster file, checked field by field, with nodes `src` and `dst`; called
+    before measuring (a bad file is refused at once, not after the measurement) and again under
+    the lock to write."""
+    from graphsplit.cluster import ClusterError, check_fields
+
+    path = Path(cluster_path)
+    what = f"cluster file {path}"
+    data = read_json(path, what, error=ClusterError,
+                     missing="write one first (README.md, 'A cluster file')")
+    if not isinstance(data, dict):
+        raise ClusterError(f"{what}: the top level must be a JSON object with 'nodes'")
+    check_fields(data, what)
+    ids = {n["id"] for n in data["nodes"]}
+    for opt, x in (("--from", src), ("--to", dst)):
+        if x not in ids:
+            raise UserError(f"{what}: no node {x!r} (given by {opt}); nodes: "
+                            f"{', '.join(sorted(ids))}")
+    return data
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -612,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cluster and not (args.src and args.dst):
         raise UserError("--cluster needs --from NODE and --to NODE")
+    if args.cluster and not getattr(args, "rank_from_env", False):
+        read_cluster_for_link(args.cluster, args.src, args.dst)  # refuse a bad file before measuring
     sizes = check_sizes(args)
     if args.cmd == "mlx":
         return _main_mlx(args, sizes)

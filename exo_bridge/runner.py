@@ -35,7 +35,7 @@ from exo_bridge.stage_worker import RESULT_TAG, encode_job
 from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
 from profiler import options as o
-from profiler.errors import UserError, guard, read_json
+from profiler.errors import UserError, guard
 
 BASELINES = ("exo-legacy", "exo-current", "even")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -387,12 +387,9 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
 
 
 def _hostfile_entries(path: str) -> list[Any]:
-    data = read_json(path, f"hostfile {path}")
-    if isinstance(data, dict):
-        data = data.get("hosts", [])
-    if not isinstance(data, list) or not data:
-        raise UserError(f"hostfile {path}: expected a JSON list of hosts")
-    return data
+    from exo_bridge.formats import read_hostfile  # checked field by field, special files refused
+
+    return read_hostfile(path)
 
 
 def _hostfile_hosts(path: str) -> list[str]:
@@ -409,22 +406,12 @@ def _hostfile_hosts(path: str) -> list[str]:
 
 
 def check_hostfile(path: str, n_stages: int) -> None:
-    """Every ring entry "host:port" of a hostfile is a host and a port 1..65535, one per stage;
-    else one line naming the file, the entry and what is wrong."""
+    """One entry per stage; each entry is checked field by field by `formats.read_hostfile`
+    (ring "ip:port" with a port 1..65535, or mlx.launch's {"ssh", "ips"})."""
     entries = _hostfile_entries(path)
     if len(entries) != n_stages:
         raise UserError(f"hostfile {path} has {len(entries)} hosts for {n_stages} stages; give "
                         "one entry per stage")
-    for i, e in enumerate(entries):
-        if isinstance(e, dict):
-            continue  # mlx.launch's {"ssh": ..., "ips": [...]}: mlx.launch checks it
-        first = e[0] if isinstance(e, list) and e else e
-        if not isinstance(first, str):
-            raise UserError(f"hostfile {path}: entry {i} is {first!r}, expected \"host:port\"")
-        try:
-            o.host_port(0)(first)
-        except argparse.ArgumentTypeError as err:
-            raise UserError(f"hostfile {path}: entry {i}: {err}") from None
 
 
 def _hostfile_ports(path: str) -> list[int] | None:

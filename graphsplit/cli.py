@@ -45,13 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for opt, value in (("--out", args.out), ("--plot", args.plot)):
-        if value:
-            o.check_writable(value, opt)
     from graphsplit.api import make_manual_plan, make_plan
     from graphsplit.cluster import load_cluster
     from graphsplit.costmodel import Workload, extrapolation_notes
     from graphsplit.plan import write_plan
+    from profiler.files import check_output
+    for opt, out in (("--out", args.out), ("--plot", args.plot)):
+        if out:  # an output that cannot be written is refused before anything is written
+            check_output(out, f"{opt} {out}")
     workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
                         streams=args.streams)
     cluster = load_cluster(args.cluster)

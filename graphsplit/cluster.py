@@ -32,14 +32,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from profiler import fields as F
 from profiler.costtable import CostTable, read_table
-from profiler.errors import UserError, read_json
+from profiler.errors import UserError
+from profiler.files import read_json
 
 DEFAULT_LINK = {"latency_ms": 1.0, "bandwidth_gbps": 10.0}
 
 
 class ClusterError(UserError):
     """A cluster file that cannot be used; the message names the file and what is wrong."""
+
+
+_NAME = F.Str(nonempty=True)
+LINK_FIELDS = {"latency_ms": F.Num(ge=0), "bandwidth_gbps": F.Num(gt=0)}
+MEASURED = F.Obj({"by": F.Str(), "repeats": F.Int(ge=0), "at": F.Str(),
+                  # derived per-size numbers (one_way_ms may be < 0 on a noisy link)
+                  "sizes": F.Map(F.Obj(extra=F.Num(), name="an object of numbers"))},
+                 name="an object (how profile-link measured the link)")
+LINK = F.Obj({"from": _NAME, "to": _NAME, **LINK_FIELDS, "both_ways": F.Bool(),
+              "measured": MEASURED}, required=("from", "to"),
+             name="an object {from, to, latency_ms, bandwidth_gbps}")
+CHIP = F.Obj({"memory_bandwidth_gbs": F.Num(gt=0), "fp16_tflops": F.Num(gt=0),
+              "tflops": F.Num(gt=0), "memory_bytes": F.POS_BYTES},
+             name="an object {memory_bandwidth_gbs, fp16_tflops, memory_bytes}")
+# (a chip's missing fields are reported by cluster_from_dict, after its derive_from)
+NODE = F.Obj({"id": _NAME, "profile": _NAME, "chip": CHIP, "derive_from": _NAME,
+              "memory_bytes": F.POS_BYTES, "available_bytes": F.POS_BYTES,
+              "total_bytes": F.POS_BYTES}, required=("id",),
+             name='an object {"id", "profile"} or {"id", "chip", "derive_from"}')
+CLUSTER = F.Obj({"model": _NAME, "nodes": F.List(NODE, nonempty=True), "links": F.List(LINK),
+                 "default_link": F.Obj(LINK_FIELDS, name="an object {latency_ms, "
+                                                          "bandwidth_gbps}")},
+                required=("nodes",), name="an object with 'nodes'")
+
+
+def check_fields(data: Any, where: str) -> None:
+    """Every field of a parsed cluster file has the right type and range (one ClusterError
+    line naming the field otherwise). `where` names the file."""
+    try:
+        F.check(data, CLUSTER)
+    except F.FieldError as e:
+        raise ClusterError(f"{where}: {e.path}: {e.problem}; fix that field (the format is in "
+                           "README.md, 'A cluster file')") from None
 
 
 @dataclass(frozen=True)
@@ -172,8 +207,9 @@ def _check_same_model(nodes: list[Node], where: str) -> None:
         a, b = ref.table.model, n.table.model
         if a.config_hash != b.config_hash or a.n_layers != b.n_layers:
             raise ClusterError(f"{where}: node {n.id!r} was profiled on model {b.name} "
-                               f"({b.config_hash[:19]}, {b.n_layers} layers) but node {ref.id!r} "
-                               f"on {a.name} ({a.config_hash[:19]}, {a.n_layers} layers); "
+                               f"({b.config_hash[:19]}, {b.n_layers} layers; {n.profile}) but "
+                               f"node {ref.id!r} on {a.name} ({a.config_hash[:19]}, "
+                               f"{a.n_layers} layers; {ref.profile}): model.config_hash differs; "
                                "profile every node with the same model")
 
 
@@ -191,6 +227,7 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
     base_dir = Path(base_dir)
     if not isinstance(data, dict):
         raise ClusterError(f"{where}: the top level must be a JSON object with 'nodes'")
+    check_fields(data, where)
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise ClusterError(f"{where}: 'nodes' must be a non-empty list of "
@@ -242,6 +279,13 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
             mem = _int_field(chip, "memory_bytes", f"{nw} chip")
             if mem is None:
                 raise ClusterError(f"{nw}: chip needs memory_bytes (total memory)")
+            bd = tables[derive].device
+            for key in ("memory_bandwidth_gbs", "matmul_tflops"):
+                if getattr(bd, key) <= 0:
+                    raise ClusterError(
+                        f"{nw}: derive_from {derive!r}: cost table {profiles[derive]}: "
+                        f"device.{key} is {getattr(bd, key)}, so nothing can be scaled from it; "
+                        f"profile {derive} with its microbenchmarks (without --no-microbench)")
             table = derive_table(tables[derive], bw, tf, mem, host=nid)
             estimated = True
             profile = profiles[derive]
@@ -259,8 +303,9 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
     model = data.get("model", nodes[0].table.model.name)
     m = nodes[0].table.model
     if not isinstance(model, str) or model not in (m.name, m.repo_id):
-        raise ClusterError(f"{where}: model {model!r} does not match the cost tables' model "
-                           f"{m.name!r}; fix 'model' or use tables of that model")
+        raise ClusterError(f"{where}: model {model!r} does not match the model.name "
+                           f"{m.name!r} of the cost tables ({nodes[0].profile}); fix 'model' "
+                           "or use tables of that model")
     default = _link_from(data.get("default_link", DEFAULT_LINK), f"{where}: default_link")
     links: dict[tuple[str, str], Link] = {}
     raw_links = data.get("links", [])

@@ -34,12 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profiler.costtable import atomic_write_json
-from profiler.errors import UserError, read_json
+from profiler import fields as F
+from profiler.errors import UserError
+from profiler.files import atomic_write_json, locked, read_json
 
 FORMAT = "mlx-split/plan"
 VERSION = 1
 RUNTIMES = ("exo-legacy", "exo-current", "mlx-pipeline")
+OBJECTIVES = ("latency", "ttft", "throughput", "pareto")
 
 
 class PlanError(UserError):
@@ -91,6 +93,50 @@ class Plan:
         }
 
 
+# -- the fields of a plan file (profiler.fields) -------------------------------------------------
+
+_NAME = F.Str(nonempty=True)
+STAGE = F.Obj({"node": _NAME, "start_layer": F.Int(ge=0, le=100_000),
+               "end_layer": F.Int(gt=0, le=100_000)},
+              required=("node", "start_layer", "end_layer"),
+              name="an object {node, start_layer, end_layer}")
+_SECONDS_BY_NODE = F.Map(F.SECONDS)
+SIMULATED = F.Obj({"requests": F.Int(ge=0), "ttft_s": F.SECONDS, "tpot_s": F.SECONDS,
+                   "throughput_tps": F.Num(ge=0), "overall_tps": F.Num(ge=0),
+                   "makespan_s": F.SECONDS, "utilisation": F.Map(F.Num(ge=0)),
+                   "busy": F.Map(F.Num(ge=0))})
+PREDICTED = F.Obj({
+    "tpot_s": F.SECONDS, "ttft_s": F.SECONDS, "throughput_tps": F.Num(ge=0),
+    "bottleneck_s": F.SECONDS, "roofline_tpot_s": F.SECONDS,
+    "stage_memory_bytes": F.Map(F.BYTES), "stage_capacity_bytes": F.Map(F.BYTES),
+    "stage_compute_s": _SECONDS_BY_NODE, "stage_link_s": _SECONDS_BY_NODE,
+    "stage_prefill_s": _SECONDS_BY_NODE, "estimated": F.Bool(), "fits": F.Bool(),
+    "shortfalls": F.Map(F.BYTES), "derived_from": F.Str(), "extrapolated": F.List(F.Str()),
+    "simulated": SIMULATED,
+    "pareto": F.List(F.Obj({"stages": F.List(STAGE), "tpot_s": F.SECONDS,
+                            "bottleneck_s": F.SECONDS, "throughput_tps": F.Num(ge=0)}))},
+    name="an object of predictions")
+WORKLOAD = F.Obj({"prompt_tokens": F.Int(gt=0), "context_tokens": F.Int(gt=0),
+                  "streams": F.Int(gt=0), "sampling_s": F.SECONDS,
+                  "prefill_chunks": F.Int(gt=0), "token_bytes": F.Int(gt=0)})
+SOLVER = F.Obj({"name": F.Str(), "optimal": F.Bool(), "status": F.Int(), "message": F.Str(),
+                "solve_s": F.SECONDS, "objective_value": F.Opt(F.Num()),
+                "work": F.Opt(F.Int(ge=0))})
+BASELINE = F.Obj({"stages": F.List(STAGE), "predicted": PREDICTED, "error": F.Str()},
+                 required=("stages", "predicted"), name="an object {stages, predicted}")
+NODE_ENTRY = F.Obj({"memory_bytes": F.BYTES, "available_bytes": F.BYTES,
+                    "total_bytes": F.BYTES, "estimated": F.Bool(), "profile": F.Opt(F.Str()),
+                    "device": F.Str(), "derive_from": F.Opt(F.Str())})
+PLAN = F.Obj({
+    "format": F.Str(), "version": F.Int(),
+    "model": F.Obj({"name": F.Str(), "n_layers": F.Int(gt=0, le=100_000),
+                    "config_hash": F.Str()}, required=("n_layers",)),
+    "runtime": F.Str(choices=RUNTIMES), "objective": F.Str(choices=OBJECTIVES),
+    "workload": WORKLOAD, "stages": F.List(STAGE, nonempty=True), "predicted": PREDICTED,
+    "solver": SOLVER, "baselines": F.Map(BASELINE), "cluster_file": F.Opt(F.Str()),
+    "nodes": F.Map(NODE_ENTRY)}, required=("model", "stages"))
+
+
 def check_stages(stages: list[Stage], n_layers: int, source: str = "plan") -> None:
     """Stages must be contiguous, non-empty, half-open, cover [0, n_layers), one per node."""
     if not stages:
@@ -128,32 +174,52 @@ def stages_from_json(items: Any, source: str) -> list[Stage]:
 
 
 def plan_from_dict(data: Any, source: str = "<dict>") -> Plan:
+    """Validate a parsed plan field by field (the one check every command that reads a plan
+    goes through) and build it. Raises PlanError: one line naming `source` and the field."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PlanError(f"{source}: not a plan (format must be {FORMAT!r}); write one with "
                         "`split-model CLUSTER --out PLAN.json`")
-    if data.get("version") != VERSION:
-        raise PlanError(f"{source}: plan version {data.get('version')!r} is not supported "
-                        f"(this release reads version {VERSION}); re-run split-model")
-    model = data.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("n_layers"), int):
-        raise PlanError(f"{source}: model.n_layers is missing")
-    runtime = data.get("runtime", "exo-current")
-    if runtime not in RUNTIMES:
-        raise PlanError(f"{source}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
-    stages = stages_from_json(data.get("stages"), source)
-    check_stages(stages, model["n_layers"], source)
+    if data.get("version") != VERSION or isinstance(data.get("version"), bool):
+        raise PlanError(f"{source}: plan version {F.shown(data.get('version'))} is not "
+                        f"supported (this release reads version {VERSION}); re-run split-model")
+    try:
+        F.check(data, PLAN)
+    except F.FieldError as e:
+        raise PlanError(f"{source}: {e.path}: {e.problem}; fix that field or write the plan "
+                        "again with split-model") from None
+    n_layers = data["model"]["n_layers"]
+    stages = stages_from_json(data["stages"], source)
+    check_stages(stages, n_layers, source)
+    nodes = data.get("nodes") or {}
+    _check_known_nodes(stages, nodes, "stages", source)
+    for name, b in (data.get("baselines") or {}).items():
+        if b.get("stages"):
+            st = stages_from_json(b["stages"], source)
+            check_stages(st, n_layers, f"{source}: baselines.{name}")
+            _check_known_nodes(st, nodes, f"baselines.{name}.stages", source)
     return Plan(
-        model=model,
+        model=data["model"],
         stages=stages,
         predicted=data.get("predicted", {}),
-        runtime=runtime,
+        runtime=data.get("runtime", "exo-current"),
         objective=data.get("objective", "latency"),
         workload=data.get("workload", {}),
         solver=data.get("solver", {}),
         baselines=data.get("baselines", {}),
         cluster_file=data.get("cluster_file"),
-        nodes=data.get("nodes", {}),
+        nodes=nodes,
     )
+
+
+def _check_known_nodes(stages: list[Stage], nodes: dict, where: str, source: str) -> None:
+    """A stage must run on a node the plan describes (when it describes any)."""
+    if not nodes:
+        return
+    for i, s in enumerate(stages):
+        if s.node not in nodes:
+            raise PlanError(f"{source}: {where}[{i}].node: {s.node!r} is not one of the plan's "
+                            f"nodes ({', '.join(sorted(nodes))}); fix the name or write the "
+                            "plan again with split-model")
 
 
 def read_plan(path: str | Path) -> Plan:
@@ -171,6 +237,11 @@ def read_plan(path: str | Path) -> Plan:
 
 
 def write_plan(plan: Plan, path: str | Path) -> Path:
-    check_stages(plan.stages, plan.n_layers, f"plan {path}")
-    atomic_write_json(path, plan.to_dict())
+    """Validate and write atomically, under the plan's lock (two writers of one plan each
+    write a whole plan, one after the other; neither is half-written or lost unreported)."""
+    what = f"plan {path}"
+    data = plan.to_dict()
+    plan_from_dict(data, source=what)
+    with locked(path, what, wait_s=60.0):
+        atomic_write_json(path, data, what=what)
     return Path(path)

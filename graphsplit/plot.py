@@ -11,6 +11,9 @@ def plot_plan(cluster, plan, workload: Workload, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from profiler.files import check_output
+
+    check_output(path, f"--plot {path}")  # a FIFO, a directory or a missing parent: at once
     L = cluster.n_layers
     C = workload.context_tokens
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7.5),
@@ -70,6 +73,25 @@ def plot_plan(cluster, plan, workload: Workload, path: str) -> str:
     xmax = ax2.get_xlim()[1]
     ax2.set_xlim(0, xmax * 1.25)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    import io
+
+    from profiler.files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format=_format(fig, path))
+    atomic_write_bytes(path, buf.getvalue(), what=f"--plot {path}")
     plt.close(fig)
     return path
+
+
+def _format(fig, path: str) -> str:
+    """The image format from the file name (matplotlib's rule), png when it has none."""
+    from pathlib import Path
+
+    from profiler.errors import UserError
+
+    suffix = Path(path).suffix.lstrip(".").lower() or "png"
+    if suffix not in fig.canvas.get_supported_filetypes():
+        raise UserError(f"--plot {path}: .{suffix} is not an image format matplotlib writes; "
+                        "use .png, .svg or .pdf")
+    return suffix

@@ -130,7 +130,9 @@ def _main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out(spec.name, opts)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file path ending in .json")
-    o.check_writable(str(out), "--out")  # before minutes of profiling, not after
+    from profiler.costtable import check_table_output
+
+    check_table_output(out, f"--out {out}")  # before minutes of profiling, not after
 
     from profiler.profile import profile_model
     from profiler.report import ProgressBar, summary

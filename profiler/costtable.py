@@ -45,17 +45,20 @@ from an empty cache; `decode_s[j]` is the time for one new token with the KV cac
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from profiler.errors import UserError, read_json
+from profiler import fields as F
+from profiler.errors import UserError
+from profiler.files import atomic_write_json, check_output, locked, read_json
+
+__all__ = ["CostTable", "CostTableError", "DeviceInfo", "LayerRow", "ModelInfo", "read_table",
+           "write_table", "validate", "from_dict", "default_path", "atomic_write_json",
+           "lock_table", "interpolate"]
 
 FORMAT = "mlx-split/cost-table"
 VERSION = 1
@@ -221,32 +224,34 @@ def default_path(host: str, model: str, variant: str | None = None,
     return Path(directory) / f"{name}.json"
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def _make_parents(path: str | os.PathLike) -> bool:
+    """Only the default directory (data/profiles/) is created; a missing parent of a path the
+    user gave is refused, as any tool would."""
+    return Path(path).parent == DEFAULT_DIR
 
 
 def write_table(table: CostTable, path: str | os.PathLike) -> Path:
-    """Validate and write atomically. A partial table (complete=False) may lack rows."""
+    """Validate and write atomically (profiler.files). A partial table (complete=False) may
+    lack rows. Bad paths and failed writes raise one UserError line; the old file is kept."""
     data = table.to_dict()
     validate(data, source=str(path), allow_partial=not table.complete)
-    atomic_write_json(path, data)
+    atomic_write_json(path, data, what=f"cost table {path}", make_parents=_make_parents(path))
     return Path(path)
+
+
+def lock_table(path: str | os.PathLike):
+    """One writer per table: a context manager held for a whole `profile-model` run; a second
+    run of the same table refuses at once in one line naming the first (profiler.files.locked).
+    Also refuses at once an output path that cannot be written."""
+    what = f"cost table {path}"
+    check_table_output(path, what)
+    return locked(path, what, wait_s=0, make_parents=_make_parents(path))
+
+
+def check_table_output(path: str | os.PathLike, what: str) -> Path:
+    """Refuse at once a table path that cannot be written (profiler.files.check_output); only
+    the default directory is created."""
+    return check_output(path, what, make_parents=_make_parents(path))
 
 
 # -- reading and validation ----------------------------------------------------------------
@@ -282,14 +287,66 @@ def _known(cls, d: dict) -> dict:
     return {k: v for k, v in d.items() if k in names}
 
 
-def _num_ok(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+def _required(cls) -> tuple[str, ...]:
+    """The dataclass fields without a default: a table must carry them."""
+    from dataclasses import MISSING
+
+    return tuple(k for k, f in cls.__dataclass_fields__.items()
+                 if f.default is MISSING and f.default_factory is MISSING)
+
+
+_STR = F.Str()
+_NAME = F.Str(nonempty=True)
+_TIMES = F.List(F.SECONDS, nonempty=True)
+_GRID = F.List(F.Int(gt=0, le=10**9), nonempty=True)
+
+MODEL = F.Obj({
+    "name": _NAME, "config_hash": _NAME, "n_layers": F.Int(gt=0, le=100_000),
+    "hidden_size": F.Int(gt=0, le=10**7), "model_type": _STR, "repo_id": F.Opt(_STR),
+    "source": _STR, "num_attention_heads": F.Int(ge=0, le=10**6),
+    "num_key_value_heads": F.Int(ge=0, le=10**6), "head_dim": F.Int(ge=0, le=10**6),
+    "intermediate_size": F.Int(ge=0, le=10**9), "vocab_size": F.Int(ge=0, le=10**9),
+    "tie_word_embeddings": F.Bool()}, required=_required(ModelInfo))
+DEVICE = F.Obj({
+    "host": _NAME, "name": _STR, "backend": _STR, "mlx_version": _STR, "platform": _STR,
+    "memory_total_bytes": F.BYTES, "memory_usable_bytes": F.BYTES,
+    "memory_bandwidth_gbs": F.Num(ge=0), "matmul_tflops": F.Num(ge=0),
+    "microbench": F.Obj(name="an object (how the microbenchmarks ran; informational)")},
+    required=_required(DeviceInfo))
+QUANT = F.Opt(F.Obj({"bits": F.Int(gt=0, le=64), "group_size": F.Int(gt=0, le=1 << 20),
+                     "mode": _STR}, name="an object {bits, group_size}"))
+# method: what the run did. Fields a reader acts on are typed; the prose ones are strings.
+METHOD = F.Obj({
+    "warmup": F.Int(ge=0), "repeats": F.Int(gt=0), "statistic": _STR,
+    "max_rel_spread": F.Num(ge=0), "max_rounds": F.Int(gt=0), "batch": F.Int(gt=0),
+    "every_layer": F.Bool(), "clock": F.Str(choices=("wall", "process")),
+    "flush_caches": F.Bool(), "settle_s": F.SECONDS, "decode_min_sample_s": F.SECONDS,
+    "decode_max_steps": F.Int(gt=0), "peak_rss_bytes": F.BYTES, "profile_wall_s": F.SECONDS,
+    "load_average_at_end": F.Num(ge=0), "seed": F.Int(), "tied_head": F.Opt(_STR),
+    **{k: _STR for k in ("remeasure", "weights", "prefill", "decode", "sharing", "timing",
+                         "cache_flush", "settle", "decode_steps", "profiler")}})
+ROW = F.Obj({
+    "name": _NAME, "kind": F.Str(choices=ROW_KINDS), "layer": F.Opt(F.Int(ge=0)),
+    "weight_bytes": F.BYTES, "activation_bytes_per_token": F.BYTES,
+    "kv_bytes_per_token": F.BYTES, "peak_memory_bytes": F.BYTES,
+    "prefill_s": _TIMES, "prefill_spread": _TIMES, "decode_s": _TIMES, "decode_spread": _TIMES,
+    "measured_from": _NAME}, required=tuple(LayerRow.__dataclass_fields__),
+    name="an object (one row)")
+TABLE = F.Obj({
+    "format": _STR, "version": F.Int(), "complete": F.Bool(), "created": _STR,
+    "model": MODEL, "dtype": _NAME, "quantization": QUANT, "device": DEVICE,
+    "grids": F.Obj({"prefill_tokens": _GRID, "decode_context": _GRID},
+                   required=("prefill_tokens", "decode_context")),
+    "method": METHOD, "rows": F.List(ROW)},
+    required=("model", "dtype", "device", "grids", "rows"))
 
 
 def validate(data: Any, source: str = "<dict>", allow_partial: bool = False) -> None:
-    """Check everything the splitter relies on. Raises CostTableError(one line) on the first
-    problem: wrong format or version, missing fields, missing rows, NaN / negative / infinite
-    numbers, grids that are not increasing positive integers, row lists that do not match them."""
+    """Check every field and everything the splitter relies on. Raises CostTableError (one
+    line: the file, the field, what is wrong, how to fix it) on the first problem: wrong format
+    or version, a missing field, a field of the wrong type or out of range (NaN, negative,
+    infinite, a string for a number...), grids that are not increasing, row lists that do not
+    match them, missing or duplicate rows."""
 
     def bad(msg: str) -> CostTableError:
         return CostTableError(f"cost table {source}: {msg}")
@@ -297,92 +354,71 @@ def validate(data: Any, source: str = "<dict>", allow_partial: bool = False) -> 
     if not isinstance(data, dict):
         raise bad("top level is not a JSON object; this is not a cost table")
     if data.get("format") != FORMAT:
-        raise bad(f"format is {data.get('format')!r}, expected {FORMAT!r}; this is not a cost "
-                  "table written by profile-model")
-    if data.get("version") != VERSION:
-        raise bad(f"version {data.get('version')!r} is not supported (this reader knows version "
-                  f"{VERSION}); re-run profile-model with this release to rewrite it")
-    for key in ("model", "dtype", "device", "grids", "rows"):
-        if key not in data:
-            raise bad(f"missing field {key!r}; re-run profile-model to rewrite it")
+        raise bad(f"format is {F.shown(data.get('format'))}, expected {FORMAT!r}; this is not "
+                  "a cost table written by profile-model")
+    if data.get("version") != VERSION or isinstance(data.get("version"), bool):
+        raise bad(f"version {F.shown(data.get('version'))} is not supported (this reader knows "
+                  f"version {VERSION}); re-run profile-model with this release to rewrite it")
+    try:
+        F.check(data, TABLE)
+    except F.FieldError as e:
+        raise bad(f"{e.path}: {e.problem}; fix that field or re-run profile-model to rewrite "
+                  "the table") from None
     if not data.get("complete", True) and not allow_partial:
         raise bad("the run that wrote it did not finish (complete=false); re-run the same "
                   "profile-model command to resume it")
-    model, device, grids = data["model"], data["device"], data["grids"]
-    for key in ("name", "config_hash", "n_layers", "hidden_size"):
-        if key not in model:
-            raise bad(f"model.{key} is missing")
-    n_layers = model["n_layers"]
-    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
-        raise bad(f"model.n_layers is {n_layers!r}; it must be a positive integer")
-    for key in ("host", "name", "backend", "memory_total_bytes", "memory_usable_bytes",
-                "memory_bandwidth_gbs", "matmul_tflops"):
-        if key not in device:
-            raise bad(f"device.{key} is missing")
-    for key in ("memory_total_bytes", "memory_usable_bytes", "memory_bandwidth_gbs",
-                "matmul_tflops"):
-        if not _num_ok(device[key]):
-            raise bad(f"device.{key} is {device[key]!r}; it must be a finite number >= 0")
+    n_layers = data["model"]["n_layers"]
+    grids = data["grids"]
     grid_lens = {}
     for key in ("prefill_tokens", "decode_context"):
-        g = grids.get(key)
-        if (not isinstance(g, list) or not g
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g)):
-            raise bad(f"grids.{key} is {g!r}; it must be a non-empty list of positive integers")
+        g = grids[key]
         if any(b <= a for a, b in zip(g, g[1:])):
-            raise bad(f"grids.{key} {g} is not strictly increasing")
+            raise bad(f"grids.{key}: {g} is not strictly increasing; list each size once, "
+                      "smallest first")
         grid_lens[key] = len(g)
-    rows = data["rows"]
-    if not isinstance(rows, list):
-        raise bad("rows is not a list")
-    names = set()
-    measured = set()
-    for i, r in enumerate(rows):
-        where = f"row {i} ({r.get('name', '?') if isinstance(r, dict) else '?'})"
-        if not isinstance(r, dict):
-            raise bad(f"{where} is not an object")
-        for key in LayerRow.__dataclass_fields__:
-            if key not in r:
-                raise bad(f"{where}: field {key!r} is missing")
-        if r["kind"] not in ROW_KINDS:
-            raise bad(f"{where}: kind {r['kind']!r} is not one of {', '.join(ROW_KINDS)}")
-        if r["name"] in names:
-            raise bad(f"{where}: duplicate row name {r['name']!r}")
-        names.add(r["name"])
-        if r["kind"] == "block":
-            if not isinstance(r["layer"], int) or not 0 <= r["layer"] < n_layers:
-                raise bad(f"{where}: layer {r['layer']!r} is outside 0..{n_layers - 1}")
-            if r["name"] != f"layers.{r['layer']}":
-                raise bad(f"{where}: a block row must be named layers.{r['layer']}")
-        elif r["name"] != r["kind"]:
-            raise bad(f"{where}: an {r['kind']} row must be named {r['kind']!r}")
-        for key in ("weight_bytes", "activation_bytes_per_token", "kv_bytes_per_token",
-                    "peak_memory_bytes"):
-            if not _num_ok(r[key]):
-                raise bad(f"{where}: {key} is {r[key]!r}; it must be a finite number >= 0")
-        for key, grid in (("prefill_s", "prefill_tokens"), ("prefill_spread", "prefill_tokens"),
-                          ("decode_s", "decode_context"), ("decode_spread", "decode_context")):
-            v = r[key]
-            if not isinstance(v, list) or len(v) != grid_lens[grid]:
-                raise bad(f"{where}: {key} has {len(v) if isinstance(v, list) else 'no'} values "
-                          f"but grids.{grid} has {grid_lens[grid]}; the grids do not match")
-            for x in v:
-                if not _num_ok(x):
-                    raise bad(f"{where}: {key} contains {x!r}; times and spreads must be "
-                              "finite numbers >= 0")
-        if r["measured_from"] == r["name"]:
-            measured.add(r["name"])
-    for r in rows:
-        if r["measured_from"] not in measured:
-            raise bad(f"row {r['name']}: measured_from {r['measured_from']!r} is not a row that "
-                      "was measured itself")
+    _check_rows(data["rows"], n_layers, grid_lens, bad)
     if not allow_partial:
+        names = {r["name"] for r in data["rows"]}
         expected = {"embed", "head"} | {f"layers.{i}" for i in range(n_layers)}
         missing = sorted(expected - names, key=_row_order)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
                                               else "")
             raise bad(f"rows missing: {shown}; re-run profile-model to complete it")
+
+
+def _check_rows(rows: list[dict], n_layers: int, grid_lens: dict[str, int], bad) -> None:
+    """Names, kinds, layer indices, list lengths and measured_from of the (typed) rows."""
+    names = set()
+    measured = set()
+    for i, r in enumerate(rows):
+        where = f"rows[{i}] ({r['name']})"
+        if r["name"] in names:
+            raise bad(f"{where}.name: duplicate row name {r['name']!r}; each row appears once")
+        names.add(r["name"])
+        if r["kind"] == "block":
+            if r["layer"] is None or not 0 <= r["layer"] < n_layers:
+                raise bad(f"{where}.layer: {F.shown(r['layer'])} is outside 0..{n_layers - 1} "
+                          "(model.n_layers)")
+            if r["name"] != f"layers.{r['layer']}":
+                raise bad(f"{where}.name: a block row of layer {r['layer']} must be named "
+                          f"layers.{r['layer']}")
+        else:
+            if r["layer"] is not None:
+                raise bad(f"{where}.layer: an {r['kind']} row has no layer; write null")
+            if r["name"] != r["kind"]:
+                raise bad(f"{where}.name: an {r['kind']} row must be named {r['kind']!r}")
+        for key, grid in (("prefill_s", "prefill_tokens"), ("prefill_spread", "prefill_tokens"),
+                          ("decode_s", "decode_context"), ("decode_spread", "decode_context")):
+            if len(r[key]) != grid_lens[grid]:
+                raise bad(f"{where}.{key}: has {len(r[key])} values but grids.{grid} has "
+                          f"{grid_lens[grid]}; the grids do not match")
+        if r["measured_from"] == r["name"]:
+            measured.add(r["name"])
+    for i, r in enumerate(rows):
+        if r["measured_from"] not in measured:
+            raise bad(f"rows[{i}] ({r['name']}).measured_from: {r['measured_from']!r} is not a "
+                      "row that was measured itself")
 
 
 def _row_order(name: str) -> tuple[int, int]:

@@ -23,29 +23,18 @@ class UserError(Exception):
 def read_json(path: str | Path, what: str, missing: str = "", invalid: str = "",
               error: type[UserError] = UserError) -> Any:
     """Parse a JSON file the user named; any problem raises `error` as one line
-    "<what>: <problem>[; <hint>]": no such file (hint `missing`), a directory, not valid JSON or
-    not a text file (hint `invalid`)."""
-    p = Path(path)
+    "<what>: <problem>[; <hint>]": see `profiler.files.read_json` (no such file, a directory,
+    a FIFO or device, not valid JSON, NaN / Infinity / over-long numbers, duplicate keys)."""
+    from profiler.files import read_json as _read_json
 
-    def bad(problem: str, hint: str) -> UserError:
-        return error(f"{what}: {problem}" + (f"; {hint}" if hint else ""))
-
-    if not p.exists():
-        raise bad("no such file", missing)
-    if p.is_dir():
-        raise bad("is a directory, expected a JSON file", "")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise bad(f"not valid JSON ({e.msg}, line {e.lineno})", invalid) from None
-    except UnicodeDecodeError:
-        raise bad("not a text file", invalid) from None
+    return _read_json(path, what, missing=missing, invalid=invalid, error=error)
 
 
 def guard(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a CLI `main(argv) -> int`: bad input becomes one line on stderr and exit code 2.
 
-    Caught: `UserError`, unreadable or missing files, malformed JSON, Ctrl-C (exit 130).
+    Caught: `UserError`, an OSError about a named file (said as what happened to it, not as
+    "cannot read"), malformed JSON, Ctrl-C (exit 130).
     Everything else is a bug and keeps its traceback.
     """
 
@@ -65,8 +54,11 @@ def guard(main: Callable[..., int | None]) -> Callable[..., int]:
         except FileNotFoundError as e:
             print(f"error: no such file: {e.filename}; check the path", file=sys.stderr)
             return 2
-        except (IsADirectoryError, PermissionError) as e:
-            print(f"error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        except OSError as e:
+            if e.filename is None:  # a socket or pipe error: not about a file the user named
+                raise
+            print(f"error: {e.filename}: {(e.strerror or str(e)).lower()}; check the path and "
+                  "its permissions", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"\n{prog}: interrupted; anything finished was kept", file=sys.stderr)

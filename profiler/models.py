@@ -209,6 +209,9 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         spec = _resolve_path(cached)
         spec.name, spec.repo_id = text.split("/")[-1], text
         return spec
+    if p.is_symlink():  # a dangling link or a symlink loop: say which (profiler.files)
+        from profiler.files import read_text
+        read_text(p, f"model path {text}")
     looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".json")
     if looks_like_path:
         raise UserError(f"model path {text} does not exist; give a model directory "

@@ -334,26 +334,3 @@ def unvalidated(parser: argparse.ArgumentParser) -> list[str]:
                 continue  # passed through verbatim to another program
             bad.append(f"{prog} {'/'.join(a.option_strings) or a.dest}")
     return bad
-
-
-def check_writable(path_text: str, option: str) -> None:
-    """Refuse, before any work, an output path that cannot be written: its folder is missing,
-    is not a folder, or is not writable; or the path is a directory. Says "cannot write", not
-    "cannot read"."""
-    import os
-    from pathlib import Path
-
-    p = Path(path_text).expanduser()
-    if p.is_dir():
-        raise UserError(f"{option} {p}: is a directory; give a file path")
-    parent = p.parent if str(p.parent) else Path(".")
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent  # the nearest existing folder decides (missing ones are created)
-    if not probe.is_dir():
-        raise UserError(f"{option} {p}: cannot write there, {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {p}: cannot write there (no permission to write in "
-                        f"{probe}); choose another path")
-    if p.exists() and not os.access(p, os.W_OK) and not os.access(parent, os.W_OK):
-        raise UserError(f"{option} {p}: cannot write it (read-only); choose another path")

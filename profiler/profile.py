@@ -231,6 +231,15 @@ def _row_from(t_prefill, t_decode, **kw) -> LayerRow:
 
 def profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
                   progress=None) -> CostTable:
+    """One run per table: the table's lock is held for the whole run (costtable.lock_table: a
+    second run of the same table refuses at once; an unwritable output is refused before
+    anything is measured). See `_profile_model`."""
+    with costtable.lock_table(out_path):
+        return _profile_model(spec, opts, out_path, progress)
+
+
+def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
+                   progress=None) -> CostTable:
     """Measure every row of `spec` on this machine and write the cost table to `out_path`
     (atomically, after every row; complete=True at the end). Returns the table.
 

@@ -269,15 +269,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     assert "cannot read" not in err and blocker.read_text() == "keep me\n"
     rc = profile_cli.main(["llama-3-8b", "--out", str(blocker / "t.json")])
     err = capsys.readouterr().err
-    assert rc == 2 and "--out" in err and "cannot write there" in err and "not a folder" in err
+    assert rc == 2 and "--out" in err and "cannot write" in err and "not a directory" in err
 
 
 @pytest.mark.parametrize("entries, says", [
-    ([["127.0.0.1:99999"], ["127.0.0.1:1"]], "entry 0: port in '127.0.0.1:99999'"),
-    ([["127.0.0.1:1"], ["a b:5"]], "entry 1"),
-    ([["127.0.0.1:1"], [7]], "entry 1 is 7"),
+    ([["127.0.0.1:99999"], ["127.0.0.1:1"]], "[0][0]: must be an address"),
+    ([["127.0.0.1:1"], ["a b:5"]], "[1][0]"),
+    ([["127.0.0.1:1"], [7]], "[1][0]"),
     ([["127.0.0.1:1"]], "1 hosts for 2 stages"),
-    ({"x": 1}, "expected a JSON list of hosts"),
+    ({"x": 1}, "hosts: is missing"),
 ])
 def test_runner_hostfile_entries_are_checked(tmp_path, entries, says):
     import json

@@ -77,12 +77,12 @@ def _mutations():
 
     return [("version", version, "version 2 is not supported"),
             ("missing_row", missing_row, "rows missing: layers.1"),
-            ("nan", nan, "decode_s contains nan"),
-            ("negative", negative, "weight_bytes is -5"),
+            ("nan", nan, "rows[2].decode_s[0]: NaN is not a number"),
+            ("negative", negative, "rows[1].weight_bytes: must be a number >= 0, got -5"),
             ("grid_mismatch", grid_mismatch, "the grids do not match"),
             ("not_increasing", not_increasing, "not strictly increasing"),
             ("partial", partial, "did not finish"),
-            ("measured_from", bad_measured_from, "measured_from 'layers.9'"),
+            ("measured_from", bad_measured_from, "measured_from: 'layers.9'"),
             ("format", wrong_format, "not a cost table")]
 
 

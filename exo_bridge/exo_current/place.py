@@ -40,9 +40,10 @@ from exo_bridge.exo_current import schema
 from exo_bridge.exo_current.http import Client, PeerError, PeerTimeout, parse_api_url
 from exo_bridge.exo_current.schema import (CardView, ClusterState, ExoSchemaError, NodeInfo,
                                            Preview, Rank)
+from exo_bridge.formats import read_node_map
 from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, read_plan
-from profiler.errors import UserError, read_json
+from profiler.errors import UserError
 
 GIB = 1024 ** 3
 
@@ -117,16 +118,6 @@ def fetch_previews(exo: Exo, model: str, node_ids: list[str], log) -> list[Previ
 
 
 # ---------------------------------------------------------------- node mapping
-
-
-def read_node_map(path: str | Path) -> dict[str, str]:
-    p = Path(path)
-    data = read_json(p, f"--node-map {p}", missing='write JSON {"plan node": "exo node id"}')
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                             for k, v in data.items()):
-        raise UserError(f"--node-map {p}: must be a JSON object {{\"plan node\": \"exo node "
-                        "id\"}}")
-    return data
 
 
 def map_nodes(plan_nodes: list[str], exo_nodes: dict[str, NodeInfo],

@@ -56,13 +56,23 @@ def add_check_arguments(ap: argparse.ArgumentParser) -> None:
                     help="layer count to map to (default: the plan's)")
 
 
+def _build_checked_strategy(args: argparse.Namespace):
+    """The strategy, after the plan passed the toolkit's one plan validator (`read_plan`): the
+    stand-alone strategy has only exo's stdlib and reads plans leniently."""
+    if args.plan:
+        from graphsplit.plan import read_plan
+
+        read_plan(args.plan)
+    return build_strategy(args)
+
+
 def run(args: argparse.Namespace) -> int:
-    strategy = build_strategy(args)  # validates the plan/tables before exo starts
+    strategy = _build_checked_strategy(args)  # validates the plan/tables before exo starts
     return run_exo(strategy, list(args.exo_args or []))
 
 
 def run_check(args: argparse.Namespace) -> int:
-    strategy = build_strategy(args)
+    strategy = _build_checked_strategy(args)
     nodes = dict(args.node)  # (id, MB) pairs, checked by options.node_memory
     if not nodes and strategy.plan is not None:  # default: the plan's own nodes
         nodes = {strategy.to_exo(s.node): int((strategy.plan.nodes.get(s.node) or {})

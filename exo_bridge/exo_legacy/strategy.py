@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from abc import ABC, abstractmethod
@@ -487,8 +488,10 @@ def strategy_from_env():
 
 
 def read_node_map(path: str) -> dict:
-    """`{plan node: exo node id}` from a JSON file."""
+    """`{plan node: exo node id}` from a JSON file (a FIFO or device is refused, never read)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise StrategyError(f"node map {path}: not a regular file; give a JSON file")
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise StrategyError(f"node map {path}: cannot read it as JSON ({e})") from None
