@@ -606,6 +606,73 @@ def _solve(cluster, objective: str, workload: Workload, runtime: str, use_all_no
     ids = sorted(cluster.ids) if order is None else list(order)
     metric = "prefill" if objective == "ttft" else "decode"
     cc = ChainCosts(cluster, workload, runtime, metric, ids=ids)
+    if cc.protocol.head_on_every_rank:
+        return _solve_paced(cc, objective, use_all_nodes, order, name, t0)
+    return _solve_cc(cc, objective, use_all_nodes, order, name, t0)
+
+
+def _plan_pace(cc: ChainCosts, path) -> float:
+    return max(cc.pace[d] for d, _, _ in path)
+
+
+def _solve_paced(cc: ChainCosts, objective: str, use_all_nodes: bool,
+                 order: Sequence[str] | None, name: str, t0: float) -> SplitResult:
+    """Exact minimum of sum of stage times + max over the plan's nodes of pace (the head that
+    every rank runs: exo-current).
+
+    Problem: the max term makes the objective non-additive. Method: enumerate its value. For
+    each distinct pace H (ascending), the best plan using only nodes with pace <= H costs
+    S(H) + H at most, and the optimum is min_H S(H) + H (its own max pace is one such H).
+    S(H) >= S(max) (fewer nodes never help), so the scan stops once S(max) + H reaches the
+    incumbent; every DP run is pruned at the incumbent minus H. At most D extra DP runs.
+    Throughput and Pareto reduce to latency: the all-gather is a barrier every step, so the
+    bottleneck is the whole time per token (see graphsplit.costmodel).
+    """
+    metric_obj = "ttft" if objective == "ttft" else "latency"
+    first = _solve_cc(cc, metric_obj, use_all_nodes, order, name, t0)
+    if first.stages is None:
+        return first
+    idx = {n: i for i, n in enumerate(cc.ids)}
+
+    def path_of(r):
+        return [(idx[st.node], st.start_layer, st.end_layer) for st in r.stages]
+
+    base = first.fun
+    best_p = path_of(first)
+    best = sum(_stage_times(cc, best_p)) + _plan_pace(cc, best_p)
+    work = first.nit
+    for H in sorted(set(cc.pace.tolist())):
+        if base + H >= best:
+            break
+        r = _solve_cc(cc.without_nodes_above(H), metric_obj, use_all_nodes, order, name, t0,
+                      bound=(best - H) * (1 + 1e-9) + 1e-15)
+        work += r.nit
+        if r.stages is None:
+            continue
+        p = path_of(r)
+        v = sum(_stage_times(cc, p)) + _plan_pace(cc, p)
+        if v < best:
+            best, best_p = v, p
+    stages = _to_stages(cc, best_p)
+    where = "all node orders and subsets" if order is None else "the given node order"
+    note = "" if objective in ("latency", "ttft") else \
+        f" ({objective} = latency under {cc.runtime}: one step in flight)"
+    extra = {}
+    if objective == "pareto":
+        extra = {"frontier": [{"tpot_s": best, "bottleneck_s": best,
+                               "throughput_tps": 1 / best if best > 0 else INF,
+                               "stages": stages}]}
+    return SplitResult(stages, best, True, 0,
+                       f"optimal {metric_obj} over {where}, head pace enumerated{note}",
+                       name, time.perf_counter() - t0, work, extra)
+
+
+def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, order: Sequence[str] | None,
+              name: str, t0: float, bound: float = INF) -> SplitResult:
+    """The DP solvers on prebuilt cost arrays (additive stage times); `bound`: only plans
+    below it are looked for (latency / ttft)."""
+    cluster, workload, runtime = cc.cluster, cc.workload, cc.runtime
+    ids = cc.ids
     idx_order = None if order is None else list(range(len(ids)))
     B = workload.streams
     work_total = [0]
@@ -643,7 +710,7 @@ def _solve(cluster, objective: str, workload: Workload, runtime: str, use_all_no
                                f"optimal throughput for {B} stream(s) over {where} "
                                f"({n_dp} capped DP runs after a fixed-order seed)",
                                name, time.perf_counter() - t0, work_total[0] + fo.nit)
-    val, path = dp(bound=seed)
+    val, path = dp(bound=min(seed, bound))
     if path is None:
         return _infeasible(name, t0, work_total[0])
     if objective in ("latency", "ttft"):

@@ -25,6 +25,11 @@ buffer dropped, binaries fixed by memory (_memory_fixings) and, for throughput, 
 incumbent's value (_time_fixings), fixed binaries substituted out; the best contiguous split of
 the topological order (_order_dp) is the incumbent, passed as HiGHS's objective_bound cutoff.
 
+Runtimes: the MILP charges the ring protocol (activation to the next stage, token id back):
+mlx-pipeline, and exo-legacy with its measured per-message overhead folded into every link's
+latency (_ring_cluster). exo-current's all-gather and per-rank head are not in this formulation:
+it is refused with a message pointing at the DP solvers, which carry it exactly.
+
 Reference: PiPPy graphsplit (pytorch/PiPPy, pippy/graphsplit.py): MILP with
 scipy.optimize.milp, homogeneous stages, parameter/activation counts instead of times.
 """
@@ -32,6 +37,7 @@ scipy.optimize.milp, homogeneous stages, parameter/activation counts instead of 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import os
 import sys
@@ -44,7 +50,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from graphsplit.costmodel import Workload, check_runtime
+from graphsplit.cluster import Link
+from graphsplit.costmodel import Workload, check_runtime, message_overhead_s
+from profiler.errors import UserError
 from graphsplit.plan import Stage
 from graphsplit.result import SplitResult
 
@@ -90,9 +98,26 @@ def _op_mem(g, v, runtime) -> float:
     return float(a["weight_bytes"] + a["kv_bytes"])
 
 
+def _ring_cluster(cluster, runtime: str):
+    """The cluster as the ring protocol of `runtime` sees it: exo-legacy's measured per-message
+    overhead added to every link's latency (every message pays it once); exo-current refused."""
+    if runtime == "exo-current":
+        raise UserError("the MILP solver charges the ring protocol (mlx-pipeline, exo-legacy); "
+                        "exo-current's all-gather and per-rank head are solved by --solver "
+                        "bitmask or fixed-order")
+    m = message_overhead_s(cluster, runtime) if runtime == "exo-legacy" else 0.0
+    if m == 0.0:
+        return cluster
+    c = copy.copy(cluster)
+    c.links = {k: Link(v.latency_s + m, v.bandwidth_Bps) for k, v in cluster.links.items()}
+    c.default_link = Link(cluster.default_link.latency_s + m, cluster.default_link.bandwidth_Bps)
+    return c
+
+
 def evaluate_assignment(g: nx.DiGraph, cluster, devices: Sequence[str], stage_of: dict,
-                        objective: str, workload: Workload, runtime: str = "exo-current"):
+                        objective: str, workload: Workload, runtime: str = "mlx-pipeline"):
     """Reference cost of an assignment op -> stage index (None if invalid or over memory)."""
+    cluster = _ring_cluster(cluster, runtime)
     S = len(devices)
     metric = "prefill_s" if objective == "ttft" else "decode_s"
     tokens = workload.prompt_tokens if objective == "ttft" else 1
@@ -311,7 +336,7 @@ def _needed_edges(g, ops, idx):
 
 
 def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = "latency",
-               workload: Workload = Workload(), runtime: str = "exo-current",
+               workload: Workload = Workload(), runtime: str = "mlx-pipeline",
                time_limit: float = 60.0, presolve: bool = False, reduce: bool = True,
                incumbent: bool = True, highs_options: dict | None = None) -> SplitResult:
     """Optimal assignment of the DAG's operations to the stages on `devices` (in order).
@@ -327,6 +352,7 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
     in contiguous ranges, whose stages are the block ranges. Optimal iff HiGHS proves it.
     """
     check_runtime(runtime)
+    cluster = _ring_cluster(cluster, runtime)
     t0 = time.perf_counter()
     devices = list(devices)
     S = len(devices)
@@ -571,12 +597,13 @@ def _block_stages(g, stage_of, devices, n_layers):
 
 
 def solve_milp_chain(cluster, objective: str = "latency", workload: Workload = Workload(),
-                     runtime: str = "exo-current", use_all_nodes: bool = False,
+                     runtime: str = "mlx-pipeline", use_all_nodes: bool = False,
                      order: Sequence[str] | None = None, time_limit: float = 60.0) -> SplitResult:
     """The MILP on the block chain, over every subsequence of the node order (the whole order
     with use_all_nodes): optimal over the given order, like solve_fixed_order."""
     from graphsplit.graph import build_graph
     t0 = time.perf_counter()
+    _ring_cluster(cluster, runtime)  # refuse exo-current before building anything
     g = build_graph(cluster, workload)
     order = list(order) if order is not None else cluster.ids
     seqs = [order] if use_all_nodes else [list(c) for k in range(1, len(order) + 1)

@@ -78,14 +78,16 @@ def test_dp_solvers_equal_brute_force(name, use_all):
 
 
 @pytest.mark.parametrize("name", ["slow-node", "many"])
-def test_pareto_frontier_equals_brute_force(name):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_pareto_frontier_equals_brute_force(name, runtime):
     c = scenario(name)
     w = Workload(prompt_tokens=64, context_tokens=256, streams=4)
-    a = solve_bitmask(c, "pareto", w)
-    b = brute_force(c, "pareto", w)
+    a = solve_bitmask(c, "pareto", w, runtime)
+    b = brute_force(c, "pareto", w, runtime)
     fa = [(p["tpot_s"], p["bottleneck_s"]) for p in a.extra["frontier"]]
     fb = [(p["tpot_s"], p["bottleneck_s"]) for p in b.extra["frontier"]]
-    assert len(fa) == len(fb) and len(fa) >= 2
+    # exo-current: the all-gather makes the bottleneck the whole step, one point
+    assert len(fa) == len(fb) and len(fa) >= (1 if runtime == "exo-current" else 2)
     for x, y in zip(fa, fb):
         assert x == pytest.approx(y, rel=1e-9)
 
