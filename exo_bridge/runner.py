@@ -9,7 +9,13 @@ Measured: time to first token (prefill of `--prompt-tokens` random token ids + t
 time per output token over `--max-tokens` tokens, tokens/s (= 1 / TPOT for one stream), printed
 beside the plan's prediction with the error in percent. `--stages-from` picks the plan's own
 stages or one of its baselines (exo-legacy, exo-current, even), so exo's default splits run the
-same way; `all` runs them one after another.
+same way; `all` runs them one after another. `--protocol` picks the per-token protocol the
+ranks execute (default: the plan's runtime's): `ring` (ours), `exo-legacy` (the same pattern with
+every message framed as legacy exo's gRPC carries it: numpy bytes + shape + dtype, the token id
+back as a (1, 1) tensor) or `exo-current` (every rank embeds, runs its blocks, sends on; the last
+hidden state is all-gathered to every rank each decode step and every rank runs norm + head +
+sampling; exo's prefill: prompt[:-1], prompt[-1], trim 2, barrier, re-decode the last two);
+predictions are re-derived under that runtime's cost model.
 
 Library use (the testbed and the benchmark): `run_stages(...)` with per-rank hosts and command
 wrappers (e.g. `ip netns exec NODE ...` + a cgroup) returns a `RunResult`.
@@ -36,6 +42,10 @@ from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_js
 from profiler.errors import UserError, guard
 
 BASELINES = ("exo-legacy", "exo-current", "even")
+# --protocol -> the runtime whose cost model charges it (graphsplit.costmodel.protocol)
+PROTOCOL_RUNTIME = {"ring": "mlx-pipeline", "exo-legacy": "exo-legacy",
+                    "exo-current": "exo-current"}
+RUNTIME_PROTOCOL = {v: k for k, v in PROTOCOL_RUNTIME.items()}
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -56,6 +66,7 @@ class RunResult:
     predicted: dict[str, Any] = field(default_factory=dict)
     ranks: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
+    protocol: str = "ring"
 
     def errors_pct(self) -> dict[str, float | None]:
         """(measured - predicted) / predicted in percent, for tpot, ttft and tokens/s."""
@@ -304,16 +315,21 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                hostfile: str | None = None, python: str | None = None,
                timeout_s: float = 600.0, warmup_prompt: int = 8, warmup_tokens: int = 2,
                env: dict[str, str] | None = None, seed: int = 0,
-               hostfiles: list[str] | None = None) -> RunResult:
+               hostfiles: list[str] | None = None, protocol: str = "ring") -> RunResult:
     """Run one split end to end and measure it; see the module docstring."""
     if max_tokens < 1 or prompt_tokens < 1:
         raise UserError("--prompt-tokens and --max-tokens must be at least 1")
+    if protocol not in PROTOCOL_RUNTIME:
+        raise UserError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOL_RUNTIME)}")
+    if protocol == "exo-current" and prompt_tokens < 2:
+        raise UserError("--protocol exo-current needs --prompt-tokens of at least 2 (exo "
+                        "re-decodes the last two prompt tokens)")
     n_layers = int(spec["config"].get("num_hidden_layers") or spec["config"]["n_layers"])
     check_stages(stages, n_layers, label)
     job = {"model": spec, "stages": [[s.start_layer, s.end_layer] for s in stages],
            "prompt": make_prompt(vocab_of(spec["config"]), prompt_tokens, seed),
            "max_tokens": max_tokens, "warmup_prompt": warmup_prompt,
-           "warmup_tokens": warmup_tokens}
+           "warmup_tokens": warmup_tokens, "protocol": protocol}
     t0 = time.perf_counter()
     if hostfile and not _hostfile_is_local(hostfile):
         ranks = launch_mlx(job, hostfile, timeout_s, python)
@@ -333,7 +349,8 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
     return RunResult(label=label, stages=list(stages), prompt_tokens=prompt_tokens,
                      max_tokens=max_tokens, tokens=r0["tokens"], ttft_s=r0["ttft_s"],
                      tpot_s=tpot, tokens_per_s=(1.0 / tpot) if tpot else None,
-                     predicted=dict(predicted or {}), ranks=ranks, wall_s=wall)
+                     predicted=dict(predicted or {}), ranks=ranks, wall_s=wall,
+                     protocol=protocol)
 
 
 def _hostfile_entries(path: str) -> list[Any]:
@@ -469,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the plan's stages, one baseline's, or all of them in turn")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                     help="weights of a built-in model (a directory keeps its own)")
+    ap.add_argument("--protocol", default=None, choices=tuple(PROTOCOL_RUNTIME),
+                    help="per-token protocol to run: ring (ours: activation on, token id back), "
+                    "exo-legacy (the same as legacy exo's numpy messages), exo-current (all-gather "
+                    "of the last hidden state, head on every rank); default: the plan's runtime")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run (default 600)")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
     ap.add_argument("--breakdown", action="store_true",
@@ -485,17 +506,21 @@ def main(argv: list[str] | None = None) -> int:
     which = ["plan", *[b for b in BASELINES if b in plan.baselines]] \
         if args.stages_from == "all" else [args.stages_from]
     rewl = run_workload(plan, P, args.max_tokens)
+    protocol = args.protocol or RUNTIME_PROTOCOL[plan.runtime]
+    runtime = PROTOCOL_RUNTIME[protocol]
     results = []
     for w in which:
         stages, pred = pick_stages(plan, w)
         if rewl is not None:
-            pred = repredict(rewl[0], stages, rewl[1], plan.runtime)
+            pred = repredict(rewl[0], stages, rewl[1], runtime)
+        elif runtime != plan.runtime:
+            pred = {}  # the plan predicted another runtime's protocol: nothing to compare
         if not args.json:
             print(f"running {w}: " + ", ".join(f"{s.node}[{s.start_layer},{s.end_layer})"
                                                for s in stages), file=sys.stderr, flush=True)
         results.append(run_stages(stages, spec, P, args.max_tokens, label=w, predicted=pred,
                                   hostfile=args.hostfile, python=args.python,
-                                  timeout_s=args.timeout))
+                                  timeout_s=args.timeout, protocol=protocol))
     wl = plan.workload.get("prompt_tokens")
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))
@@ -506,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_breakdown(r))
         if rewl is not None:
             print(f"predictions re-derived from {plan.cluster_file} for this run's workload "
-                  f"(prompt {P}, mean decode context {rewl[1].context_tokens}, 1 stream)")
+                  f"(prompt {P}, mean decode context {rewl[1].context_tokens}, 1 stream) "
+                  f"under the {runtime} protocol")
         elif wl and int(wl) != P:
             print(f"note: the plan predicted for a {wl}-token prompt; this run used {P} "
                   f"(the plan's cluster file {plan.cluster_file or '(none)'} is not here to "

@@ -74,6 +74,25 @@ def test_two_process_pipeline_tokens_equal_single_process(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["ring", "exo-legacy", "exo-current"])
+def test_every_protocol_generates_the_single_process_tokens(tiny, protocol):
+    """Three ranks (a middle one too) run each runtime's per-token protocol for real; the greedy
+    tokens equal the single-process model's, and under exo-current every rank samples the same
+    tokens from the all-gathered hidden state."""
+    spec = model_spec(str(tiny), None)
+    res = run_stages([Stage("a", 0, 1), Stage("b", 1, 3), Stage("c", 3, 4)], spec, PROMPT, NEW,
+                     timeout_s=180, protocol=protocol)
+    want = reference_tokens(tiny, make_prompt(TINY["vocab_size"], PROMPT), NEW)
+    assert res.tokens == want and res.protocol == protocol
+    assert all(len(r["decode_compute_s"]) == NEW - 1 for r in res.ranks)
+    if protocol == "exo-current":
+        assert [r["all_tokens"] for r in res.ranks] == [want] * 3
+        assert all(len(r["head_s"]) == NEW - 1 for r in res.ranks)  # the head on every rank
+    if protocol == "exo-legacy":  # every hop and the token back went through the framing
+        assert all(r["message_s"] for r in res.ranks)
+
+
+@pytest.mark.slow
 def test_cli_runs_plan_and_baseline_and_prints_errors(tiny, tmp_path):
     plan = Plan(model={"name": "tiny-llama", "n_layers": 4, "config_hash": "x"},
                 stages=[Stage("a", 0, 3), Stage("b", 3, 4)],
