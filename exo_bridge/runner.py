@@ -353,6 +353,20 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                      protocol=protocol)
 
 
+def measure_message_overhead(hidden: int, repeats: int = 50, dtype: str = "float32", *,
+                             hosts: list[str] | None = None,
+                             wrappers: list[list[str]] | None = None,
+                             hostfiles: list[str] | None = None,
+                             timeout_s: float = 120.0) -> dict[str, Any]:
+    """exo-legacy's per-message overhead between two ranks, measured: a ping-pong of one decode
+    activation and a token id, alternately over the ring protocol and the exo-legacy framing
+    (see stage_worker.message_pingpong). Returns rank 0's medians and the overhead in s."""
+    job = {"kind": "message-pingpong", "stages": [[0, 0], [0, 0]], "hidden": int(hidden),
+           "repeats": int(repeats), "dtype": dtype}
+    return launch_local(job, hosts=hosts, wrappers=wrappers, hostfiles=hostfiles,
+                        timeout_s=timeout_s)[0]
+
+
 def _hostfile_entries(path: str) -> list[Any]:
     data = json.loads(Path(path).read_text())
     if isinstance(data, dict):
@@ -448,9 +462,15 @@ def breakdown(r: RunResult) -> dict[str, Any]:
                        "pred_prefill_s": pp.get(s.node), "pred_link_s": pl.get(s.node)})
     comp = sum(x["decode_s"] or 0.0 for x in stages)
     links = sum(x["pred_link_s"] or 0.0 for x in stages) if pl else None
+    # exo-current: every rank's own head per decode step; the slowest rank's sets the pace
+    heads = [rk.get("head_s") or [] for rk in r.ranks]
+    head = max((_mean(h) for h in heads if h), default=None)
+    if links is not None and p.get("head_pace_s"):
+        links += p["head_pace_s"]
     return {"stages": stages, "measured_compute_s": comp,
             "measured_comm_s": (r.tpot_s - comp) if r.tpot_s else None,
-            "pred_compute_s": sum(pc.values()) if pc else None, "pred_comm_s": links}
+            "pred_compute_s": sum(pc.values()) if pc else None, "pred_comm_s": links,
+            "measured_head_s": head, "pred_head_s": p.get("head_pace_s")}
 
 
 def format_breakdown(r: RunResult) -> str:
@@ -462,9 +482,12 @@ def format_breakdown(r: RunResult) -> str:
                      f"{_ms(x['decode_s']):>8} / {_ms(x['pred_decode_s']):>8}  "
                      f"{_ms(x['prefill_s']):>10} / {_ms(x['pred_prefill_s']):>8}  "
                      f"{_ms(x['pred_link_s']):>8}")
+    head = "" if b["measured_head_s"] is None else \
+        (f" (of which the slowest rank's head: measured {_ms(b['measured_head_s'])}, predicted "
+         f"{_ms(b['pred_head_s'])})")
     lines.append(f"  compute sum {_ms(b['measured_compute_s'])} / {_ms(b['pred_compute_s'])} ms; "
                  f"communication (tpot - compute) {_ms(b['measured_comm_s'])} ms, links "
-                 f"predicted {_ms(b['pred_comm_s'])} ms")
+                 f"predicted {_ms(b['pred_comm_s'])} ms{head}")
     return "\n".join(lines)
 
 

@@ -436,6 +436,61 @@ def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
     return res
 
 
+def _bare_stage(rank: int, size: int, group) -> Stage:
+    """A Stage with its messaging state and no model (for the message ping-pong)."""
+    st = Stage.__new__(Stage)
+    st.rank, st.size, st.group = rank, size, group
+    st.start = st.end = 0
+    st.first, st.last = rank == 0, rank == size - 1
+    st.protocol = "exo-legacy"
+    st.fds = ring_socket_fds() if os.path.isdir("/proc/self/fd") else []
+    st.hidden = st.act_dtype = None
+    st.header_sent = False
+    st.message_s = []
+    return st
+
+
+def message_pingpong(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
+    """The exo-legacy path's per-message overhead, measured against the plain ring path between
+    the two ranks: rank 0 sends a (1, 1, hidden) activation, rank 1 answers with a token id,
+    alternately as the ring protocol does (raw arrays) and as the exo-legacy path does (framed
+    numpy messages, the token as a (1, 1) tensor). overhead = (median legacy round trip - median
+    ring round trip) / 2 (two messages per round). Rank 0 returns it with both medians."""
+    import statistics
+
+    st = _bare_stage(rank, size, group)
+    hidden, repeats = int(job["hidden"]), int(job.get("repeats", 50))
+    h = mx.random.normal((1, 1, hidden)).astype(_DTYPES[job.get("dtype", "float32")])
+    tok = mx.array([7], dtype=mx.int32)
+    mx.eval(h, tok)
+    rtt: dict[str, list[float]] = {"ring": [], "exo-legacy": []}
+    for i in range(repeats + 2):  # 2 warm-up rounds per mode
+        for mode in ("ring", "exo-legacy"):
+            legacy = mode == "exo-legacy"
+            t0 = time.perf_counter()
+            if rank == 0:
+                st._send_framed(h, 1) if legacy else st._send_activation(h)
+                if legacy:
+                    st._recv_framed(1)
+                else:
+                    wait_readable(st.fds)
+                    mx.eval(mx.distributed.recv((1,), mx.int32, 1, group=group))
+                if i >= 2:
+                    rtt[mode].append(time.perf_counter() - t0)
+            else:
+                if legacy:
+                    st._recv_framed(0)
+                    st._send_framed(tok.reshape(1, 1), 0)
+                else:
+                    st._recv_activation(1)
+                    mx.eval(mx.distributed.send(tok, 0, group=group))
+    if rank != 0:
+        return {"rank": rank}
+    ring, leg = statistics.median(rtt["ring"]), statistics.median(rtt["exo-legacy"])
+    return {"rank": 0, "ring_rtt_s": ring, "legacy_rtt_s": leg,
+            "message_overhead_s": max(0.0, (leg - ring) / 2), "repeats": repeats}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="exo_bridge.stage_worker", description=__doc__.split("\n")[0])
     ap.add_argument("--job", required=True, help="base64 JSON job from exo_bridge.runner")
@@ -451,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stage_worker: the ring has {group.size()} ranks but the plan {size} stages",
                   file=sys.stderr)
             return 2
-    res = run(job, rank, size, group)
+    if job.get("kind") == "message-pingpong":
+        res = message_pingpong(job, rank, size, group)
+    else:
+        res = run(job, rank, size, group)
     print(RESULT_TAG + json.dumps(res), flush=True)
     sys.stdout.flush()
     # The ring backend's sockets may block interpreter teardown; results are out, so leave now.
