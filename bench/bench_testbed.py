@@ -19,13 +19,13 @@ Steps, all real:
    nodes' namespaces and cgroups, the runner's own path) over the emulated path and written
    into the cluster file (`data/bench/cluster.json`); `--link-method tcp` uses plain TCP.
 5. exo-legacy's per-message overhead, measured over every link pair with the runner's own paths
-   (`exo_bridge.runner.measure_message_overhead`: a ping-pong of one decode activation + token
+   (`exo_bridge.runner.run.measure_message_overhead`: a ping-pong of one decode activation + token
    id, exo-legacy framing against the ring protocol, in the nodes' namespaces and cgroups),
    written into the cluster file's `runtimes` section with where it came from.
 6. `graphsplit.api.make_plan` (what `split-model` runs) plans for latency under EACH runtime's
    cost model (mlx-pipeline, exo-legacy, exo-current) -> `data/bench/plan-RUNTIME.json`, with
    the baselines (exo legacy, current exo, even).
-7. The runner (`exo_bridge.runner.run_stages`) runs, on the testbed, ours under each runtime's
+7. The runner (`exo_bridge.runner.run.run_stages`) runs, on the testbed, ours under each runtime's
    protocol (`ours@ring`, `ours@exo-legacy`, `ours@exo-current`), each exo baseline under its
    own runtime's protocol and the even split under ours: one process per stage in the stage's
    node (namespace + cgroup), ring hostfiles through the link emulation; measured TPOT / TTFT /
@@ -49,8 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exo_bridge.profile_link import LinkMeasurement, write_link  # noqa: E402
-from exo_bridge.runner import format_breakdown, format_table, model_spec, run_stages  # noqa: E402
-from exo_bridge.testbed import LinkSpec, NodeSpec, Testbed, TestbedSpec, available  # noqa: E402
+from exo_bridge.runner.run import format_breakdown, format_table, model_spec, run_stages  # noqa: E402
+from exo_bridge.testbed.bed import Testbed  # noqa: E402
+from exo_bridge.testbed.spec import LinkSpec, NodeSpec, TestbedSpec  # noqa: E402
+from exo_bridge.testbed.system import available  # noqa: E402
 from graphsplit.plan import write_plan  # noqa: E402
 
 MODEL_CONFIG = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 16,
@@ -119,11 +121,11 @@ def write_cluster(path: Path, profiles: dict[str, Path]) -> None:
 
 def write_overhead(tb: Testbed, cluster_path: Path, hidden: int, old: dict) -> None:
     """exo-legacy's per-message overhead into the cluster file's `runtimes` section, measured
-    over every testbed link pair with the runner's own two paths (exo_bridge.runner.
+    over every testbed link pair with the runner's own two paths (exo_bridge.runner.run.
     measure_message_overhead: a ping-pong of one decode activation + token id, ring protocol
     against the exo-legacy framing, both ranks in their nodes' namespaces and cgroups through
     the link emulation); the mean over the pairs is charged to every message."""
-    from exo_bridge.runner import measure_message_overhead
+    from exo_bridge.runner.run import measure_message_overhead
 
     data = json.loads(cluster_path.read_text())
     if old.get("exo-legacy"):
@@ -140,7 +142,7 @@ def write_overhead(tb: Testbed, cluster_path: Path, hidden: int, old: dict) -> N
                 f"ring {1e3 * r['ring_rtt_s']:.2f} ms, exo-legacy {1e3 * r['legacy_rtt_s']:.2f} "
                 "ms, medians)")
         m = sum(per.values()) / len(per)
-        src = ("measured: exo_bridge.runner.measure_message_overhead (ping-pong of one decode "
+        src = ("measured: exo_bridge.runner.run.measure_message_overhead (ping-pong of one decode "
                "activation + token id, exo-legacy framing against the ring protocol, median "
                "round trips / 2) over the testbed pairs, mean of: "
                + ", ".join(f"{k} {v:.3f} ms" for k, v in per.items()))

@@ -16,7 +16,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from exo_bridge.runner import RunError, make_prompt, model_spec, run_stages  # noqa: E402
+from exo_bridge.runner.run import RunError, make_prompt, model_spec, run_stages  # noqa: E402
 from graphsplit.plan import Plan, Stage, write_plan  # noqa: E402
 
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
@@ -31,7 +31,7 @@ def make_tiny_dir(path: Path, config: dict = TINY, seed: int = 3) -> Path:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    from exo_bridge.stage_worker import _random_fill
+    from exo_bridge.runner.stage_worker import _random_fill
 
     Model, Args = _get_classes(config)
     model = Model(Args.from_dict(config))
@@ -116,7 +116,7 @@ def test_cli_runs_plan_and_baseline_and_prints_errors(tiny, tmp_path):
 def test_message_pingpong_measures_both_paths():
     """The exo-legacy per-message overhead is measured over two real ranks (no timing asserted:
     both round trips are there and the overhead is their half-difference, clipped at 0)."""
-    from exo_bridge.runner import measure_message_overhead
+    from exo_bridge.runner.run import measure_message_overhead
 
     r = measure_message_overhead(64, repeats=5)
     assert r["ring_rtt_s"] > 0 and r["legacy_rtt_s"] > 0 and r["repeats"] == 5
@@ -144,7 +144,7 @@ def test_cli_bad_plan_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_ring_hostfile_places_the_ranks(tiny, tmp_path):
-    from exo_bridge.runner import free_ports
+    from exo_bridge.runner.run import free_ports
 
     hf = tmp_path / "hosts.json"
     hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))

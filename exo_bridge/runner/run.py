@@ -1,6 +1,6 @@
 """`exo-bridge run PLAN`: run a split for real on MLX's distributed runtime and measure it.
 
-One process per plan stage (`exo_bridge.stage_worker`), joined by the `mx.distributed` ring
+One process per plan stage (`exo_bridge.runner.stage_worker`), joined by the `mx.distributed` ring
 backend (`MLX_HOSTFILE` + `MLX_RANK`, started here with `sys.executable`; or `mlx.launch` over ssh
 with a hostfile of remote hosts). Each process loads only its layer range; rank 0 embeds, the
 last rank applies norm + head, samples greedily and sends the token id back to rank 0.
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exo_bridge.stage_worker import RESULT_TAG, encode_job
+from exo_bridge.runner.stage_worker import RESULT_TAG, encode_job
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
 from profiler.errors import UserError, guard
 
@@ -242,7 +242,7 @@ def launch_local(job: dict[str, Any], hosts: list[str] | None = None,
             if n == 1:
                 e.pop("MLX_HOSTFILE"), e.pop("MLX_RANK")
             cmd = (wrappers[r] if wrappers else []) + [
-                sys.executable, "-m", "exo_bridge.stage_worker", "--job", b64]
+                sys.executable, "-m", "exo_bridge.runner.stage_worker", "--job", b64]
             outs.append(tmp / f"rank{r}.out")
             errs.append(tmp / f"rank{r}.err")
             procs.append(subprocess.Popen(cmd, env=e, stdout=open(outs[r], "wb"),
@@ -296,7 +296,7 @@ def launch_mlx(job: dict[str, Any], hostfile: str, timeout_s: float, python: str
     """
     cmd = [sys.executable, "-m", "mlx._distributed_utils.launch", "--hostfile", hostfile,
            "--backend", "ring", "--python", python or sys.executable, "--",
-           "-m", "exo_bridge.stage_worker", "--job", encode_job(job)]
+           "-m", "exo_bridge.runner.stage_worker", "--job", encode_job(job)]
     try:
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:

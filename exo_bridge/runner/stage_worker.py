@@ -1,6 +1,6 @@
 """One pipeline stage: the program each rank of `exo-bridge run` executes.
 
-Started by `exo_bridge.runner` (one process per plan stage) with the MLX ring backend's
+Started by `exo_bridge.runner.run` (one process per plan stage) with the MLX ring backend's
 environment (`MLX_HOSTFILE`, `MLX_RANK`) or by `mlx.launch`. The job comes base64-encoded on
 the command line (`--job B64`) so the same command works on a remote host.
 
@@ -492,8 +492,9 @@ def message_pingpong(job: dict[str, Any], rank: int, size: int, group) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="exo_bridge.stage_worker", description=__doc__.split("\n")[0])
-    ap.add_argument("--job", required=True, help="base64 JSON job from exo_bridge.runner")
+    ap = argparse.ArgumentParser(prog="exo_bridge.runner.stage_worker",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--job", required=True, help="base64 JSON job from exo_bridge.runner.run")
     args = ap.parse_args(argv)
     job = decode_job(args.job)
     size = len(job["stages"])
