@@ -420,7 +420,8 @@ def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
     res: dict[str, Any] = {
         "rank": rank, "stage": [stage.start, stage.end], "load_s": load_s,
         "protocol": stage.protocol,
-        "prefill_compute_s": stage.compute_s[0] if stage.compute_s else None,
+        # every pass before the first token (exo-current: 4 passes, as its prediction sums)
+        "prefill_compute_s": sum(stage.compute_s[:k]) if stage.compute_s else None,
         "decode_compute_s": stage.compute_s[k:],
         "head_s": stage.head_s[k:], "message_s": stage.message_s,
         "prefill_wait_s": stage.wait_s[0] if stage.wait_s else None,
