@@ -21,6 +21,20 @@ where e_i is the measured activation bytes per token leaving block i. Then
   P x e bytes crossing each link; with K chunks (`prefill_chunks`):
   sum_s U_s + (K - 1) max_s U_s, U_s the stage time for P/K tokens.
 
+That is the ring protocol (``mlx-pipeline``, ours). Each runtime's own per-token protocol, read
+from its source (:func:`protocol`, details in docs/splitter.md):
+
+* ``exo-legacy``: the same pattern over gRPC; every message (activation, token id back) also
+  pays the measured per-message overhead m of the cluster file's ``runtimes`` section.
+* ``exo-current``: activation to the next rank, then the last hidden state ALL-GATHERED every
+  decode step (MLX's ring all-gather: S - 1 steps towards the left neighbour, so the last rank's
+  slice reaches rank 0 over the S - 1 backward hops: each cut also pays alpha + e / beta of
+  d_{s+1} -> d_s), no token closure, and norm + head + sampling on EVERY rank:
+  ``tpot = sum_s T_s + max_s head_{d_s}`` (the slowest rank's head sets the pace; an upper
+  bound, exact when the first rank's head is the slowest). Bottleneck = tpot (the all-gather
+  is a barrier). TTFT as exo's prefill: prompt[:-1] and prompt[-1] without the all-gather, the
+  caches trimmed by 2, then two decode steps with it.
+
 Memory of a stage (must fit the node's usable memory)::
 
     weights (blocks) + KV (max(C, P) x B x sum kv_bytes_per_token) + buffers + resident embed/head
