@@ -18,11 +18,18 @@ Steps, all real:
 4. Every link is measured with `profile-link mlx` (mx.distributed send/recv between the two
    nodes' namespaces and cgroups, the runner's own path) over the emulated path and written
    into the cluster file (`data/bench/cluster.json`); `--link-method tcp` uses plain TCP.
-5. `graphsplit.api.make_plan` (what `split-model` runs) plans for latency with the baselines
-   (exo legacy, current exo, even) -> `data/bench/plan.json`.
-6. The runner (`exo_bridge.runner.run_stages`) runs ours and each baseline on the testbed: one
-   process per stage in the stage's node (namespace + cgroup), ring hostfiles through the
-   link emulation; measured TPOT / TTFT / tokens/s against the predictions.
+5. exo-legacy's per-message overhead, measured over every link pair with the runner's own paths
+   (`exo_bridge.runner.run.measure_message_overhead`: a ping-pong of one decode activation + token
+   id, exo-legacy framing against the ring protocol, in the nodes' namespaces and cgroups),
+   written into the cluster file's `runtimes` section with where it came from.
+6. `graphsplit.api.make_plan` (what `split-model` runs) plans for latency under EACH runtime's
+   cost model (mlx-pipeline, exo-legacy, exo-current) -> `data/bench/plan-RUNTIME.json`, with
+   the baselines (exo legacy, current exo, even).
+7. The runner (`exo_bridge.runner.run.run_stages`) runs, on the testbed, ours under each runtime's
+   protocol (`ours@ring`, `ours@exo-legacy`, `ours@exo-current`), each exo baseline under its
+   own runtime's protocol and the even split under ours: one process per stage in the stage's
+   node (namespace + cgroup), ring hostfiles through the link emulation; measured TPOT / TTFT /
+   tokens/s against the predictions of that runtime's cost model.
 
 Prints the table and writes everything to `data/bench/result.json`. `--reuse` keeps existing
 profiles and link measurements (re-runs only the splitter and the runs).
@@ -42,8 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exo_bridge.profile_link import LinkMeasurement, write_link  # noqa: E402
-from exo_bridge.runner import format_breakdown, format_table, model_spec, run_stages  # noqa: E402
-from exo_bridge.testbed import LinkSpec, NodeSpec, Testbed, TestbedSpec, available  # noqa: E402
+from exo_bridge.runner.run import format_breakdown, format_table, model_spec, run_stages  # noqa: E402
+from exo_bridge.testbed.bed import Testbed  # noqa: E402
+from exo_bridge.testbed.spec import LinkSpec, NodeSpec, TestbedSpec  # noqa: E402
+from exo_bridge.testbed.system import available  # noqa: E402
 from graphsplit.plan import write_plan  # noqa: E402
 
 MODEL_CONFIG = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 16,
@@ -110,6 +119,69 @@ def write_cluster(path: Path, profiles: dict[str, Path]) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
+def write_overhead(tb: Testbed, cluster_path: Path, hidden: int, old: dict) -> None:
+    """exo-legacy's per-message overhead into the cluster file's `runtimes` section, measured
+    over every testbed link pair with the runner's own two paths (exo_bridge.runner.run.
+    measure_message_overhead: a ping-pong of one decode activation + token id, ring protocol
+    against the exo-legacy framing, both ranks in their nodes' namespaces and cgroups through
+    the link emulation); the mean over the pairs is charged to every message."""
+    from exo_bridge.runner.run import measure_message_overhead
+
+    data = json.loads(cluster_path.read_text())
+    if old.get("exo-legacy"):
+        data["runtimes"] = old
+        log(f"exo-legacy message overhead reused: {old['exo-legacy']}")
+    else:
+        per = {}
+        for a, b, *_ in LINKS:
+            with tb.ring([a, b]) as ring:
+                r = measure_message_overhead(hidden, 40, hosts=ring.hosts,
+                                             wrappers=ring.wrappers, hostfiles=ring.hostfiles)
+            per[f"{a}-{b}"] = 1e3 * r["message_overhead_s"]
+            log(f"exo-legacy message overhead {a}<->{b}: {per[f'{a}-{b}']:.3f} ms (round trip "
+                f"ring {1e3 * r['ring_rtt_s']:.2f} ms, exo-legacy {1e3 * r['legacy_rtt_s']:.2f} "
+                "ms, medians)")
+        m = sum(per.values()) / len(per)
+        src = ("measured: exo_bridge.runner.run.measure_message_overhead (ping-pong of one decode "
+               "activation + token id, exo-legacy framing against the ring protocol, median "
+               "round trips / 2) over the testbed pairs, mean of: "
+               + ", ".join(f"{k} {v:.3f} ms" for k, v in per.items()))
+        data["runtimes"] = {"exo-legacy": {"message_overhead_ms": round(m, 4), "source": src}}
+        log(f"exo-legacy message overhead charged: {m:.3f} ms per message")
+    cluster_path.write_text(json.dumps(data, indent=1))
+
+
+def plan_runs(cluster_path: Path, out: Path, objective: str, P: int, context: int) -> list:
+    """A plan per runtime (its own cost model), written to plan-RUNTIME.json; the rows to run:
+    ours under each runtime's protocol, each exo baseline under its own runtime's protocol, and
+    the even split under ours."""
+    from graphsplit.api import make_plan
+    from graphsplit.cluster import load_cluster
+    from graphsplit.costmodel import Workload
+    from graphsplit.plan import stages_from_json
+
+    cluster = load_cluster(cluster_path)
+    wl = Workload(prompt_tokens=P, context_tokens=context, streams=1)
+    runs = []
+    plans = {}
+    for runtime, protocol in (("mlx-pipeline", "ring"), ("exo-legacy", "exo-legacy"),
+                              ("exo-current", "exo-current")):
+        plan = make_plan(cluster, objective, wl, runtime, False)
+        plans[runtime] = plan
+        write_plan(plan, out / f"plan-{runtime}.json")
+        log(f"plan for {runtime}: {[(s.node, s.start_layer, s.end_layer) for s in plan.stages]}")
+        runs.append((f"ours@{protocol}", plan.stages, plan.predicted, protocol))
+    write_plan(plans["mlx-pipeline"], out / "plan.json")
+    for b, runtime, protocol in (("exo-legacy", "exo-legacy", "exo-legacy"),
+                                 ("exo-current", "exo-current", "exo-current"),
+                                 ("even", "mlx-pipeline", "ring")):
+        base = plans[runtime].baselines.get(b)
+        if base:
+            runs.append((f"{b}@{protocol}", stages_from_json(base["stages"], b),
+                         base.get("predicted", {}), protocol))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", default=str(ROOT / "data" / "bench"),
@@ -151,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, *_ in NODES:
             if not (args.reuse and profiles[n].exists()):
                 profile_node(tb, n, model_dir, profiles[n], P, context)
-        old_links = json.loads(cluster_path.read_text()).get("links", []) \
-            if (args.reuse and cluster_path.exists()) else []
+        before = json.loads(cluster_path.read_text()) if cluster_path.exists() else {}
+        old_links = before.get("links", []) if args.reuse else []
         write_cluster(cluster_path, profiles)
         hidden = MODEL_CONFIG["hidden_size"]
         for a, b, lat, rate in LINKS:
@@ -173,41 +245,28 @@ def main(argv: list[str] | None = None) -> int:
                 write_link(cluster_path, x, y, m)
                 log(f"link {x}->{y}: emulated {lat} ms {rate} Mbit/s, measured "
                     f"{m.latency_ms:.3f} ms {1e3 * m.bandwidth_gbps:.1f} Mbit/s")
+        write_overhead(tb, cluster_path, hidden, before.get("runtimes", {}) if args.reuse else {})
         if args.until == "links":
             log(f"stopping after the links: {cluster_path}")
             return 0
-        from graphsplit.api import make_plan
-        from graphsplit.cluster import load_cluster
-        from graphsplit.costmodel import Workload
-
-        cluster = load_cluster(cluster_path)
-        wl = Workload(prompt_tokens=P, context_tokens=context, streams=1)
-        plan = make_plan(cluster, args.objective, wl, "mlx-pipeline", False)
-        write_plan(plan, out / "plan.json")
-        log(f"plan: {[(s.node, s.start_layer, s.end_layer) for s in plan.stages]}")
+        runs = plan_runs(cluster_path, out, args.objective, P, context)
         if args.until == "plan":
             return 0
         mspec = model_spec(str(model_dir), None)
-        runs = [("ours", plan.stages, plan.predicted)]
-        from graphsplit.plan import stages_from_json
-        for b in ("exo-legacy", "exo-current", "even"):
-            if b in plan.baselines:
-                runs.append((b, stages_from_json(plan.baselines[b]["stages"], b),
-                             plan.baselines[b].get("predicted", {})))
-        every: dict[str, list] = {label: [] for label, _, _ in runs}
+        every: dict[str, list] = {label: [] for label, *_ in runs}
         for rep in range(args.runs):  # round robin, so slow drifts of the machine hit all splits
-            for label, stages, pred in runs:
+            for label, stages, pred, protocol in runs:
                 order = [s.node for s in stages]
                 log(f"running {label} ({rep + 1}/{args.runs}): " + " ".join(
                     f"{s.node}[{s.start_layer},{s.end_layer})" for s in stages))
                 with tb.ring(order) as ring:
                     r = run_stages(stages, mspec, P, N, label=label, predicted=pred,
                                    hosts=ring.hosts, hostfiles=ring.hostfiles,
-                                   wrappers=ring.wrappers, timeout_s=900)
+                                   wrappers=ring.wrappers, timeout_s=900, protocol=protocol)
                 every[label].append(r)
                 log(f"{label}: tpot {1e3 * r.tpot_s:.1f} ms (pred "
                     f"{1e3 * pred.get('tpot_s', float('nan')):.1f}), ttft {1e3 * r.ttft_s:.1f} ms")
-        for label, _, _ in runs:  # the run with the median time per token represents the split
+        for label, *_ in runs:  # the run with the median time per token represents the split
             rs = sorted(every[label], key=lambda x: x.tpot_s)
             results.append(rs[len(rs) // 2])
     table = format_table(results)

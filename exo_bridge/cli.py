@@ -5,7 +5,7 @@
     exo-bridge exo-legacy --plan PLAN [--node-map FILE] -- [exo's own arguments]
     exo-bridge exo-legacy install --python EXO_PYTHON   (the strategy into exo's own env)
     exo-bridge strategy-check --plan PLAN --node NAME:MEMORY_MB ... [--layers N]
-    exo-bridge run ...          (the MLX pipeline runner: exo_bridge.runner)
+    exo-bridge run ...          (the MLX pipeline runner: exo_bridge.runner.run)
 
 Bad input is one line on stderr and exit code 2 (profiler.errors.guard).
 """
@@ -20,7 +20,7 @@ from profiler.errors import UserError, guard
 
 
 def _run_runner(rest: list[str]) -> int:
-    from exo_bridge import runner  # imported lazily: written separately, heavy (MLX)
+    from exo_bridge.runner import run as runner  # imported lazily: heavy (MLX)
 
     rc = runner.main(rest)
     return 0 if rc is None else int(rc)

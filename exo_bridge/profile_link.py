@@ -358,7 +358,7 @@ def mlx_pingpong(sizes: dict[str, int], repeats: int = 10, warmup: int = 2,
     table on rank 0, None on rank 1."""
     import mlx.core as mx
 
-    from exo_bridge.stage_worker import ring_socket_fds, wait_readable
+    from exo_bridge.runner.stage_worker import ring_socket_fds, wait_readable
 
     g = mx.distributed.init(backend="ring", strict=True)
     if g.size() != 2:
@@ -404,7 +404,7 @@ def measure_mlx_local(sizes: dict[str, int], hostfiles: list[str] | None = None,
 
     tmp = None
     if hostfiles is None:
-        from exo_bridge.runner import free_ports
+        from exo_bridge.runner.run import free_ports
 
         ports = free_ports(2)
         fd, tmp = tempfile.mkstemp(prefix="profile-link-", suffix=".json")

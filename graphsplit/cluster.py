@@ -112,6 +112,8 @@ class Cluster:
     links: dict[tuple[str, str], Link] = field(default_factory=dict)
     default_link: Link = field(default_factory=lambda: _link_from(DEFAULT_LINK, "default"))
     path: str | None = None
+    # per-runtime measurements, e.g. {"exo-legacy": {"message_overhead_ms": 0.3, "source": ...}}
+    runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -322,7 +324,22 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
         links[(ln["from"], ln["to"])] = lk
         if ln.get("both_ways"):
             links.setdefault((ln["to"], ln["from"]), lk)
-    return Cluster(model=model, nodes=nodes, links=links, default_link=default, path=path)
+    return Cluster(model=model, nodes=nodes, links=links, default_link=default, path=path,
+                   runtimes=_runtimes(data.get("runtimes", {}), f"{where}: runtimes"))
+
+
+def _runtimes(d: Any, where: str) -> dict[str, dict[str, Any]]:
+    """The optional `runtimes` section: {RUNTIME: {"message_overhead_ms": x >= 0, ...}}."""
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise ClusterError(f"{where}: must be an object {{runtime: {{\"message_overhead_ms\": "
+                           "number}}}}")
+    for rt, sec in d.items():
+        v = sec.get("message_overhead_ms", 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise ClusterError(f"{where}: {rt}.message_overhead_ms is {v!r}; it must be a "
+                               "number >= 0 (milliseconds per message)")
+    return {k: dict(v) for k, v in d.items()}
 
 
 def cluster_from_tables(tables: dict[str, CostTable], links: dict | None = None,

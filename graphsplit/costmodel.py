@@ -21,6 +21,20 @@ where e_i is the measured activation bytes per token leaving block i. Then
   P x e bytes crossing each link; with K chunks (`prefill_chunks`):
   sum_s U_s + (K - 1) max_s U_s, U_s the stage time for P/K tokens.
 
+That is the ring protocol (``mlx-pipeline``, ours). Each runtime's own per-token protocol, read
+from its source (:func:`protocol`, details in docs/splitter.md):
+
+* ``exo-legacy``: the same pattern over gRPC; every message (activation, token id back) also
+  pays the measured per-message overhead m of the cluster file's ``runtimes`` section.
+* ``exo-current``: activation to the next rank, then the last hidden state ALL-GATHERED every
+  decode step (MLX's ring all-gather: S - 1 steps towards the left neighbour, so the last rank's
+  slice reaches rank 0 over the S - 1 backward hops: each cut also pays alpha + e / beta of
+  d_{s+1} -> d_s), no token closure, and norm + head + sampling on EVERY rank:
+  ``tpot = sum_s T_s + max_s head_{d_s}`` (the slowest rank's head sets the pace; an upper
+  bound, exact when the first rank's head is the slowest). Bottleneck = tpot (the all-gather
+  is a barrier). TTFT as exo's prefill: prompt[:-1] and prompt[-1] without the all-gather, the
+  caches trimmed by 2, then two decode steps with it.
+
 Memory of a stage (must fit the node's usable memory)::
 
     weights (blocks) + KV (max(C, P) x B x sum kv_bytes_per_token) + buffers + resident embed/head
@@ -33,6 +47,7 @@ EVERY rank; ``exo-legacy`` loads the embedding on the first shard and the norm +
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -73,6 +88,121 @@ class Workload:
 def check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise UserError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+
+
+# ------------------------------------------------------------------ per-token protocols
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of tokens through the pipeline, as a runtime's protocol runs it.
+
+    metric "decode" (block times at `context` KV tokens) or "prefill" (block times at `tokens`
+    prompt tokens); `tokens` also sets the bytes per transfer (tokens x activation bytes);
+    `count` how many such passes; `gather`: the last rank's hidden state is all-gathered back
+    (exo-current's decode), which charges every cut its backward hop.
+    """
+    metric: str
+    tokens: int
+    context: int
+    count: int = 1
+    gather: bool = False
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a runtime sends per token, who runs the head (see the module docstring)."""
+    runtime: str
+    passes: tuple[Pass, ...]
+    head_on_every_rank: bool  # exo-current: the slowest rank's head sets the pace
+    token_closure: bool  # the last rank sends the token id back to the first
+    message_overhead_s: float = 0.0  # added to every transfer (exo-legacy, measured)
+
+    def block_time(self, table, row) -> float:
+        """Compute of one row (block, embedding or head) summed over the passes."""
+        return sum(p.count * (table.prefill_time(row, p.tokens) if p.metric == "prefill"
+                              else table.decode_time(row, p.context)) for p in self.passes)
+
+    def head_time(self, table, sampling_s: float) -> float:
+        return sum(p.count * ((table.prefill_time(table.head, p.tokens) if p.metric == "prefill"
+                               else table.decode_time(table.head, p.context)) + sampling_s)
+                   for p in self.passes)
+
+    def cut_time(self, fwd, back, nbytes_per_token: float) -> float:
+        """Transfers over one cut (fwd: this stage -> next, back: next -> this), all passes."""
+        t = 0.0
+        for p in self.passes:
+            x = p.tokens * nbytes_per_token
+            one = fwd.time(x) + self.message_overhead_s
+            if p.gather:
+                one += back.time(x)
+            t += p.count * one
+        return t
+
+    def closure_time(self, link, token_bytes: int) -> float:
+        if not self.token_closure:
+            return 0.0
+        return sum(p.count * (link.time(token_bytes) + self.message_overhead_s)
+                   for p in self.passes)
+
+
+def message_overhead_s(cluster, runtime: str) -> float:
+    """The runtime's measured per-message overhead from the cluster file's `runtimes` section
+    (seconds; 0 when none was measured)."""
+    sec = (getattr(cluster, "runtimes", None) or {}).get(runtime) or {}
+    return float(sec.get("message_overhead_ms", 0.0)) / 1e3
+
+
+def protocol(cluster, runtime: str, metric: str, workload: "Workload") -> Protocol:
+    """The passes a runtime runs for one decode token (metric "decode") or up to the first
+    token (metric "prefill"). Read from the runtimes' source (see the module docstring)."""
+    check_runtime(runtime)
+    P, C = workload.prompt_tokens, workload.context_tokens
+    if runtime == "exo-current":
+        if metric == "decode":
+            passes = (Pass("decode", 1, C, 1, gather=True),)
+        else:  # prompt[:-1] (no gather), prompt[-1] (no gather), trim 2, then 2 decode steps
+            passes = (Pass("prefill", max(P - 1, 1), P), Pass("decode", 1, P, 1),
+                      Pass("decode", 1, P, 2, gather=True))
+        return Protocol(runtime, passes, head_on_every_rank=True, token_closure=False)
+    one = (Pass("decode", 1, C),) if metric == "decode" else (Pass("prefill", P, P),)
+    m = message_overhead_s(cluster, runtime) if runtime == "exo-legacy" else 0.0
+    return Protocol(runtime, one, head_on_every_rank=False, token_closure=True,
+                    message_overhead_s=m)
+
+
+def protocol_time(cluster, stages: Sequence[Stage], workload: "Workload", runtime: str,
+                  metric: str):
+    """Direct sums of a protocol over a plan: (total, per-stage compute, per-stage transfers,
+    head pace). total = sum(compute) + sum(transfers) + pace, pace = max over the stages of
+    the head time when every rank runs the head (exo-current), else 0 (the head is in the last
+    stage's compute)."""
+    pr = protocol(cluster, runtime, metric, workload)
+    S = len(stages)
+    comp, link, heads = [], [], []
+    for s, st in enumerate(stages):
+        t = cluster.node(st.node).table
+        rows = [t.row(f"layers.{i}") for i in range(st.start_layer, st.end_layer)]
+        c = sum(pr.block_time(t, r) for r in rows)
+        if s == 0:
+            c += pr.block_time(t, t.embed)
+        h = pr.head_time(t, workload.sampling_s)
+        if pr.head_on_every_rank:
+            heads.append(h)
+        elif s == S - 1:
+            c += h
+        if S == 1:
+            o = 0.0
+        elif s < S - 1:
+            nxt = stages[s + 1].node
+            o = pr.cut_time(cluster.link(st.node, nxt), cluster.link(nxt, st.node),
+                            rows[-1].activation_bytes_per_token)
+        else:
+            o = pr.closure_time(cluster.link(st.node, stages[0].node), workload.token_bytes)
+        comp.append(c)
+        link.append(o)
+    pace = max(heads) if heads else 0.0
+    return sum(c + o for c, o in zip(comp, link)) + pace, comp, link, pace
 
 
 def resident_bytes(table, runtime: str, first: bool, last: bool) -> int:
@@ -117,6 +247,10 @@ class Prediction:
     roofline_tpot_s: float  # sum of (stage weights / node memory bandwidth): the memory roofline
     estimated: bool  # some stage runs on a node whose table is a roofline estimate
     shortfalls: dict[str, int] = field(default_factory=dict)  # node -> bytes over its memory
+    protocol: str = "mlx-pipeline"  # the runtime whose per-token protocol was charged
+    head_pace_s: float = 0.0  # exo-current: max over ranks of the head (every rank runs it)
+    gather_s: float = 0.0  # exo-current: the all-gather's backward hops per decode token
+    message_overhead_s: float = 0.0  # exo-legacy: measured overhead added to every message
 
     @property
     def fits(self) -> bool:
@@ -133,61 +267,79 @@ def predict(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
     """Evaluate a plan with the cost model above (direct sums: the reference the solvers match)."""
     check_runtime(runtime)
     stages = list(stages)
-    L = cluster.n_layers
-    check_stages(stages, L, "stages")
+    check_stages(stages, cluster.n_layers, "stages")
     known = set(cluster.ids)
     for st in stages:
         if st.node not in known:
             raise UserError(f"stage node {st.node!r} is not in the cluster (nodes: "
                             f"{', '.join(cluster.ids)})")
-    S = len(stages)
-    P, C = workload.prompt_tokens, workload.context_tokens
-    comp, prefill, out, outp, mem, cap = {}, {}, {}, {}, {}, {}
+    tpot, comp, out, pace = protocol_time(cluster, stages, workload, runtime, "decode")
+    ttft, pcomp, pout, _ = protocol_time(cluster, stages, workload, runtime, "prefill")
+    if runtime == "exo-current":
+        bott = tpot  # the all-gather is a barrier every step: no two steps overlap
+        gather = sum(cluster.link(b.node, a.node).time(
+            cluster.node(a.node).table.row(f"layers.{a.end_layer - 1}").activation_bytes_per_token)
+            for a, b in zip(stages, stages[1:]))
+    else:
+        bott = max(c + o for c, o in zip(comp, out))
+        gather = 0.0
+        if workload.prefill_chunks > 1:
+            ttft = _chunked_ttft(cluster, stages, workload, runtime)
+    mem, cap = {}, {}
     roof = 0.0
     est = False
-    chunk_P = P / workload.prefill_chunks
-    outc = {}
+    S = len(stages)
     for s, st in enumerate(stages):
         node = cluster.node(st.node)
         t = node.table
         est = est or node.estimated
         first, last = s == 0, s == S - 1
-        rows = [t.row(f"layers.{i}") for i in range(st.start_layer, st.end_layer)]
-        run = ([t.embed] if first else []) + rows + ([t.head] if last else [])
-        c = sum(t.decode_time(r, C) for r in run) + (workload.sampling_s if last else 0.0)
-        pf = sum(t.prefill_time(r, P) for r in run) + (workload.sampling_s if last else 0.0)
-        pfc = sum(t.prefill_time(r, chunk_P) for r in run) + (workload.sampling_s if last else 0.0)
-        if S == 1:
-            o = op = oc = 0.0
-        elif not last:
-            lk = cluster.link(st.node, stages[s + 1].node)
-            e = rows[-1].activation_bytes_per_token
-            o, op, oc = lk.time(e), lk.time(P * e), lk.time(chunk_P * e)
-        else:
-            lk = cluster.link(st.node, stages[0].node)
-            o = op = oc = lk.time(workload.token_bytes)
-        comp[st.node], prefill[st.node], out[st.node], outp[st.node] = c, pf, o, op
-        outc[st.node] = pfc + oc
         mem[st.node] = stage_memory(node, st.start_layer, st.end_layer, workload, runtime,
                                     first, last)
         cap[st.node] = int(node.memory_bytes)
+        rows = [t.row(f"layers.{i}") for i in range(st.start_layer, st.end_layer)]
+        run = ([t.embed] if first else []) + rows + ([t.head] if last else [])
         bw = t.device.memory_bandwidth_gbs * 1e9
         wb = sum(r.weight_bytes for r in run)
         roof += wb / bw if bw > 0 else float("inf")
-    T = [comp[st.node] + out[st.node] for st in stages]
-    tpot = sum(T)
-    bott = max(T)
-    if workload.prefill_chunks == 1:
-        ttft = sum(prefill[n] + outp[n] for n in comp)
-    else:
-        U = list(outc.values())
-        ttft = sum(U) + (workload.prefill_chunks - 1) * max(U)
     thr = min(workload.streams / tpot, 1.0 / bott) if tpot > 0 else float("inf")
     short = {n: mem[n] - cap[n] for n in mem if mem[n] > cap[n]}
+    names = [st.node for st in stages]
     return Prediction(tpot_s=tpot, ttft_s=ttft, throughput_tps=thr, bottleneck_s=bott,
-                      stage_memory_bytes=mem, stage_capacity_bytes=cap, stage_compute_s=comp,
-                      stage_link_s=out, stage_prefill_s=prefill, roofline_tpot_s=roof,
-                      estimated=est, shortfalls=short)
+                      stage_memory_bytes=mem, stage_capacity_bytes=cap,
+                      stage_compute_s=dict(zip(names, comp)), stage_link_s=dict(zip(names, out)),
+                      stage_prefill_s=dict(zip(names, pcomp)), roofline_tpot_s=roof,
+                      estimated=est, shortfalls=short, protocol=runtime, head_pace_s=pace,
+                      gather_s=gather,
+                      message_overhead_s=protocol(cluster, runtime, "decode",
+                                                  workload).message_overhead_s)
+
+
+def _chunked_ttft(cluster, stages, workload: Workload, runtime: str) -> float:
+    """TTFT with the prompt in K chunks through a pipeline (ring runtimes):
+    sum_s U_s + (K - 1) max_s U_s, U_s the stage time (compute + transfer) for P / K tokens."""
+    K = workload.prefill_chunks
+    pr = protocol(cluster, runtime, "prefill", workload)
+    pr = Protocol(runtime, (Pass("prefill", workload.prompt_tokens / K,
+                                 workload.prompt_tokens),),
+                  pr.head_on_every_rank, pr.token_closure, pr.message_overhead_s)
+    S = len(stages)
+    U = []
+    for s, st in enumerate(stages):
+        t = cluster.node(st.node).table
+        rows = [t.row(f"layers.{i}") for i in range(st.start_layer, st.end_layer)]
+        run = ([t.embed] if s == 0 else []) + rows
+        u = sum(pr.block_time(t, r) for r in run)
+        if s == S - 1:
+            u += pr.head_time(t, workload.sampling_s)
+        if S > 1 and s < S - 1:
+            nxt = stages[s + 1].node
+            u += pr.cut_time(cluster.link(st.node, nxt), cluster.link(nxt, st.node),
+                             rows[-1].activation_bytes_per_token)
+        elif S > 1:
+            u += pr.closure_time(cluster.link(st.node, stages[0].node), workload.token_bytes)
+        U.append(u)
+    return sum(U) + (K - 1) * max(U)
 
 
 def objective_value(pred: Prediction, objective: str, workload: Workload) -> float:
@@ -204,16 +356,22 @@ def objective_value(pred: Prediction, objective: str, workload: Workload) -> flo
 class ChainCosts:
     """Dense per-node cost arrays of the chain model, for the DP solvers.
 
-    For node index d (in `ids` order), with L blocks:
+    For node index d (in `ids` order), with L blocks, summed over the runtime's passes
+    (:func:`protocol`):
 
-    * ``comp[d, b, c]``: compute of stage [b, c) on d (embedding at b = 0, head + sampling at
-      c = L), +inf where b >= c or the stage does not fit d's memory (runtime-aware);
-    * ``out[d, q, c]``: the link d -> q carrying the activations of the cut at c (0 < c < L);
-    * ``close[d, f]``: the ring closure d -> f (token id), 0 when d = f.
+    * ``comp[d, b, c]``: compute of stage [b, c) on d (embedding at b = 0; head + sampling at
+      c = L unless every rank runs the head), +inf where b >= c or the stage does not fit d's
+      memory (runtime-aware);
+    * ``out[d, q, c]``: the transfers over the cut at c (0 < c < L) from d to q: the activation
+      d -> q, the all-gather's backward hop q -> d (exo-current), the per-message overhead
+      (exo-legacy);
+    * ``close[d, f]``: the ring closure d -> f (token id), 0 when d = f or the runtime has none;
+    * ``pace[d]``: the head time of d when every rank runs it (exo-current; else 0). A plan
+      then costs sum of stage times + max over its nodes of pace: not additive, so the solvers
+      enumerate that maximum (see graphsplit.solve_dp).
 
-    `metric` "decode" uses decode times at the context and one token per transfer; "prefill"
-    uses prefill times at the prompt length and P tokens per transfer. Stage time
-    T = comp + out (or + close for the last stage), exactly as :func:`predict`.
+    `metric` "decode" is one output token; "prefill" everything up to the first token. Stage
+    time T = comp + out (or + close for the last stage), exactly as :func:`predict`.
     Building costs O(D L^2) time and memory plus O(D^2 L) for links.
     """
 
@@ -222,10 +380,9 @@ class ChainCosts:
         check_runtime(runtime)
         self.ids = list(ids) if ids is not None else sorted(cluster.ids)
         self.cluster, self.workload, self.runtime, self.metric = cluster, workload, runtime, metric
+        self.protocol = pr = protocol(cluster, runtime, metric, workload)
         L = self.L = cluster.n_layers
         D = self.D = len(self.ids)
-        P, C, B = workload.prompt_tokens, workload.context_tokens, workload.streams
-        tokens = 1 if metric == "decode" else P
         inf = np.inf
         self.comp = np.full((D, L + 1, L + 1), inf)
         self.mem = np.zeros((D, L + 1, L + 1))
@@ -234,22 +391,19 @@ class ChainCosts:
         self.close = np.zeros((D, D))
         self.prefix = np.zeros((D, L + 1))  # prefix sums of block times (no memory masking)
         self.t_embed = np.zeros(D)
-        self.t_head = np.zeros(D)  # head + sampling
+        self.t_head = np.zeros(D)  # head + sampling when the last stage runs it, else 0
+        self.pace = np.zeros(D)  # head + sampling when every rank runs it, else 0
         mins = np.full(L, inf)
         min_e = min_h = inf
-        b_idx, c_idx = np.meshgrid(np.arange(L + 1), np.arange(L + 1), indexing="ij")
-        valid = b_idx < c_idx
+        valid = np.arange(L + 1)[:, None] < np.arange(L + 1)[None, :]
         for d, nid in enumerate(self.ids):
             node = cluster.node(nid)
             t = node.table
             blocks = [t.row(f"layers.{i}") for i in range(L)]
-            if metric == "decode":
-                tt = np.array([t.decode_time(r, C) for r in blocks])
-                te, th = t.decode_time(t.embed, C), t.decode_time(t.head, C)
-            else:
-                tt = np.array([t.prefill_time(r, P) for r in blocks])
-                te, th = t.prefill_time(t.embed, P), t.prefill_time(t.head, P)
-            th += workload.sampling_s
+            tt = np.array([pr.block_time(t, r) for r in blocks])
+            te, th = pr.block_time(t, t.embed), pr.head_time(t, workload.sampling_s)
+            if pr.head_on_every_rank:
+                self.pace[d], th = th, 0.0
             mins = np.minimum(mins, tt)
             min_e, min_h = min(min_e, te), min(min_h, th)
             pre = np.concatenate([[0.0], np.cumsum(tt)])
@@ -257,31 +411,7 @@ class ChainCosts:
             comp = pre[None, :] - pre[:, None]
             comp[0, :] += te
             comp[:, L] += th
-            # memory
-            w = np.array([r.weight_bytes for r in blocks], dtype=float)
-            kv = np.array([r.kv_bytes_per_token for r in blocks], dtype=float)
-            buf = np.array([max(0, r.peak_memory_bytes - r.weight_bytes) for r in blocks],
-                           dtype=float)
-            wpre = np.concatenate([[0.0], np.cumsum(w)])
-            kvpre = np.concatenate([[0.0], np.cumsum(kv)])
-            mem = (wpre[None, :] - wpre[:, None]) + workload.kv_tokens * B * (
-                kvpre[None, :] - kvpre[:, None])
-            # range max of buffers: bm[b, c] = max(buf[b:c])
-            bm = np.zeros((L + 1, L + 1))
-            for b in range(L):
-                bm[b, b + 1:] = np.maximum.accumulate(buf[b:])
-            eb = max(0, t.embed.peak_memory_bytes - t.embed.weight_bytes)
-            hb = max(0, t.head.peak_memory_bytes - t.head.weight_bytes)
-            bm[0, :] = np.maximum(bm[0, :], eb)
-            bm[:, L] = np.maximum(bm[:, L], hb)
-            mem += bm
-            if runtime in ("exo-current", "mlx-pipeline"):
-                mem += resident_bytes(t, runtime, False, False)
-            else:
-                mem[0, :] += t.embed.weight_bytes
-                mem[:, L] += t.head.weight_bytes
-                if t.model.tie_word_embeddings:
-                    mem[1:, L] += t.embed.weight_bytes
+            mem = self._stage_memory(node, blocks, runtime)
             self.cap[d] = node.memory_bytes
             # integer-exact memory test (the same rounding as predict: int() of the sum)
             fits = np.floor(mem + 1e-6) <= node.memory_bytes
@@ -292,15 +422,49 @@ class ChainCosts:
             for q, qid in enumerate(self.ids):
                 if q == d:
                     continue
-                lk = cluster.link(nid, qid)
-                self.out[d, q, 1:L] = lk.latency_s + tokens * e[:L - 1] / lk.bandwidth_Bps
-                self.close[d, q] = lk.time(workload.token_bytes)
+                fwd, back = cluster.link(nid, qid), cluster.link(qid, nid)
+                self.out[d, q, 1:L] = [pr.cut_time(fwd, back, x) for x in e[:L - 1]]
+                self.close[d, q] = pr.closure_time(fwd, workload.token_bytes)
         # lower bound on the sum of stage times of blocks b..L-1 (fastest node per block, no
         # links), shrunk by a relative 1e-9 so rounding never prunes an optimal plan
         suf = np.concatenate([np.cumsum(mins[::-1])[::-1], [0.0]]) + min_h
         suf[0] += min_e
         suf[L] = 0.0
         self.lower_bound = suf * (1 - 1e-9)
+
+    def _stage_memory(self, node, blocks, runtime: str) -> np.ndarray:
+        """mem[b, c]: bytes of the stage [b, c) on `node` (as :func:`stage_memory`)."""
+        t, L, wl = node.table, self.L, self.workload
+        w = np.array([r.weight_bytes for r in blocks], dtype=float)
+        kv = np.array([r.kv_bytes_per_token for r in blocks], dtype=float)
+        buf = np.array([max(0, r.peak_memory_bytes - r.weight_bytes) for r in blocks],
+                       dtype=float)
+        wpre = np.concatenate([[0.0], np.cumsum(w)])
+        kvpre = np.concatenate([[0.0], np.cumsum(kv)])
+        mem = (wpre[None, :] - wpre[:, None]) + wl.kv_tokens * wl.streams * (
+            kvpre[None, :] - kvpre[:, None])
+        # range max of buffers: bm[b, c] = max(buf[b:c])
+        bm = np.zeros((L + 1, L + 1))
+        for b in range(L):
+            bm[b, b + 1:] = np.maximum.accumulate(buf[b:])
+        bm[0, :] = np.maximum(bm[0, :], max(0, t.embed.peak_memory_bytes - t.embed.weight_bytes))
+        bm[:, L] = np.maximum(bm[:, L], max(0, t.head.peak_memory_bytes - t.head.weight_bytes))
+        mem += bm
+        if runtime in ("exo-current", "mlx-pipeline"):
+            mem += resident_bytes(t, runtime, False, False)
+        else:
+            mem[0, :] += t.embed.weight_bytes
+            mem[:, L] += t.head.weight_bytes
+            if t.model.tie_word_embeddings:
+                mem[1:, L] += t.embed.weight_bytes
+        return mem
+
+    def without_nodes_above(self, pace_max: float) -> "ChainCosts":
+        """A copy in which the nodes whose pace exceeds `pace_max` cannot run a stage."""
+        cc = copy.copy(self)
+        cc.comp = self.comp.copy()
+        cc.comp[self.pace > pace_max] = np.inf
+        return cc
 
 
 def extrapolation_notes(cluster, workload: Workload) -> list[str]:

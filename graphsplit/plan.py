@@ -112,7 +112,8 @@ PREDICTED = F.Obj({
     "stage_compute_s": _SECONDS_BY_NODE, "stage_link_s": _SECONDS_BY_NODE,
     "stage_prefill_s": _SECONDS_BY_NODE, "estimated": F.Bool(), "fits": F.Bool(),
     "shortfalls": F.Map(F.BYTES), "derived_from": F.Str(), "extrapolated": F.List(F.Str()),
-    "simulated": SIMULATED,
+    "simulated": SIMULATED, "protocol": F.Str(choices=RUNTIMES), "head_pace_s": F.SECONDS,
+    "gather_s": F.SECONDS, "message_overhead_s": F.SECONDS,
     "pareto": F.List(F.Obj({"stages": F.List(STAGE), "tpot_s": F.SECONDS,
                             "bottleneck_s": F.SECONDS, "throughput_tps": F.Num(ge=0)}))},
     name="an object of predictions")
@@ -121,7 +122,7 @@ WORKLOAD = F.Obj({"prompt_tokens": F.Int(gt=0), "context_tokens": F.Int(gt=0),
                   "prefill_chunks": F.Int(gt=0), "token_bytes": F.Int(gt=0)})
 SOLVER = F.Obj({"name": F.Str(), "optimal": F.Bool(), "status": F.Int(), "message": F.Str(),
                 "solve_s": F.SECONDS, "objective_value": F.Opt(F.Num()),
-                "work": F.Opt(F.Int(ge=0))})
+                "work": F.Opt(F.Int(ge=0)), "manual": F.Bool(), "layers": F.Str()})
 BASELINE = F.Obj({"stages": F.List(STAGE), "predicted": PREDICTED, "error": F.Str()},
                  required=("stages", "predicted"), name="an object {stages, predicted}")
 NODE_ENTRY = F.Obj({"memory_bytes": F.BYTES, "available_bytes": F.BYTES,

@@ -1,6 +1,7 @@
 """Discrete-event replay of a plan: requests arrive, prefill, decode through the ring of stages.
 
-Model (the same semantics as graphsplit.costmodel): each stage is one server with a FIFO queue;
+Model (the same semantics as graphsplit.costmodel; exo-current, whose all-gather lets one step
+run at a time, is one server serving a token in tpot and a prompt in ttft): each stage is one server with a FIFO queue;
 a job (a prompt's prefill, or one decode token of one stream) occupies stage s for its compute
 time plus its outgoing transfer (synchronous send; the last stage sends the token id back to the
 first), then joins stage s+1's queue. A stream's next token enters stage 0 when its previous token
@@ -46,19 +47,38 @@ def simulate(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
     B = workload.streams
     n_req = requests if requests is not None else B
     pr = predict(cluster, stages, workload, runtime)
+    nodes = [s.node for s in stages]
+    if runtime == "exo-current":
+        # the all-gather is a barrier every step: the ring serves one job at a time, a decode
+        # token in tpot and a prompt in ttft (one server standing for every node)
+        res = _replay(1, B, n_req, [pr.tpot_s], [0.0], [pr.ttft_s], [0.0], new_tokens,
+                      _arrivals(n_req, arrival_rate, seed))
+        share = {n: pr.stage_compute_s[n] / pr.tpot_s if pr.tpot_s else 0.0 for n in nodes}
+        res.utilisation = {n: res.busy["0"] * share[n] for n in nodes}
+        res.busy = {n: res.busy["0"] for n in nodes}
+        return res
     P = workload.prompt_tokens
-    dec_comp = [pr.stage_compute_s[s.node] for s in stages]
-    dec_send = [pr.stage_link_s[s.node] for s in stages]
-    pf_comp = [pr.stage_prefill_s[s.node] for s in stages]
+    m = pr.message_overhead_s
+    dec_comp = [pr.stage_compute_s[n] for n in nodes]
+    dec_send = [pr.stage_link_s[n] for n in nodes]
+    pf_comp = [pr.stage_prefill_s[n] for n in nodes]
     pf_send = []
     for i, s in enumerate(stages):
         if S == 1:
             pf_send.append(0.0)
         elif i < S - 1:
             e = cluster.node(s.node).table.row(f"layers.{s.end_layer - 1}").activation_bytes_per_token
-            pf_send.append(cluster.link(s.node, stages[i + 1].node).time(P * e))
+            pf_send.append(cluster.link(s.node, stages[i + 1].node).time(P * e) + m)
         else:
-            pf_send.append(cluster.link(s.node, stages[0].node).time(workload.token_bytes))
+            pf_send.append(cluster.link(s.node, stages[0].node).time(workload.token_bytes) + m)
+    res = _replay(S, B, n_req, dec_comp, dec_send, pf_comp, pf_send, new_tokens,
+                  _arrivals(n_req, arrival_rate, seed))
+    res.utilisation = {n: res.utilisation[str(i)] for i, n in enumerate(nodes)}
+    res.busy = {n: res.busy[str(i)] for i, n in enumerate(nodes)}
+    return res
+
+
+def _arrivals(n_req: int, arrival_rate: float | None, seed: int) -> list[float]:
     rnd = random.Random(seed)
     arrivals = []
     t = 0.0
@@ -66,6 +86,12 @@ def simulate(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
         if arrival_rate:
             t += rnd.expovariate(arrival_rate)
         arrivals.append(t)
+    return arrivals
+
+
+def _replay(S, B, n_req, dec_comp, dec_send, pf_comp, pf_send, new_tokens, arrivals
+            ) -> SimResult:
+    """The event loop over S FIFO servers (stage i keyed "i" in utilisation / busy)."""
     # events: (time, seq, kind, request, stage); kinds: "arrive", "enter", "done"
     ev: list = []
     seq = 0
@@ -144,5 +170,5 @@ def simulate(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
     total = sum(len(tt) for tt in token_times)
     return SimResult(requests=n_req, ttft_s=ttft, tpot_s=tpot, throughput_tps=thr,
                      overall_tps=total / end if end else 0.0, makespan_s=end,
-                     utilisation={s.node: comp_busy[i] / end for i, s in enumerate(stages)},
-                     busy={s.node: all_busy[i] / end for i, s in enumerate(stages)})
+                     utilisation={str(i): comp_busy[i] / end for i in range(S)},
+                     busy={str(i): all_busy[i] / end for i in range(S)})

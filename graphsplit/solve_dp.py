@@ -47,6 +47,7 @@ contiguous partitioning (classical DP, e.g. Pinar & Aykanat 2004).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -314,24 +315,25 @@ def _sparse_table(u: np.ndarray, J: int):
     return mn, ix
 
 
-def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: float = INF,
-                    max_bytes: int = 400 << 20, relax_first: bool = False, hrev=None):
-    """The bitmask program, vectorised over all states of one subset size (same answers as
-    _ring_dp(order=None)). States (f, mask, d, b): first node f, used nodes mask, node d in mask
-    whose stage starts at block b. A stage [b, c) on d costs P_d[c] - P_d[b] (+ embedding at
-    b = 0), so min_b (V[b] + cost) over the admissible suffix b in [lo, c) is a range-minimum
-    query, answered for a whole batch of (mask, d in mask, q not in mask, c) from sparse tables:
-    O(2^D D^3 L log L) work in O(D) numpy passes per subset size (first nodes batched while the
-    state arrays stay under max_bytes).
+@dataclass
+class _RangeQueries:
+    """What every level of the vectorised bitmask program shares: for a stage on d ending at c
+    (followed by q), the admissible first blocks b form the suffix [lo, c); the minimum over it
+    is a sparse-table query of level kk over [lo_c, lo_c + 2^kk) and [rs, rs + 2^kk).
+    addc[d, q, c] = P_d[c] + out[d, q, c] (inf where no b is admissible); u_off[d, b] is added
+    to a state's value before the query (embedding at b = 0, - P_d[b])."""
+    capped: bool
+    lo: np.ndarray
+    lo_c: np.ndarray
+    kk: np.ndarray
+    rs: np.ndarray
+    J: int
+    addc: np.ndarray
+    u_off: np.ndarray
 
-    relax_first: drop f from the state (a D / 2 times smaller program) and charge the last stage
-    the cheapest ring closure to any node of the mask other than d (the first node is one of
-    them; none for a single-stage plan). Every plan keeps its stages and pays at most its real
-    closure, so the value is a lower bound on the exact one and "no plan below the incumbent" is
-    exact; the plan returned is a real plan (its first node is read from the back-pointers)
-    whose real sum may be larger (see _bitmask_dp)."""
-    D, L = cc.D, cc.L
-    full = (1 << D) - 1
+
+def _range_queries(cc: ChainCosts, cap: float) -> _RangeQueries:
+    L = cc.L
     capped = bool(np.isfinite(cap))
     lo = _range_lo(cc, cap)  # (d, q, c)
     cs = np.arange(L + 1)
@@ -348,6 +350,12 @@ def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: 
     emb = np.where(cs == 0, cc.t_embed[:, None], 0.0)  # (d, b)
     u_off = emb - cc.prefix  # (d, b)
     u_off[:, L] = INF
+    return _RangeQueries(capped, lo, lo_c, kk, rs, J, addc, u_off)
+
+
+def _subset_levels(D: int):
+    """dbit[mask, d] and, per subset size k, (masks, their members (n, k), non-members)."""
+    full = (1 << D) - 1
     popc = np.array([bin(m).count("1") for m in range(full + 1)])
     dbit = ((np.arange(full + 1)[:, None] >> np.arange(D)[None, :]) & 1).astype(bool)
     levels = {}
@@ -356,32 +364,122 @@ def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: 
         bits = dbit[Mk]
         levels[k] = (Mk, np.nonzero(bits)[1].reshape(len(Mk), k),
                      np.nonzero(~bits)[1].reshape(len(Mk), D - k))
+    return dbit, levels
+
+
+def _extend(rq: _RangeQueries, U: np.ndarray, mem: np.ndarray, non: np.ndarray, D: int, L: int):
+    """One transition for a batch of states: close the stage of d (a member, value U[n, k, b])
+    at c and open q (a non-member) there. Returns, per (state n, q, c), the best value, the
+    first block b of the closed stage and the node d that closed it."""
+    n, k = mem.shape
+    Q = D - k
+    cs = np.arange(L + 1)
+    mn, ix = _sparse_table(U + rq.u_off[mem], rq.J)  # (J, n, k, b)
+    mnf, ixf = mn.ravel(), ix.ravel()
+    slab = n * k * (L + 1)
+    rowoff = (np.arange(n * k).reshape(n, k) * (L + 1))
+    if not rq.capped:
+        kk_g, lo_g, rs_g = rq.kk[mem], rq.lo_c[mem], rq.rs[mem]  # (n, k, c)
+        base = kk_g * slab + rowoff[:, :, None]
+        left, right = mnf.take(base + lo_g), mnf.take(base + rs_g)
+        take_r = right < left
+        rmq = np.where(take_r, right, left)
+        barg = np.where(take_r, ixf.take(base + rs_g), ixf.take(base + lo_g))
+        val = rmq[:, :, None, :] + rq.addc[mem[:, :, None], non[:, None, :]]  # (n, k, Q, c)
+        dpos = np.argmin(val, axis=1)  # (n, Q, c)
+        vbest = np.take_along_axis(val, dpos[:, None], axis=1)[:, 0]
+        bbest = np.take_along_axis(barg.reshape(n, -1), (dpos * (L + 1) + cs).reshape(n, -1),
+                                   axis=1).reshape(n, Q, L + 1)
+    else:
+        # flat sparse-table positions of the two halves of each range query:
+        # (level, row, first block) -> level * slab + row + block, per (d, q, c)
+        pair = mem[:, :, None] * D + non[:, None, :]  # (n, k, Q)
+        row4 = rowoff[:, :, None, None]
+        li = (rq.kk * slab + rq.lo_c).reshape(D * D, L + 1)[pair] + row4  # (n, k, Q, c)
+        ri = (rq.kk * slab + rq.rs).reshape(D * D, L + 1)[pair] + row4
+        left, right = mnf.take(li), mnf.take(ri)
+        val = np.minimum(left, right) + rq.addc.reshape(D * D, L + 1)[pair]
+        dpos = np.argmin(val, axis=1)  # (n, Q, c)
+        # flat positions of the chosen d in the (n, k, Q, c) arrays (one index, many takes)
+        fsel = ((np.arange(n)[:, None, None] * k + dpos) * Q
+                + np.arange(Q)[None, :, None]) * (L + 1) + cs
+
+        def sel(A):
+            return A.reshape(-1).take(fsel)
+
+        vbest = sel(val)
+        bbest = np.where(sel(right) < sel(left), ixf.take(sel(ri)), ixf.take(sel(li)))
+    dbest = np.take_along_axis(mem, dpos.reshape(n, -1), axis=1).reshape(n, Q, L + 1)
+    return vbest, bbest, dbest
+
+
+def _last_stage_times(cc: ChainCosts, fs, fi, Ms, mem, dbit, cap: float, relax_first: bool):
+    """(n, k, b): the time of d's stage [b, L) as the last one, with its ring closure (to the
+    first node; relax_first: the cheapest closure to another node of the mask, none at k = 1)."""
+    D, L = cc.D, cc.L
+    k = mem.shape[1]
+    close_nd = np.where(np.eye(D, dtype=bool), INF, cc.close)  # (d, f), f != d
+    if relax_first:
+        if k == 1:
+            clo = np.zeros(mem.shape)
+        else:
+            clo = np.where(dbit[Ms][:, None, :], close_nd[mem], INF).min(axis=2)
+        tl = cc.comp[mem, :, L] + clo[:, :, None]
+    else:
+        f = fs[fi][:, None]  # (n, 1): the first node of each state
+        clo = np.where(mem == f, 0.0, cc.close[mem, f])
+        tl = cc.comp[mem, :, L] + clo[:, :, None]
+    return np.where(tl <= cap, tl, INF) if np.isfinite(cap) else tl
+
+
+def _backtrack(found, BPd, BPb, L: int):
+    j, mask, d, b = found
+    path = [(d, b, L)]
+    while not (mask == 1 << d and b == 0):
+        pd, pb = int(BPd[j, mask, d, b]), int(BPb[j, mask, d, b])
+        mask ^= 1 << d
+        path.append((pd, pb, b))
+        d, b = pd, pb
+    return list(reversed(path))
+
+
+def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: float = INF,
+                    max_bytes: int = 400 << 20, relax_first: bool = False, hrev=None):
+    """The bitmask program, vectorised over all states of one subset size (same answers as
+    _ring_dp(order=None)). States (f, mask, d, b): first node f, used nodes mask, node d in mask
+    whose stage starts at block b. A stage [b, c) on d costs P_d[c] - P_d[b] (+ embedding at
+    b = 0), so min_b (V[b] + cost) over the admissible suffix b in [lo, c) is a range-minimum
+    query, answered for a whole batch of (mask, d in mask, q not in mask, c) from sparse tables
+    (_range_queries, _extend): O(2^D D^3 L log L) work in O(D) numpy passes per subset size
+    (first nodes batched while the state arrays stay under max_bytes).
+
+    relax_first: drop f from the state (a D / 2 times smaller program) and charge the last stage
+    the cheapest ring closure to any node of the mask other than d (the first node is one of
+    them; none for a single-stage plan). Every plan keeps its stages and pays at most its real
+    closure, so the value is a lower bound on the exact one and "no plan below the incumbent" is
+    exact; the plan returned is a real plan (its first node is read from the back-pointers)
+    whose real sum may be larger (see _bitmask_dp)."""
+    D, L = cc.D, cc.L
+    full = (1 << D) - 1
+    rq = _range_queries(cc, cap)
+    dbit, levels = _subset_levels(D)
     lbt = _set_lower_bound(cc, cap)  # (available-node set, b)
     best_val, best_path, work = incumbent, None, 0
     per_f = (full + 1) * D * (L + 1) * 12
     G = max(1, min(D, max_bytes // max(per_f, 1)))
     groups = [np.arange(D)] if relax_first else \
         [np.arange(g0, min(D, g0 + G)) for g0 in range(0, D, G)]
-    close_nd = np.where(np.eye(D, dtype=bool), INF, cc.close)  # (d, f), f != d
     for fs in groups:
         nf = 1 if relax_first else len(fs)
         V = np.full((nf, full + 1, D, L + 1), INF)
         BPd = np.full((nf, full + 1, D, L + 1), -1, dtype=np.int8)
         BPb = np.full((nf, full + 1, D, L + 1), -1, dtype=np.int16)
-        if relax_first:
-            V[0, 1 << fs, fs, 0] = 0.0
-        else:
-            V[np.arange(nf), 1 << fs, fs, 0] = 0.0
-            close_f = np.where(np.arange(D)[None, :] == fs[:, None], 0.0, cc.close[:, fs].T)
-            tl = cc.comp[None, :, :, L] + close_f[:, :, None]  # (f, d, b)
-            if capped:
-                tl = np.where(tl <= cap, tl, INF)
+        V[0 if relax_first else np.arange(nf), 1 << fs, fs, 0] = 0.0
         found = None
         for k in range(1, D + 1):
             Mk, memk, nonk = levels[k]
             if relax_first:
-                mi = np.arange(Mk.size)
-                fi = np.zeros(Mk.size, dtype=np.int64)
+                mi, fi = np.arange(Mk.size), np.zeros(Mk.size, dtype=np.int64)
             else:
                 mi, fi = np.nonzero(dbit[Mk][:, fs])
             if mi.size == 0:
@@ -396,20 +494,9 @@ def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: 
             if not alive.any():
                 break
             fi, Ms, mem, non, U = fi[alive], Ms[alive], mem[alive], non[alive], U[alive]
-            n = Ms.size
-            work += n
+            work += Ms.size
             if not use_all or k == D:
-                if relax_first:  # cheapest closure to another node of the mask (none: k = 1)
-                    if k == 1:
-                        clo = np.zeros(mem.shape)
-                    else:
-                        clo = np.where(dbit[Ms][:, None, :], close_nd[mem], INF).min(axis=2)
-                    tlk = cc.comp[mem, :, L] + clo[:, :, None]  # (n, k, b)
-                    if capped:
-                        tlk = np.where(tlk <= cap, tlk, INF)
-                else:
-                    tlk = tl[fi[:, None], mem]
-                tot = U + tlk
+                tot = U + _last_stage_times(cc, fs, fi, Ms, mem, dbit, cap, relax_first)
                 i = int(np.argmin(tot))
                 v = float(tot.flat[i])
                 if v < best_val:
@@ -418,58 +505,14 @@ def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: 
                     found = (int(fi[n_]), int(Ms[n_]), int(mem[n_, dp_]), int(b))
             if k == D:
                 break
-            Q = D - k
-            mn, ix = _sparse_table(U + u_off[mem], J)  # (J, n, k, b)
-            mnf, ixf = mn.ravel(), ix.ravel()
-            slab = n * k * (L + 1)
-            rowoff = (np.arange(n * k).reshape(n, k) * (L + 1))
-            if not capped:
-                kk_g, lo_g, rs_g = kk[mem], lo_c[mem], rs[mem]  # (n, k, c)
-                base = kk_g * slab + rowoff[:, :, None]
-                left, right = mnf.take(base + lo_g), mnf.take(base + rs_g)
-                take_r = right < left
-                rmq = np.where(take_r, right, left)
-                barg = np.where(take_r, ixf.take(base + rs_g), ixf.take(base + lo_g))
-                val = rmq[:, :, None, :] + addc[mem[:, :, None], non[:, None, :]]  # (n,k,Q,c)
-                dpos = np.argmin(val, axis=1)  # (n, Q, c)
-                vbest = np.take_along_axis(val, dpos[:, None], axis=1)[:, 0]
-                bbest = np.take_along_axis(barg.reshape(n, -1),
-                                           (dpos * (L + 1) + cs).reshape(n, -1),
-                                           axis=1).reshape(n, Q, L + 1)
-            else:
-                # flat sparse-table positions of the two halves of each range query:
-                # (level, row, first block) -> level * slab + row + block, per (d, q, c)
-                pair = mem[:, :, None] * D + non[:, None, :]  # (n, k, Q)
-                row4 = rowoff[:, :, None, None]
-                li = (kk * slab + lo_c).reshape(D * D, L + 1)[pair] + row4  # (n, k, Q, c)
-                ri = (kk * slab + rs).reshape(D * D, L + 1)[pair] + row4
-                left, right = mnf.take(li), mnf.take(ri)
-                val = np.minimum(left, right) + addc.reshape(D * D, L + 1)[pair]
-                dpos = np.argmin(val, axis=1)  # (n, Q, c)
-                # flat positions of the chosen d in the (n, k, Q, c) arrays (one index, many takes)
-                fsel = ((np.arange(n)[:, None, None] * k + dpos) * Q
-                        + np.arange(Q)[None, :, None]) * (L + 1) + cs
-
-                def sel(A):
-                    return A.reshape(-1).take(fsel)
-
-                vbest = sel(val)
-                bbest = np.where(sel(right) < sel(left), ixf.take(sel(ri)), ixf.take(sel(li)))
-            dbest = np.take_along_axis(mem, dpos.reshape(n, -1), axis=1).reshape(n, Q, L + 1)
+            vbest, bbest, dbest = _extend(rq, U, mem, non, D, L)
             tgt = Ms[:, None] | (1 << non)  # (n, Q)
             fI = fi[:, None]
             V[fI, tgt, non] = vbest
             BPd[fI, tgt, non] = dbest
             BPb[fI, tgt, non] = bbest
         if found is not None:
-            j, mask, d, b = found
-            path = [(d, b, L)]
-            while not (mask == 1 << d and b == 0):
-                pd, pb = int(BPd[j, mask, d, b]), int(BPb[j, mask, d, b])
-                mask ^= 1 << d
-                path.append((pd, pb, b))
-                d, b = pd, pb
-            best_path = list(reversed(path))
+            best_path = _backtrack(found, BPd, BPb, L)
     return best_val, best_path, work
 
 
@@ -606,6 +649,73 @@ def _solve(cluster, objective: str, workload: Workload, runtime: str, use_all_no
     ids = sorted(cluster.ids) if order is None else list(order)
     metric = "prefill" if objective == "ttft" else "decode"
     cc = ChainCosts(cluster, workload, runtime, metric, ids=ids)
+    if cc.protocol.head_on_every_rank:
+        return _solve_paced(cc, objective, use_all_nodes, order, name, t0)
+    return _solve_cc(cc, objective, use_all_nodes, order, name, t0)
+
+
+def _plan_pace(cc: ChainCosts, path) -> float:
+    return max(cc.pace[d] for d, _, _ in path)
+
+
+def _solve_paced(cc: ChainCosts, objective: str, use_all_nodes: bool,
+                 order: Sequence[str] | None, name: str, t0: float) -> SplitResult:
+    """Exact minimum of sum of stage times + max over the plan's nodes of pace (the head that
+    every rank runs: exo-current).
+
+    Problem: the max term makes the objective non-additive. Method: enumerate its value. For
+    each distinct pace H (ascending), the best plan using only nodes with pace <= H costs
+    S(H) + H at most, and the optimum is min_H S(H) + H (its own max pace is one such H).
+    S(H) >= S(max) (fewer nodes never help), so the scan stops once S(max) + H reaches the
+    incumbent; every DP run is pruned at the incumbent minus H. At most D extra DP runs.
+    Throughput and Pareto reduce to latency: the all-gather is a barrier every step, so the
+    bottleneck is the whole time per token (see graphsplit.costmodel).
+    """
+    metric_obj = "ttft" if objective == "ttft" else "latency"
+    first = _solve_cc(cc, metric_obj, use_all_nodes, order, name, t0)
+    if first.stages is None:
+        return first
+    idx = {n: i for i, n in enumerate(cc.ids)}
+
+    def path_of(r):
+        return [(idx[st.node], st.start_layer, st.end_layer) for st in r.stages]
+
+    base = first.fun
+    best_p = path_of(first)
+    best = sum(_stage_times(cc, best_p)) + _plan_pace(cc, best_p)
+    work = first.nit
+    for H in sorted(set(cc.pace.tolist())):
+        if base + H >= best:
+            break
+        r = _solve_cc(cc.without_nodes_above(H), metric_obj, use_all_nodes, order, name, t0,
+                      bound=(best - H) * (1 + 1e-9) + 1e-15)
+        work += r.nit
+        if r.stages is None:
+            continue
+        p = path_of(r)
+        v = sum(_stage_times(cc, p)) + _plan_pace(cc, p)
+        if v < best:
+            best, best_p = v, p
+    stages = _to_stages(cc, best_p)
+    where = "all node orders and subsets" if order is None else "the given node order"
+    note = "" if objective in ("latency", "ttft") else \
+        f" ({objective} = latency under {cc.runtime}: one step in flight)"
+    extra = {}
+    if objective == "pareto":
+        extra = {"frontier": [{"tpot_s": best, "bottleneck_s": best,
+                               "throughput_tps": 1 / best if best > 0 else INF,
+                               "stages": stages}]}
+    return SplitResult(stages, best, True, 0,
+                       f"optimal {metric_obj} over {where}, head pace enumerated{note}",
+                       name, time.perf_counter() - t0, work, extra)
+
+
+def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, order: Sequence[str] | None,
+              name: str, t0: float, bound: float = INF) -> SplitResult:
+    """The DP solvers on prebuilt cost arrays (additive stage times); `bound`: only plans
+    below it are looked for (latency / ttft)."""
+    cluster, workload, runtime = cc.cluster, cc.workload, cc.runtime
+    ids = cc.ids
     idx_order = None if order is None else list(range(len(ids)))
     B = workload.streams
     work_total = [0]
@@ -643,7 +753,7 @@ def _solve(cluster, objective: str, workload: Workload, runtime: str, use_all_no
                                f"optimal throughput for {B} stream(s) over {where} "
                                f"({n_dp} capped DP runs after a fixed-order seed)",
                                name, time.perf_counter() - t0, work_total[0] + fo.nit)
-    val, path = dp(bound=seed)
+    val, path = dp(bound=min(seed, bound))
     if path is None:
         return _infeasible(name, t0, work_total[0])
     if objective in ("latency", "ttft"):

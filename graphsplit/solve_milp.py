@@ -25,6 +25,11 @@ buffer dropped, binaries fixed by memory (_memory_fixings) and, for throughput, 
 incumbent's value (_time_fixings), fixed binaries substituted out; the best contiguous split of
 the topological order (_order_dp) is the incumbent, passed as HiGHS's objective_bound cutoff.
 
+Runtimes: the MILP charges the ring protocol (activation to the next stage, token id back):
+mlx-pipeline, and exo-legacy with its measured per-message overhead folded into every link's
+latency (_ring_cluster). exo-current's all-gather and per-rank head are not in this formulation:
+it is refused with a message pointing at the DP solvers, which carry it exactly.
+
 Reference: PiPPy graphsplit (pytorch/PiPPy, pippy/graphsplit.py): MILP with
 scipy.optimize.milp, homogeneous stages, parameter/activation counts instead of times.
 """
@@ -32,6 +37,7 @@ scipy.optimize.milp, homogeneous stages, parameter/activation counts instead of 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import os
 import sys
@@ -44,7 +50,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from graphsplit.costmodel import Workload, check_runtime
+from graphsplit.cluster import Link
+from graphsplit.costmodel import Workload, check_runtime, message_overhead_s
+from profiler.errors import UserError
 from graphsplit.plan import Stage
 from graphsplit.result import SplitResult
 
@@ -90,9 +98,26 @@ def _op_mem(g, v, runtime) -> float:
     return float(a["weight_bytes"] + a["kv_bytes"])
 
 
+def _ring_cluster(cluster, runtime: str):
+    """The cluster as the ring protocol of `runtime` sees it: exo-legacy's measured per-message
+    overhead added to every link's latency (every message pays it once); exo-current refused."""
+    if runtime == "exo-current":
+        raise UserError("the MILP solver charges the ring protocol (mlx-pipeline, exo-legacy); "
+                        "exo-current's all-gather and per-rank head are solved by --solver "
+                        "bitmask or fixed-order")
+    m = message_overhead_s(cluster, runtime) if runtime == "exo-legacy" else 0.0
+    if m == 0.0:
+        return cluster
+    c = copy.copy(cluster)
+    c.links = {k: Link(v.latency_s + m, v.bandwidth_Bps) for k, v in cluster.links.items()}
+    c.default_link = Link(cluster.default_link.latency_s + m, cluster.default_link.bandwidth_Bps)
+    return c
+
+
 def evaluate_assignment(g: nx.DiGraph, cluster, devices: Sequence[str], stage_of: dict,
-                        objective: str, workload: Workload, runtime: str = "exo-current"):
+                        objective: str, workload: Workload, runtime: str = "mlx-pipeline"):
     """Reference cost of an assignment op -> stage index (None if invalid or over memory)."""
+    cluster = _ring_cluster(cluster, runtime)
     S = len(devices)
     metric = "prefill_s" if objective == "ttft" else "decode_s"
     tokens = workload.prompt_tokens if objective == "ttft" else 1
@@ -310,8 +335,166 @@ def _needed_edges(g, ops, idx):
 
 
 
+class _Rows:
+    """The MILP's variables and constraint rows, built incrementally (COO triplets).
+
+    Variable layout: w[v, k] (V K) | c[u, k] (one per cut source and boundary) | buf[s] (S) | z.
+    """
+
+    def __init__(self, V: int, S: int, srcs: list):
+        self.V, self.S, self.K = V, S, S - 1
+        self.cidx = {u: j for j, u in enumerate(srcs)}
+        self.nw, self.nc = V * self.K, len(srcs) * self.K
+        self.ob, self.oz = self.nw + self.nc, self.nw + self.nc + S
+        self.n = self.oz + 1
+        self.rows, self.cols, self.vals, self.lo, self.hi = [], [], [], [], []
+        self.r = 0
+
+    def W(self, v, k):
+        return v * self.K + k
+
+    def Cv(self, u, k):
+        return self.nw + self.cidx[u] * self.K + k
+
+    def add(self, terms, lb, ub):
+        for col, val in terms:
+            self.rows.append(self.r)
+            self.cols.append(col)
+            self.vals.append(val)
+        self.lo.append(lb)
+        self.hi.append(ub)
+        self.r += 1
+
+    def x_terms(self, v, s, coef):
+        """coef * x_vs as terms over w (x_vs = w_vs - w_v,s-1; w_v,S-1 = 1 constant)."""
+        terms, const = [], 0.0
+        if s < self.K:
+            terms.append((self.W(v, s), coef))
+        else:
+            const += coef
+        if s > 0:
+            terms.append((self.W(v, s - 1), -coef))
+        return terms, const
+
+    def matrix(self):
+        return coo_matrix((self.vals, (self.rows, self.cols)), shape=(self.r, self.n)).tocsr()
+
+
+def _structure_rows(m: _Rows, g, ops, idx, edges, reduce: bool) -> None:
+    """Monotone w per operation, edge order w_vk <= w_uk, cut variables c_uk >= w_uk - w_vk."""
+    for v in range(m.V):
+        for k in range(m.K - 1):
+            m.add([(m.W(v, k), 1), (m.W(v, k + 1), -1)], -np.inf, 0)
+    order_edges, cut_edges = _needed_edges(g, ops, idx) if reduce else (edges, edges)
+    for u, v in order_edges:
+        for k in range(m.K):
+            m.add([(m.W(v, k), 1), (m.W(u, k), -1)], -np.inf, 0)
+    for u, v in cut_edges:
+        for k in range(m.K):
+            m.add([(m.Cv(u, k), 1), (m.W(u, k), -1), (m.W(v, k), 1)], 0, np.inf)
+
+
+def _stage_rows(m: _Rows, g, ops, srcs, cluster, devices, runtime: str, metric: str,
+                tokens: int, workload: Workload, buf_floor: float):
+    """Per stage: its time as a linear expression (returned: terms, constants), at least one
+    block, its buffer rows and its memory row."""
+    T_terms, T_const = [], []
+    S, K, V = m.S, m.K, m.V
+    for s, d in enumerate(devices):
+        terms, const = [], 0.0
+        for v in range(V):
+            tt, cc = m.x_terms(v, s, g.nodes[ops[v]][metric][d] * TS)
+            terms += tt
+            const += cc
+        if s < K:
+            lk = cluster.link(d, devices[s + 1])
+            const += lk.latency_s * TS
+            for u in srcs:
+                terms.append((m.Cv(u, s), TS * tokens
+                              * g.nodes[ops[u]]["activation_bytes_per_token"]
+                              / lk.bandwidth_Bps))
+        elif S > 1:
+            const += cluster.link(d, devices[0]).time(workload.token_bytes) * TS
+        T_terms.append(terms)
+        T_const.append(const)
+        # every stage holds at least one block (or sub-block)
+        ne, nconst = [], 0.0
+        for v in range(V):
+            if g.nodes[ops[v]]["layer"] is None:
+                continue
+            tt, cc = m.x_terms(v, s, 1.0)
+            ne += tt
+            nconst += cc
+        m.add(ne, 1 - nconst, np.inf)
+        # buffers and memory
+        for v in range(V):
+            bv = g.nodes[ops[v]]["buffer_bytes"] / MEM
+            if bv > buf_floor:
+                tt, cc = m.x_terms(v, s, -bv)
+                m.add([(m.ob + s, 1)] + tt, -cc, np.inf)  # buf_s - bv x_vs >= 0
+        mem, mconst = [], _resident(cluster, d, runtime, s == 0, s == S - 1, g) / MEM
+        for v in range(V):
+            tt, cc = m.x_terms(v, s, _op_mem(g, ops[v], runtime) / MEM)
+            mem += tt
+            mconst += cc
+        m.add(mem + [(m.ob + s, 1)], -np.inf, cluster.node(d).memory_bytes / MEM - mconst)
+    return T_terms, T_const
+
+
+def _objective(m: _Rows, T_terms, T_const, objective: str, streams: int):
+    """(cost vector, constant offset): sum of stage times, or z with z >= T_s, z >= sum / B."""
+    cobj = np.zeros(m.n)
+    if objective in ("latency", "ttft"):
+        for terms in T_terms:
+            for col, val in terms:
+                cobj[col] += val
+        return cobj, sum(T_const)
+    cobj[m.oz] = 1.0
+    for terms, const in zip(T_terms, T_const):  # z >= T_s
+        m.add([(m.oz, 1)] + [(col, -val) for col, val in terms], const, np.inf)
+    allt = [(col, -val / streams) for terms in T_terms for col, val in terms]
+    m.add([(m.oz, 1)] + allt, sum(T_const) / streams, np.inf)  # z >= sum / B
+    return cobj, 0.0
+
+
+def _highs(A, cobj, lo_a, hi_a, integrality, nw: int, o: dict, lb_, ub_):
+    """HiGHS on the model with the fixed binaries substituted out (exact: a fixed column's
+    contribution moves into the row bounds and the objective constant; rows left without
+    a free column are dropped after checking that they hold)."""
+    n = len(cobj)
+    fixed = np.zeros(n, dtype=bool)
+    fixed[:nw] = lb_[:nw] == ub_[:nw]
+    free = ~fixed
+    xf = np.where(fixed, lb_, 0.0)
+    shift = A @ xf
+    Af = A[:, free]
+    keep = np.diff(Af.tocsr().indptr) > 0
+    l2, h2 = lo_a - shift, hi_a - shift
+    tol = 1e-9
+    if np.any((l2[~keep] > tol) | (h2[~keep] < -tol)):
+        fixed[:] = False  # a fixed row is violated: leave the model whole (HiGHS proves it)
+        free, xf, keep = ~fixed, np.zeros(n), np.ones(len(lo_a), dtype=bool)
+        Af, l2, h2 = A, lo_a, hi_a
+    const = float(cobj @ xf)
+    o = dict(o)
+    if "objective_bound" in o:
+        o["objective_bound"] -= const
+    with _quiet_stdout(), warnings.catch_warnings():
+        # HiGHS options beyond scipy's five are passed through verbatim, with a warning
+        warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+        r = milp(cobj[free], constraints=LinearConstraint(Af[keep], l2[keep], h2[keep]),
+                 integrality=integrality[free], bounds=Bounds(lb_[free], ub_[free]),
+                 options=o)
+    if r.x is not None:
+        x = xf.copy()
+        x[free] = r.x
+        r.x = x
+        r.fun = r.fun + const
+    return r
+
+
 def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = "latency",
-               workload: Workload = Workload(), runtime: str = "exo-current",
+               workload: Workload = Workload(), runtime: str = "mlx-pipeline",
                time_limit: float = 60.0, presolve: bool = False, reduce: bool = True,
                incumbent: bool = True, highs_options: dict | None = None) -> SplitResult:
     """Optimal assignment of the DAG's operations to the stages on `devices` (in order).
@@ -327,6 +510,7 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
     in contiguous ranges, whose stages are the block ranges. Optimal iff HiGHS proves it.
     """
     check_runtime(runtime)
+    cluster = _ring_cluster(cluster, runtime)
     t0 = time.perf_counter()
     devices = list(devices)
     S = len(devices)
@@ -336,123 +520,27 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
     tokens = workload.prompt_tokens if objective == "ttft" else 1
     ops = sorted(g.nodes, key=lambda v: g.nodes[v]["order"])
     idx = {v: i for i, v in enumerate(ops)}
-    V = len(ops)
-    K = S - 1
     edges = [(idx[u], idx[v]) for u, v in g.edges]
     srcs = sorted({u for u, _ in edges})
-    cidx = {u: j for j, u in enumerate(srcs)}
-    # variable layout: w[v,k] (V*K) | c[u,k] (len(srcs)*K) | buf[s] (S) | z (1)
-    nw, nc = V * K, len(srcs) * K
-    ob, oz = nw + nc, nw + nc + S
-    n = oz + 1
-
-    def W(v, k):
-        return v * K + k
-
-    def Cv(u, k):
-        return nw + cidx[u] * K + k
-
-    rows, cols, vals, lo, hi = [], [], [], [], []
-    r = 0
-
-    def add(terms, lb, ub):
-        nonlocal r
-        for col, val in terms:
-            rows.append(r)
-            cols.append(col)
-            vals.append(val)
-        lo.append(lb)
-        hi.append(ub)
-        r += 1
-
-    def x_terms(v, s, coef):
-        """coef * x_vs as terms over w (x_vs = w_vs - w_v,s-1; w_v,S-1 = 1 constant)."""
-        terms, const = [], 0.0
-        if s < K:
-            terms.append((W(v, s), coef))
-        else:
-            const += coef
-        if s > 0:
-            terms.append((W(v, s - 1), -coef))
-        return terms, const
-
-    for v in range(V):
-        for k in range(K - 1):
-            add([(W(v, k), 1), (W(v, k + 1), -1)], -np.inf, 0)
-    order_edges, cut_edges = _needed_edges(g, ops, idx) if reduce else (edges, edges)
-    for u, v in order_edges:
-        for k in range(K):
-            add([(W(v, k), 1), (W(u, k), -1)], -np.inf, 0)
-    for u, v in cut_edges:
-        for k in range(K):
-            add([(Cv(u, k), 1), (W(u, k), -1), (W(v, k), 1)], 0, np.inf)
+    m = _Rows(len(ops), S, srcs)
+    nw, K = m.nw, m.K
+    _structure_rows(m, g, ops, idx, edges, reduce)
     # Buffers: every stage holds at least one block operation (the row below), so its buffer is
     # at least buf_floor = the smallest buffer of any block operation. buf_s gets that as its
     # lower bound, and the rows buf_s >= b_v x_vs of operations with b_v <= buf_floor are implied
     # by it: only operations with larger buffers need rows (none when all blocks are alike).
     layer_bufs = [g.nodes[v]["buffer_bytes"] / MEM for v in ops if g.nodes[v]["layer"] is not None]
     buf_floor = min(layer_bufs) if (reduce and layer_bufs) else 0.0
-    # stage times as linear expressions: T_s = sum terms + const
-    T_terms, T_const = [], []
-    op_names = ops
-    for s, d in enumerate(devices):
-        terms, const = [], 0.0
-        for v in range(V):
-            tt, cc = x_terms(v, s, g.nodes[op_names[v]][metric][d] * TS)
-            terms += tt
-            const += cc
-        if s < K:
-            lk = cluster.link(d, devices[s + 1])
-            const += lk.latency_s * TS
-            for u in srcs:
-                terms.append((Cv(u, s), TS * tokens
-                              * g.nodes[op_names[u]]["activation_bytes_per_token"]
-                              / lk.bandwidth_Bps))
-        elif S > 1:
-            const += cluster.link(d, devices[0]).time(workload.token_bytes) * TS
-        T_terms.append(terms)
-        T_const.append(const)
-        # every stage holds at least one block (or sub-block)
-        ne, nconst = [], 0.0
-        for v in range(V):
-            if g.nodes[op_names[v]]["layer"] is None:
-                continue
-            tt, cc = x_terms(v, s, 1.0)
-            ne += tt
-            nconst += cc
-        add(ne, 1 - nconst, np.inf)
-        # buffers and memory
-        for v in range(V):
-            bv = g.nodes[op_names[v]]["buffer_bytes"] / MEM
-            if bv > buf_floor:
-                tt, cc = x_terms(v, s, -bv)
-                add([(ob + s, 1)] + tt, -cc, np.inf)  # buf_s - bv x_vs >= 0
-        mem, mconst = [], _resident(cluster, d, runtime, s == 0, s == S - 1, g) / MEM
-        for v in range(V):
-            tt, cc = x_terms(v, s, _op_mem(g, op_names[v], runtime) / MEM)
-            mem += tt
-            mconst += cc
-        add(mem + [(ob + s, 1)], -np.inf, cluster.node(d).memory_bytes / MEM - mconst)
-    cobj = np.zeros(n)
-    if objective in ("latency", "ttft"):
-        for terms in T_terms:
-            for col, val in terms:
-                cobj[col] += val
-        offset = sum(T_const)
-    else:
-        cobj[oz] = 1.0
-        offset = 0.0
-        for terms, const in zip(T_terms, T_const):  # z >= T_s
-            add([(oz, 1)] + [(col, -val) for col, val in terms], const, np.inf)
-        allt = [(col, -val / workload.streams) for terms in T_terms for col, val in terms]
-        add([(oz, 1)] + allt, sum(T_const) / workload.streams, np.inf)  # z >= sum / B
-    A = coo_matrix((vals, (rows, cols)), shape=(r, n)).tocsr()
-    integrality = np.zeros(n)
+    T_terms, T_const = _stage_rows(m, g, ops, srcs, cluster, devices, runtime, metric, tokens,
+                                   workload, buf_floor)
+    cobj, offset = _objective(m, T_terms, T_const, objective, workload.streams)
+    A = m.matrix()
+    integrality = np.zeros(m.n)
     integrality[:nw] = 1
-    lb = np.zeros(n)
-    ub = np.ones(n)
-    ub[ob:] = np.inf
-    lb[ob:ob + S] = buf_floor
+    lb = np.zeros(m.n)
+    ub = np.ones(m.n)
+    ub[m.ob:] = np.inf
+    lb[m.ob:m.ob + S] = buf_floor
     if reduce and K:
         lo_w, hi_w, anc = _memory_fixings(g, ops, cluster, devices, runtime, buf_floor * MEM)
     # the DAG's sources can sit in stage 0, sinks in the last: no fixing needed
@@ -479,51 +567,22 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
         hi_w = np.maximum(hi_w, lo_w)  # contradictions: no (better) assignment; HiGHS proves it
         lb[:nw], ub[:nw] = lo_w.ravel(), hi_w.ravel()
     opts.update(highs_options or {})
-
-    lo_a, hi_a = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
-
-    def run(o, lb_, ub_):
-        """HiGHS on the model with the fixed binaries substituted out (exact: a fixed column's
-        contribution moves into the row bounds and the objective constant; rows left without
-        a free column are dropped after checking that they hold)."""
-        fixed = np.zeros(n, dtype=bool)
-        fixed[:nw] = lb_[:nw] == ub_[:nw]
-        free = ~fixed
-        xf = np.where(fixed, lb_, 0.0)
-        shift = A @ xf
-        Af = A[:, free]
-        keep = np.diff(Af.tocsr().indptr) > 0
-        l2, h2 = lo_a - shift, hi_a - shift
-        tol = 1e-9
-        if np.any((l2[~keep] > tol) | (h2[~keep] < -tol)):
-            fixed[:] = False  # a fixed row is violated: leave the model whole (HiGHS proves it)
-            free, xf, keep = ~fixed, np.zeros(n), np.ones(len(lo_a), dtype=bool)
-            Af, l2, h2 = A, lo_a, hi_a
-        const = float(cobj @ xf)
-        o = dict(o)
-        if "objective_bound" in o:
-            o["objective_bound"] -= const
-        with _quiet_stdout(), warnings.catch_warnings():
-            # HiGHS options beyond scipy's five are passed through verbatim, with a warning
-            warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
-            r = milp(cobj[free], constraints=LinearConstraint(Af[keep], l2[keep], h2[keep]),
-                     integrality=integrality[free], bounds=Bounds(lb_[free], ub_[free]),
-                     options=o)
-        if r.x is not None:
-            x = xf.copy()
-            x[free] = r.x
-            r.x = x
-            r.fun = r.fun + const
-        return r
-
-    res = run(opts, lb, ub)
+    lo_a, hi_a = np.asarray(m.lo, dtype=float), np.asarray(m.hi, dtype=float)
+    res = _highs(A, cobj, lo_a, hi_a, integrality, nw, opts, lb, ub)
     if res.x is None and cutoff is not None and res.status == 2:
         # "infeasible under the cutoff" can only come from the MILP's scaled memory rows
         # judging the incumbent differently from the exact bytes: solve again without the
         # cutoff and the fixings derived from it
         opts.pop("objective_bound")
-        res = run(opts, lb_plain, ub_plain)
-    solve_s = time.perf_counter() - t0
+        res = _highs(A, cobj, lo_a, hi_a, integrality, nw, opts, lb_plain, ub_plain)
+    return _milp_result(res, g, ops, devices, cluster, objective, offset, inc, inc_v, nw, K,
+                        int(np.sum(lb[:nw] != ub[:nw])), time.perf_counter() - t0)
+
+
+def _milp_result(res, g, ops, devices, cluster, objective, offset, inc, inc_v, nw, K,
+                 free_binaries, solve_s) -> SplitResult:
+    """HiGHS's answer as a SplitResult (the incumbent when HiGHS ran out of time first)."""
+    nodes = int(getattr(res, "mip_node_count", 0) or 0)
     if res.x is None:
         if inc is not None and res.status != 2:
             # time limit before HiGHS found a solution: return the incumbent, not proven
@@ -531,26 +590,25 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
             return SplitResult(stages, inc_v, False, 1,
                                f"HiGHS: {res.message}; best contiguous split of the "
                                "topological order returned (not proven optimal)", "milp",
-                               solve_s, int(getattr(res, "mip_node_count", 0) or 0),
+                               solve_s, nodes,
                                {"assignment": {v: devices[s] for v, s in inc.items()},
                                 "stage_of": dict(inc), "devices": devices, "binaries": nw})
         status = 2 if res.status == 2 else 1
-        return SplitResult(None, np.inf, res.status == 2, status,
-                           f"HiGHS: {res.message}", "milp", solve_s,
-                           int(getattr(res, "mip_node_count", 0) or 0))
+        return SplitResult(None, np.inf, res.status == 2, status, f"HiGHS: {res.message}",
+                           "milp", solve_s, nodes)
+    V = len(ops)
     w = np.round(res.x[:nw]).reshape(V, K) if K else np.zeros((V, 0))
-    stage_of = {op_names[v]: int(K - w[v].sum()) for v in range(V)}
+    stage_of = {ops[v]: int(K - w[v].sum()) for v in range(V)}
     fun = (float(res.fun + offset) if objective != "throughput" else float(res.fun)) / TS
     stages = _block_stages(g, stage_of, devices, cluster.n_layers)
     optimal = res.status == 0
     return SplitResult(stages, fun, optimal, 0 if optimal else 1,
                        f"HiGHS: {res.message}" + ("" if optimal else
                                                   f" (gap {getattr(res, 'mip_gap', None)})"),
-                       "milp", solve_s, int(getattr(res, "mip_node_count", 0) or 0),
+                       "milp", solve_s, nodes,
                        {"assignment": {v: devices[s] for v, s in stage_of.items()},
                         "stage_of": stage_of, "devices": devices, "binaries": nw,
-                        "free_binaries": int(np.sum(lb[:nw] != ub[:nw])),
-                        "incumbent": inc_v})
+                        "free_binaries": free_binaries, "incumbent": inc_v})
 
 
 def _block_stages(g, stage_of, devices, n_layers):
@@ -571,12 +629,13 @@ def _block_stages(g, stage_of, devices, n_layers):
 
 
 def solve_milp_chain(cluster, objective: str = "latency", workload: Workload = Workload(),
-                     runtime: str = "exo-current", use_all_nodes: bool = False,
+                     runtime: str = "mlx-pipeline", use_all_nodes: bool = False,
                      order: Sequence[str] | None = None, time_limit: float = 60.0) -> SplitResult:
     """The MILP on the block chain, over every subsequence of the node order (the whole order
     with use_all_nodes): optimal over the given order, like solve_fixed_order."""
     from graphsplit.graph import build_graph
     t0 = time.perf_counter()
+    _ring_cluster(cluster, runtime)  # refuse exo-current before building anything
     g = build_graph(cluster, workload)
     order = list(order) if order is not None else cluster.ids
     seqs = [order] if use_all_nodes else [list(c) for k in range(1, len(order) + 1)

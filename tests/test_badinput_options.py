@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exo_bridge import cli as bridge_cli
-from exo_bridge import profile_link, runner
+from exo_bridge import profile_link
+from exo_bridge.runner import run as runner
 from graphsplit import cli as split_cli
 from profiler import cli as profile_cli
 from profiler import options as o

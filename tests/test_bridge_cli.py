@@ -238,7 +238,7 @@ def test_one_line_change_uses_exo_types_and_env(tmp_path, fake_exo):
 
 
 def test_run_delegates_to_the_runner():
-    pytest.importorskip("exo_bridge.runner")
+    pytest.importorskip("exo_bridge.runner.run")
     cp = cli("run", "--help")
     assert cp.returncode == 0, cp.stderr
     assert "exo-bridge run" in cp.stdout or "usage" in cp.stdout

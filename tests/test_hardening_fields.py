@@ -17,6 +17,7 @@ compare for plans).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -362,3 +363,15 @@ def test_every_command_that_reads_a_plan_refuses_it_the_same_way(cluster_dir, tm
     assert len(lines) == 1, lines
     line = lines.pop()
     assert expect in line and str(f) in line and "\n" not in line, line
+
+
+def test_every_field_the_splitter_writes_into_a_plan_is_checked_on_read():
+    """A new Prediction or solver field must get a schema entry, or a hand edit of it would pass
+    unchecked (the protocol fields once did)."""
+    from graphsplit.costmodel import Prediction
+    from graphsplit.manual import manual_solver_entry
+    from graphsplit.plan import PREDICTED, SOLVER
+
+    written = {f.name for f in dataclasses.fields(Prediction)} | {"fits"}
+    assert written - set(PREDICTED.fields) == set()
+    assert set(manual_solver_entry("a:1")) - set(SOLVER.fields) == set()

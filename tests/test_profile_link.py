@@ -245,7 +245,7 @@ def test_serve_refuses_a_busy_port_and_survives_a_bad_client(capsys):
 def test_mlx_rank_whose_peer_never_comes_is_bounded_by_timeout(tmp_path):
     """`profile-link mlx --hostfile F --rank 0` with no rank 1: MLX waits inside C++ for the
     ring; the command runs the rank as a child and stops it at --timeout, one line, exit 2."""
-    from exo_bridge.runner import free_ports
+    from exo_bridge.runner.run import free_ports
 
     hf = tmp_path / "hostfile.json"
     hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
@@ -260,7 +260,7 @@ def test_mlx_rank_whose_peer_never_comes_is_bounded_by_timeout(tmp_path):
 def test_mlx_two_hosts_mode_reports_on_rank_0(tmp_path):
     """The two-host form (one command per rank, same hostfile), here both on loopback."""
     pytest.importorskip("mlx.core")
-    from exo_bridge.runner import free_ports
+    from exo_bridge.runner.run import free_ports
 
     hf = tmp_path / "hostfile.json"
     hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))

@@ -16,7 +16,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from exo_bridge.runner import RunError, make_prompt, model_spec, run_stages  # noqa: E402
+from exo_bridge.runner.run import RunError, make_prompt, model_spec, run_stages  # noqa: E402
 from graphsplit.plan import Plan, Stage, write_plan  # noqa: E402
 
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
@@ -31,7 +31,7 @@ def make_tiny_dir(path: Path, config: dict = TINY, seed: int = 3) -> Path:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    from exo_bridge.stage_worker import _random_fill
+    from exo_bridge.runner.stage_worker import _random_fill
 
     Model, Args = _get_classes(config)
     model = Model(Args.from_dict(config))
@@ -74,6 +74,25 @@ def test_two_process_pipeline_tokens_equal_single_process(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["ring", "exo-legacy", "exo-current"])
+def test_every_protocol_generates_the_single_process_tokens(tiny, protocol):
+    """Three ranks (a middle one too) run each runtime's per-token protocol for real; the greedy
+    tokens equal the single-process model's, and under exo-current every rank samples the same
+    tokens from the all-gathered hidden state."""
+    spec = model_spec(str(tiny), None)
+    res = run_stages([Stage("a", 0, 1), Stage("b", 1, 3), Stage("c", 3, 4)], spec, PROMPT, NEW,
+                     timeout_s=180, protocol=protocol)
+    want = reference_tokens(tiny, make_prompt(TINY["vocab_size"], PROMPT), NEW)
+    assert res.tokens == want and res.protocol == protocol
+    assert all(len(r["decode_compute_s"]) == NEW - 1 for r in res.ranks)
+    if protocol == "exo-current":
+        assert [r["all_tokens"] for r in res.ranks] == [want] * 3
+        assert all(len(r["head_s"]) == NEW - 1 for r in res.ranks)  # the head on every rank
+    if protocol == "exo-legacy":  # every hop and the token back went through the framing
+        assert all(r["message_s"] for r in res.ranks)
+
+
+@pytest.mark.slow
 def test_cli_runs_plan_and_baseline_and_prints_errors(tiny, tmp_path):
     plan = Plan(model={"name": "tiny-llama", "n_layers": 4, "config_hash": "x"},
                 stages=[Stage("a", 0, 3), Stage("b", 3, 4)],
@@ -92,6 +111,17 @@ def test_cli_runs_plan_and_baseline_and_prints_errors(tiny, tmp_path):
     want = reference_tokens(tiny, make_prompt(TINY["vocab_size"], PROMPT), NEW)
     assert all(r["tokens"] == want for r in out)
     assert out[0]["error_pct"]["tpot_s"] is not None
+
+
+def test_message_pingpong_measures_both_paths():
+    """The exo-legacy per-message overhead is measured over two real ranks (no timing asserted:
+    both round trips are there and the overhead is their half-difference, clipped at 0)."""
+    from exo_bridge.runner.run import measure_message_overhead
+
+    r = measure_message_overhead(64, repeats=5)
+    assert r["ring_rtt_s"] > 0 and r["legacy_rtt_s"] > 0 and r["repeats"] == 5
+    assert r["message_overhead_s"] == pytest.approx(
+        max(0.0, (r["legacy_rtt_s"] - r["ring_rtt_s"]) / 2))
 
 
 def test_dead_rank_is_reported_not_hung(tmp_path):
@@ -114,7 +144,7 @@ def test_cli_bad_plan_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_ring_hostfile_places_the_ranks(tiny, tmp_path):
-    from exo_bridge.runner import free_ports
+    from exo_bridge.runner.run import free_ports
 
     hf = tmp_path / "hosts.json"
     hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("mlx.core")
 
-from exo_bridge.runner import RunError, model_spec, run_stages  # noqa: E402
+from exo_bridge.runner.run import RunError, model_spec, run_stages  # noqa: E402
 from graphsplit.plan import Stage  # noqa: E402
 from profiler.tiny import tiny_config  # noqa: E402
 

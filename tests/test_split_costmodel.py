@@ -24,7 +24,7 @@ def test_tpot_is_sum_of_stage_compute_links_and_ring_closure():
     c = two_nodes()
     w = Workload(prompt_tokens=64, context_tokens=128, streams=1)
     st = [Stage("a", 0, 3), Stage("b", 3, 4)]
-    p = predict(c, st, w)
+    p = predict(c, st, w, "mlx-pipeline")
     # decode at context 128 is the first grid point: 0.01 per block on a, 0.02 on b
     comp_a = 3 * 0.01 + 0.001  # + embed
     comp_b = 1 * 0.02 + 0.002  # + head
@@ -41,8 +41,8 @@ def test_tpot_is_sum_of_stage_compute_links_and_ring_closure():
 def test_throughput_bounded_by_streams_and_bottleneck():
     c = two_nodes()
     st = [Stage("a", 0, 2), Stage("b", 2, 4)]
-    p1 = predict(c, st, Workload(streams=1))
-    p8 = predict(c, st, Workload(streams=8))
+    p1 = predict(c, st, Workload(streams=1), "mlx-pipeline")
+    p8 = predict(c, st, Workload(streams=8), "mlx-pipeline")
     assert p1.throughput_tps == pytest.approx(1 / p1.tpot_s)
     assert p8.throughput_tps == pytest.approx(1 / p8.bottleneck_s)
 
@@ -83,8 +83,65 @@ def test_dense_costs_match_predict():
         p = predict(c, [Stage("b", 0, 1), Stage("a", 1, 4)], w, rt)
         t0 = cc.comp[b, 0, 1] + cc.out[b, a, 1]
         t1 = cc.comp[a, 1, 4] + cc.close[a, b]
-        assert t0 + t1 == pytest.approx(p.tpot_s, rel=1e-12)
+        pace = max(cc.pace[a], cc.pace[b])  # exo-current: the slowest head; else 0
+        assert t0 + t1 + pace == pytest.approx(p.tpot_s, rel=1e-12)
         assert cc.mem[a, 1, 4] == pytest.approx(p.stage_memory_bytes["a"])
+
+
+def heads_differ(**kw):
+    """a: head 0.002 s, b: head 0.006 s per decode token (b's LM head is slower)."""
+    a = make_table("a", 4, decode_s=0.01, weight_bytes=100 * MiB, head_decode_s=0.002, **kw)
+    b = make_table("b", 4, decode_s=0.02, weight_bytes=100 * MiB, head_decode_s=0.006, **kw)
+    return cluster_from_tables({"a": a, "b": b}, links={
+        ("a", "b"): {"latency_ms": 1.0, "bandwidth_gbps": 8.0},
+        ("b", "a"): {"latency_ms": 3.0, "bandwidth_gbps": 8.0}})
+
+
+def test_exo_current_protocol_terms():
+    """exo-current: activation a -> b, the last hidden state all-gathered back (hop b -> a),
+    no token closure, the head on every rank (the slowest sets the pace)."""
+    c = heads_differ()
+    P, C = 64, 128
+    w = Workload(prompt_tokens=P, context_tokens=C)
+    p = predict(c, [Stage("a", 0, 3), Stage("b", 3, 4)], w, "exo-current")
+    comp_a, comp_b = 3 * 0.01 + 0.001, 1 * 0.02  # embed on a; no head in any stage
+    fwd, back = 1e-3 + 8192 / 1e9, 3e-3 + 8192 / 1e9
+    assert p.tpot_s == pytest.approx(comp_a + comp_b + fwd + back + 0.006, rel=1e-12)
+    assert p.head_pace_s == pytest.approx(0.006) and p.gather_s == pytest.approx(back)
+    assert p.bottleneck_s == p.tpot_s and p.throughput_tps == pytest.approx(1 / p.tpot_s)
+    # ttft: prompt[:-1] through the pipeline, prompt[-1] (no gather), then two decode steps
+    # with the gather (the runtime trims 2 and re-decodes); head pace max(hp(P-1) + 3 hd)
+    Q = P - 1
+    pre = Q * (3 * 0.005 + 0.0005) + Q * 0.01 + (1e-3 + Q * 8192 / 1e9)
+    one = comp_a + comp_b + fwd
+    pace = max(Q * 0.001 + 3 * 0.002, Q * 0.003 + 3 * 0.006)
+    assert p.ttft_s == pytest.approx(pre + one + 2 * (one + back) + pace, rel=1e-12)
+
+
+def test_exo_legacy_message_overhead_from_the_cluster_file(tmp_path):
+    c = heads_differ()
+    st = [Stage("a", 0, 3), Stage("b", 3, 4)]
+    w = Workload(prompt_tokens=64, context_tokens=128)
+    ours = predict(c, st, w, "mlx-pipeline")
+    assert predict(c, st, w, "exo-legacy").tpot_s == pytest.approx(ours.tpot_s)  # unmeasured: 0
+    c.runtimes = {"exo-legacy": {"message_overhead_ms": 0.5}}
+    leg = predict(c, st, w, "exo-legacy")
+    # two messages per token (activation, token id back), each + 0.5 ms
+    assert leg.tpot_s == pytest.approx(ours.tpot_s + 2 * 0.5e-3, rel=1e-12)
+    assert leg.ttft_s == pytest.approx(ours.ttft_s + 2 * 0.5e-3, rel=1e-12)
+    assert leg.message_overhead_s == pytest.approx(0.5e-3)
+
+
+def test_runtimes_section_is_read_and_checked(tmp_path):
+    path = write_cluster(tmp_path, {"a": make_table("a", 4)})
+    data = json.loads(path.read_text())
+    data["runtimes"] = {"exo-legacy": {"message_overhead_ms": 0.25, "source": "measured"}}
+    path.write_text(json.dumps(data))
+    assert load_cluster(path).runtimes["exo-legacy"]["message_overhead_ms"] == 0.25
+    data["runtimes"] = {"exo-legacy": {"message_overhead_ms": -1}}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ClusterError, match="message_overhead_ms"):
+        load_cluster(path)
 
 
 # -- baselines -------------------------------------------------------------------------------

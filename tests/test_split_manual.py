@@ -137,7 +137,7 @@ def test_run_accepts_layers_and_a_manual_plan(tmp_path):
     pytest.importorskip("mlx.core")
     from test_runner import NEW, PROMPT, TINY, make_tiny_dir, reference_tokens
 
-    from exo_bridge.runner import make_prompt
+    from exo_bridge.runner.run import make_prompt
 
     tiny = make_tiny_dir(tmp_path / "tiny")
     plan = Plan(model={"name": "tiny-llama", "n_layers": 4, "config_hash": "x"},

@@ -11,7 +11,10 @@ from graphsplit.cluster import cluster_from_tables
 from graphsplit.costmodel import Workload
 from graphsplit.graph import build_graph, is_chain
 from graphsplit.solve_milp import evaluate_assignment, solve_milp, solve_milp_chain
-from test_split_solvers import CASES, RUNTIMES, SCENARIOS, same, scenario
+from profiler.errors import UserError
+from test_split_solvers import CASES, SCENARIOS, same, scenario
+
+RING_RUNTIMES = ["mlx-pipeline", "exo-legacy"]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -19,11 +22,20 @@ from test_split_solvers import CASES, RUNTIMES, SCENARIOS, same, scenario
 def test_milp_chain_equals_brute_force(name, use_all):
     c = scenario(name)
     for i, (obj, B) in enumerate(CASES):
-        rt = RUNTIMES[i % 3]
+        rt = RING_RUNTIMES[i % 2]
         w = Workload(prompt_tokens=64, context_tokens=256, streams=B)
+        if i == 1:  # exo-legacy with a measured per-message overhead
+            c.runtimes = {"exo-legacy": {"message_overhead_ms": 0.7}}
         r = solve_milp_chain(c, obj, w, rt, use_all)
         same(r, brute_force(c, obj, w, rt, use_all, fixed_order=True))
         assert r.optimal
+
+
+def test_milp_refuses_exo_current_in_one_line():
+    c = scenario("slow-node")
+    with pytest.raises(UserError, match="bitmask or fixed-order"):
+        solve_milp_chain(c, "latency", Workload(prompt_tokens=64, context_tokens=256),
+                         "exo-current")
 
 
 def dag_cluster():

@@ -101,7 +101,7 @@ def test_order_dp_gives_a_feasible_assignment():
     g = build_graph(c, w, sub_blocks=True)
     ops = sorted(g.nodes, key=lambda v: g.nodes[v]["order"])
     for objective in ("latency", "throughput"):
-        a, v = _order_dp(g, c, ["b", "a", "c"], ops, objective, w, "exo-current")
+        a, v = _order_dp(g, c, ["b", "a", "c"], ops, objective, w, "mlx-pipeline")
         if a is not None:
             assert evaluate_assignment(g, c, ["b", "a", "c"], a, objective, w) == v
 

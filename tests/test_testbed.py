@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from exo_bridge import testbed as tb_mod
-from exo_bridge.testbed import (LinkSpec, NodeSpec, Testbed, TestbedSpec, parse_link,
-                                parse_nodes, status)
+from exo_bridge.testbed.bed import Testbed
+from exo_bridge.testbed.spec import LinkSpec, NodeSpec, TestbedSpec, parse_link, parse_nodes
+from exo_bridge.testbed.system import available, status
 
-WHY = tb_mod.available()
+WHY = available()
 needs_root = pytest.mark.skipif(WHY is not None, reason=f"testbed unavailable: {WHY}")
 PREFIX = f"xbtest{os.getpid() % 1000}"
 

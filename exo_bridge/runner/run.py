@@ -1,6 +1,6 @@
 """`exo-bridge run PLAN`: run a split for real on MLX's distributed runtime and measure it.
 
-One process per plan stage (`exo_bridge.stage_worker`), joined by the `mx.distributed` ring
+One process per plan stage (`exo_bridge.runner.stage_worker`), joined by the `mx.distributed` ring
 backend (`MLX_HOSTFILE` + `MLX_RANK`, started here with `sys.executable`; or `mlx.launch` over ssh
 with a hostfile of remote hosts). Each process loads only its layer range; rank 0 embeds, the
 last rank applies norm + head, samples greedily and sends the token id back to rank 0.
@@ -9,7 +9,13 @@ Measured: time to first token (prefill of `--prompt-tokens` random token ids + t
 time per output token over `--max-tokens` tokens, tokens/s (= 1 / TPOT for one stream), printed
 beside the plan's prediction with the error in percent. `--stages-from` picks the plan's own
 stages or one of its baselines (exo-legacy, exo-current, even), so exo's default splits run the
-same way; `all` runs them one after another.
+same way; `all` runs them one after another. `--protocol` picks the per-token protocol the
+ranks execute (default: the plan's runtime's): `ring` (ours), `exo-legacy` (the same pattern with
+every message framed as legacy exo's gRPC carries it: numpy bytes + shape + dtype, the token id
+back as a (1, 1) tensor) or `exo-current` (every rank embeds, runs its blocks, sends on; the last
+hidden state is all-gathered to every rank each decode step and every rank runs norm + head +
+sampling; exo's prefill: prompt[:-1], prompt[-1], trim 2, barrier, re-decode the last two);
+predictions are re-derived under that runtime's cost model.
 
 Library use (the testbed and the benchmark): `run_stages(...)` with per-rank hosts and command
 wrappers (e.g. `ip netns exec NODE ...` + a cgroup) returns a `RunResult`.
@@ -31,13 +37,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exo_bridge.stage_worker import RESULT_TAG, encode_job
+from exo_bridge.runner.stage_worker import RESULT_TAG, encode_job
 from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
 from profiler import options as o
 from profiler.errors import UserError, guard
 
 BASELINES = ("exo-legacy", "exo-current", "even")
+# --protocol -> the runtime whose cost model charges it (graphsplit.costmodel.protocol)
+PROTOCOL_RUNTIME = {"ring": "mlx-pipeline", "exo-legacy": "exo-legacy",
+                    "exo-current": "exo-current"}
+RUNTIME_PROTOCOL = {v: k for k, v in PROTOCOL_RUNTIME.items()}
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_TOKENS = 1 << 20  # --prompt-tokens / --max-tokens
 MAX_TIMEOUT_S = 7 * 86400.0
@@ -60,6 +70,7 @@ class RunResult:
     predicted: dict[str, Any] = field(default_factory=dict)
     ranks: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
+    protocol: str = "ring"
 
     def errors_pct(self) -> dict[str, float | None]:
         """(measured - predicted) / predicted in percent, for tpot, ttft and tokens/s."""
@@ -269,7 +280,7 @@ def launch_local(job: dict[str, Any], hosts: list[str] | None = None,
             if n == 1:
                 e.pop("MLX_HOSTFILE"), e.pop("MLX_RANK")
             cmd = (wrappers[r] if wrappers else []) + [
-                sys.executable, "-m", "exo_bridge.stage_worker", "--job", b64]
+                sys.executable, "-m", "exo_bridge.runner.stage_worker", "--job", b64]
             outs.append(tmp / f"rank{r}.out")
             errs.append(tmp / f"rank{r}.err")
             procs.append(subprocess.Popen(cmd, env=e, stdout=open(outs[r], "wb"),
@@ -326,7 +337,7 @@ def launch_mlx(job: dict[str, Any], hostfile: str, timeout_s: float, python: str
     """
     cmd = [sys.executable, "-m", "mlx._distributed_utils.launch", "--hostfile", hostfile,
            "--backend", "ring", "--python", python or sys.executable, "--",
-           "-m", "exo_bridge.stage_worker", "--job", encode_job(job)]
+           "-m", "exo_bridge.runner.stage_worker", "--job", encode_job(job)]
     fd, log = tempfile.mkstemp(prefix="exo-bridge-run-mlx-launch-", suffix=".log")
     try:
         with os.fdopen(fd, "w") as err:
@@ -352,16 +363,21 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                hostfile: str | None = None, python: str | None = None,
                timeout_s: float = 600.0, warmup_prompt: int = 8, warmup_tokens: int = 2,
                env: dict[str, str] | None = None, seed: int = 0,
-               hostfiles: list[str] | None = None) -> RunResult:
+               hostfiles: list[str] | None = None, protocol: str = "ring") -> RunResult:
     """Run one split end to end and measure it; see the module docstring."""
     if max_tokens < 1 or prompt_tokens < 1:
         raise UserError("--prompt-tokens and --max-tokens must be at least 1")
+    if protocol not in PROTOCOL_RUNTIME:
+        raise UserError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOL_RUNTIME)}")
+    if protocol == "exo-current" and prompt_tokens < 2:
+        raise UserError("--protocol exo-current needs --prompt-tokens of at least 2 (exo "
+                        "re-decodes the last two prompt tokens)")
     n_layers = int(spec["config"].get("num_hidden_layers") or spec["config"]["n_layers"])
     check_stages(stages, n_layers, label)
     job = {"model": spec, "stages": [[s.start_layer, s.end_layer] for s in stages],
            "prompt": make_prompt(vocab_of(spec["config"]), prompt_tokens, seed),
            "max_tokens": max_tokens, "warmup_prompt": warmup_prompt,
-           "warmup_tokens": warmup_tokens}
+           "warmup_tokens": warmup_tokens, "protocol": protocol}
     t0 = time.perf_counter()
     if hostfile:
         check_hostfile(hostfile, len(stages))
@@ -383,7 +399,22 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
     return RunResult(label=label, stages=list(stages), prompt_tokens=prompt_tokens,
                      max_tokens=max_tokens, tokens=r0["tokens"], ttft_s=r0["ttft_s"],
                      tpot_s=tpot, tokens_per_s=(1.0 / tpot) if tpot else None,
-                     predicted=dict(predicted or {}), ranks=ranks, wall_s=wall)
+                     predicted=dict(predicted or {}), ranks=ranks, wall_s=wall,
+                     protocol=protocol)
+
+
+def measure_message_overhead(hidden: int, repeats: int = 50, dtype: str = "float32", *,
+                             hosts: list[str] | None = None,
+                             wrappers: list[list[str]] | None = None,
+                             hostfiles: list[str] | None = None,
+                             timeout_s: float = 120.0) -> dict[str, Any]:
+    """exo-legacy's per-message overhead between two ranks, measured: a ping-pong of one decode
+    activation and a token id, alternately over the ring protocol and the exo-legacy framing
+    (see stage_worker.message_pingpong). Returns rank 0's medians and the overhead in s."""
+    job = {"kind": "message-pingpong", "stages": [[0, 0], [0, 0]], "hidden": int(hidden),
+           "repeats": int(repeats), "dtype": dtype}
+    return launch_local(job, hosts=hosts, wrappers=wrappers, hostfiles=hostfiles,
+                        timeout_s=timeout_s)[0]
 
 
 def _hostfile_entries(path: str) -> list[Any]:
@@ -487,9 +518,15 @@ def breakdown(r: RunResult) -> dict[str, Any]:
                        "pred_prefill_s": pp.get(s.node), "pred_link_s": pl.get(s.node)})
     comp = sum(x["decode_s"] or 0.0 for x in stages)
     links = sum(x["pred_link_s"] or 0.0 for x in stages) if pl else None
+    # exo-current: every rank's own head per decode step; the slowest rank's sets the pace
+    heads = [rk.get("head_s") or [] for rk in r.ranks]
+    head = max((_mean(h) for h in heads if h), default=None)
+    if links is not None and p.get("head_pace_s"):
+        links += p["head_pace_s"]
     return {"stages": stages, "measured_compute_s": comp,
             "measured_comm_s": (r.tpot_s - comp) if r.tpot_s else None,
-            "pred_compute_s": sum(pc.values()) if pc else None, "pred_comm_s": links}
+            "pred_compute_s": sum(pc.values()) if pc else None, "pred_comm_s": links,
+            "measured_head_s": head, "pred_head_s": p.get("head_pace_s")}
 
 
 def format_breakdown(r: RunResult) -> str:
@@ -501,9 +538,12 @@ def format_breakdown(r: RunResult) -> str:
                      f"{_ms(x['decode_s']):>8} / {_ms(x['pred_decode_s']):>8}  "
                      f"{_ms(x['prefill_s']):>10} / {_ms(x['pred_prefill_s']):>8}  "
                      f"{_ms(x['pred_link_s']):>8}")
+    head = "" if b["measured_head_s"] is None else \
+        (f" (of which the slowest rank's head: measured {_ms(b['measured_head_s'])}, predicted "
+         f"{_ms(b['pred_head_s'])})")
     lines.append(f"  compute sum {_ms(b['measured_compute_s'])} / {_ms(b['pred_compute_s'])} ms; "
                  f"communication (tpot - compute) {_ms(b['measured_comm_s'])} ms, links "
-                 f"predicted {_ms(b['pred_comm_s'])} ms")
+                 f"predicted {_ms(b['pred_comm_s'])} ms{head}")
     return "\n".join(lines)
 
 
@@ -528,7 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the plan's stages, one baseline's, or all of them in turn")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                     help="weights of a built-in model (a directory keeps its own)")
-    ap.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=600.0, help="seconds per run (default 600)")
+    ap.add_argument("--protocol", default=None, choices=tuple(PROTOCOL_RUNTIME),
+                    help="per-token protocol to run: ring (ours: activation on, token id back), "
+                    "exo-legacy (the same as legacy exo's numpy messages), exo-current (all-gather "
+                    "of the last hidden state, head on every rank); default: the plan's runtime")
+    ap.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=600.0,
+                    help="seconds per run (default 600)")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
     ap.add_argument("--breakdown", action="store_true",
                     help="also print measured per-stage compute against the predicted parts")
@@ -546,17 +591,21 @@ def main(argv: list[str] | None = None) -> int:
     which = ["plan", *[b for b in BASELINES if b in plan.baselines]] \
         if args.stages_from == "all" else [args.stages_from]
     rewl = run_workload(plan, P, args.max_tokens)
+    protocol = args.protocol or RUNTIME_PROTOCOL[plan.runtime]
+    runtime = PROTOCOL_RUNTIME[protocol]
     results = []
     for w in which:
         stages, pred = pick_stages(plan, w)
         if rewl is not None:
-            pred = repredict(rewl[0], stages, rewl[1], plan.runtime)
+            pred = repredict(rewl[0], stages, rewl[1], runtime)
+        elif runtime != plan.runtime:
+            pred = {}  # the plan predicted another runtime's protocol: nothing to compare
         if not args.json:
             print(f"running {w}: " + ", ".join(f"{s.node}[{s.start_layer},{s.end_layer})"
                                                for s in stages), file=sys.stderr, flush=True)
         results.append(run_stages(stages, spec, P, args.max_tokens, label=w, predicted=pred,
                                   hostfile=args.hostfile, python=args.python,
-                                  timeout_s=args.timeout))
+                                  timeout_s=args.timeout, protocol=protocol))
     wl = plan.workload.get("prompt_tokens")
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))
@@ -567,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_breakdown(r))
         if rewl is not None:
             print(f"predictions re-derived from {plan.cluster_file} for this run's workload "
-                  f"(prompt {P}, mean decode context {rewl[1].context_tokens}, 1 stream)")
+                  f"(prompt {P}, mean decode context {rewl[1].context_tokens}, 1 stream) "
+                  f"under the {runtime} protocol")
         elif wl and int(wl) != P:
             print(f"note: the plan predicted for a {wl}-token prompt; this run used {P} "
                   f"(the plan's cluster file {plan.cluster_file or '(none)'} is not here to "

@@ -1,6 +1,6 @@
 """One pipeline stage: the program each rank of `exo-bridge run` executes.
 
-Started by `exo_bridge.runner` (one process per plan stage) with the MLX ring backend's
+Started by `exo_bridge.runner.run` (one process per plan stage) with the MLX ring backend's
 environment (`MLX_HOSTFILE`, `MLX_RANK`) or by `mlx.launch`. The job comes base64-encoded on
 the command line (`--job B64`) so the same command works on a remote host.
 
@@ -41,6 +41,7 @@ from typing import Any
 import mlx.core as mx
 
 RESULT_TAG = "EXO_BRIDGE_RESULT "
+PROTOCOLS = ("ring", "exo-legacy", "exo-current")
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _FROM_CODE = {v: k for k, v in _CODES.items()}
@@ -197,8 +198,12 @@ class Stage:
         self.rank, self.size, self.group = rank, size, group
         self.start, self.end = job["stages"][rank]
         self.first, self.last = rank == 0, rank == size - 1
+        self.protocol = job.get("protocol", "ring")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        every = self.protocol == "exo-current"  # every rank keeps embedding, norm and head
         self.model, self.inner, self.layers = load_stage(job["model"], self.start, self.end,
-                                                         self.first, self.last)
+                                                         self.first or every, self.last or every)
         self.fds = ring_socket_fds() if (group is not None and os.name == "posix"
                                          and os.path.isdir("/proc/self/fd")) else []
         self.hidden = None  # set from the first activation
@@ -210,6 +215,8 @@ class Stage:
         self.caches = make_caches(self.model, self.layers, self.start, self.end)
         self.compute_s: list[float] = []
         self.wait_s: list[float] = []
+        self.head_s: list[float] = []  # exo-current: this rank's own head per pass
+        self.message_s: list[float] = []  # exo-legacy: encode + decode time per message
 
     def _recv_activation(self, L: int):
         src = self.rank - 1
@@ -233,13 +240,89 @@ class Stage:
             mx.eval(mx.distributed.send(hdr, dst, group=self.group))
         mx.eval(mx.distributed.send(h, dst, group=self.group))
 
+    # exo-legacy: every message as legacy exo's gRPC carries it (numpy bytes + shape + dtype)
+    def _send_framed(self, h, dst: int) -> None:
+        import numpy as np
+
+        t0 = time.perf_counter()
+        mx.eval(h)
+        bf16 = h.dtype == mx.bfloat16
+        a = np.array(h.view(mx.uint16) if bf16 else h)
+        meta = json.dumps({"shape": list(a.shape), "dtype": "bfloat16" if bf16 else str(a.dtype),
+                           "shard": [self.start, self.end], "request_id": "exo-bridge"}).encode()
+        payload = mx.array(np.frombuffer(meta + a.tobytes(), dtype=np.uint8))
+        hdr = mx.array([len(meta), payload.size], dtype=mx.int32)
+        mx.eval(payload, hdr)
+        self.message_s.append(time.perf_counter() - t0)
+        mx.eval(mx.distributed.send(hdr, dst, group=self.group))
+        mx.eval(mx.distributed.send(payload, dst, group=self.group))
+
+    def _recv_framed(self, src: int):
+        import numpy as np
+
+        wait_readable(self.fds)
+        hdr = mx.distributed.recv((2,), mx.int32, src, group=self.group)
+        mx.eval(hdr)
+        n_meta, n = hdr.tolist()
+        buf = mx.distributed.recv((n,), mx.uint8, src, group=self.group)
+        mx.eval(buf)
+        t0 = time.perf_counter()
+        raw = np.array(buf).tobytes()
+        meta = json.loads(raw[:n_meta])
+        bf16 = meta["dtype"] == "bfloat16"
+        a = np.frombuffer(raw[n_meta:], dtype=np.uint16 if bf16 else meta["dtype"])
+        h = mx.array(a.reshape(meta["shape"]))
+        h = h.view(mx.bfloat16) if bf16 else h
+        mx.eval(h)
+        self.message_s.append(time.perf_counter() - t0)
+        return h
+
+    def exo_current_pass(self, tokens: list[int], gather: bool) -> int:
+        """One forward call as current exo's pipeline runs it (every rank, its own tokens):
+        every rank embeds the tokens; rank > 0 then takes the previous rank's activation
+        instead; runs its blocks; sends to the next rank; with `gather` (decode) all-gathers
+        the hidden states and keeps the last rank's; then norm + LM head over the positions
+        and the greedy token on EVERY rank."""
+        from mlx_lm.models.base import create_attention_mask
+
+        t_in = time.perf_counter()
+        h = self.inner.embed_tokens(mx.array([tokens], dtype=mx.int32))
+        if not self.first:
+            mx.eval(h)
+            wait_readable(self.fds)
+            h = mx.distributed.recv_like(h, self.rank - 1, group=self.group)
+            mx.eval(h)
+        t0 = time.perf_counter()
+        mask = create_attention_mask(h, self.caches[0] if self.caches else None)
+        for layer, c in zip(self.layers, self.caches):
+            h = layer(h, mask, cache=c)
+        mx.eval(h)
+        self.compute_s.append(time.perf_counter() - t0)
+        self.wait_s.append(t0 - t_in)
+        if not self.last:
+            mx.eval(mx.distributed.send(h, self.rank + 1, group=self.group))
+        if gather and self.size > 1:
+            if not self.last:  # nothing else can arrive first: sleep instead of spinning
+                wait_readable(self.fds)
+            h = mx.distributed.all_gather(h, group=self.group)[-h.shape[0]:]
+            mx.eval(h)
+        t_h = time.perf_counter()
+        logits = head_logits(self.model, self.inner, h)
+        tok = mx.argmax(logits[:, -1, :], axis=-1)
+        mx.eval(logits, tok)
+        self.head_s.append(time.perf_counter() - t_h)
+        return int(tok.item())
+
     def step(self, tokens: list[int] | None, L: int) -> int | None:
         """One pipeline pass over L new tokens. Rank 0 passes the tokens and gets the next id."""
         from mlx_lm.models.base import create_attention_mask
 
+        legacy = self.protocol == "exo-legacy"
         t_in = time.perf_counter()
         if self.first:
             h = self.inner.embed_tokens(mx.array([tokens], dtype=mx.int32))
+        elif legacy:
+            h = self._recv_framed(self.rank - 1)
         else:
             h = self._recv_activation(L)
         t0 = time.perf_counter()
@@ -256,14 +339,20 @@ class Stage:
         self.compute_s.append(time.perf_counter() - t0)
         self.wait_s.append(t0 - t_in)
         if not self.last:
-            self._send_activation(h)
+            self._send_framed(h, self.rank + 1) if legacy else self._send_activation(h)
         elif self.size > 1:
-            mx.eval(mx.distributed.send(tok, 0, group=self.group))
+            if legacy:  # legacy exo forwards the sampled token as a (1, 1) tensor
+                self._send_framed(tok.reshape(1, 1), 0)
+            else:
+                mx.eval(mx.distributed.send(tok, 0, group=self.group))
         if self.first:
             if self.size > 1:
-                wait_readable(self.fds)
-                tok = mx.distributed.recv((1,), mx.int32, self.size - 1, group=self.group)
-                mx.eval(tok)
+                if legacy:
+                    tok = self._recv_framed(self.size - 1).reshape(-1)
+                else:
+                    wait_readable(self.fds)
+                    tok = mx.distributed.recv((1,), mx.int32, self.size - 1, group=self.group)
+                    mx.eval(tok)
             return int(tok.item())
         return None
 
@@ -284,25 +373,62 @@ def generate(stage: Stage, prompt: list[int], max_tokens: int) -> dict[str, Any]
     return {"tokens": tokens, "token_times_s": times}
 
 
+def generate_exo_current(stage: Stage, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    """Current exo's sequence (src/exo/worker/engines/mlx/generator/generate.py at b5375f8):
+    prefill = prompt[:-1] then prompt[-1] with no all-gather (each rank runs its head on its
+    own hidden state), trim the KV caches by 2, a barrier, then decode from prompt[-2:] with
+    the all-gather every step; the first token comes from the prompt[-1] step. Every rank
+    returns the same tokens; rank 0's arrival times are measured."""
+    if len(prompt) < 2:
+        raise ValueError("exo-current's protocol needs a prompt of at least 2 tokens")
+    times: list[float] = []
+    tokens: list[int] = []
+    t_start = time.perf_counter()
+    stage.exo_current_pass(prompt[:-1], gather=False)
+    stage.exo_current_pass(prompt[-1:], gather=False)
+    for c in stage.caches:
+        c.trim(2)
+    if stage.group is not None:
+        mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=stage.group))
+    stage.exo_current_pass(prompt[-2:-1], gather=True)
+    cur = stage.exo_current_pass(prompt[-1:], gather=True)
+    stage.first_decode_pass = len(stage.compute_s)
+    for i in range(max_tokens):
+        times.append(time.perf_counter() - t_start)
+        tokens.append(cur)
+        if i == max_tokens - 1:
+            break
+        cur = stage.exo_current_pass([cur], gather=True)
+    return {"tokens": tokens, "token_times_s": times}
+
+
 def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
     t_load = time.perf_counter()
     stage = Stage(job, rank, size, group)
     load_s = time.perf_counter() - t_load
     prompt = job["prompt"]
     wp, wt = int(job.get("warmup_prompt", 8)), int(job.get("warmup_tokens", 2))
+    gen = generate_exo_current if stage.protocol == "exo-current" else generate
     if wt > 0:
-        generate(stage, prompt[: max(1, min(wp, len(prompt)))], wt)
+        gen(stage, prompt[: max(2, min(wp, len(prompt)))], wt)
     stage.reset()
+    stage.first_decode_pass = 1
     if group is not None:
         mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))  # barrier
-    out = generate(stage, prompt, int(job["max_tokens"]))
+    out = gen(stage, prompt, int(job["max_tokens"]))
+    k = stage.first_decode_pass
     res: dict[str, Any] = {
         "rank": rank, "stage": [stage.start, stage.end], "load_s": load_s,
-        "prefill_compute_s": stage.compute_s[0] if stage.compute_s else None,
-        "decode_compute_s": stage.compute_s[1:],
+        "protocol": stage.protocol,
+        # every pass before the first token (exo-current: 4 passes, as its prediction sums)
+        "prefill_compute_s": sum(stage.compute_s[:k]) if stage.compute_s else None,
+        "decode_compute_s": stage.compute_s[k:],
+        "head_s": stage.head_s[k:], "message_s": stage.message_s,
         "prefill_wait_s": stage.wait_s[0] if stage.wait_s else None,
         "peak_memory_bytes": mx.get_peak_memory(),
     }
+    if stage.protocol == "exo-current":
+        res["all_tokens"] = out["tokens"]  # every rank samples: they must agree
     if rank == 0:
         times = out["token_times_s"]
         n = len(times)
@@ -311,9 +437,65 @@ def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
     return res
 
 
+def _bare_stage(rank: int, size: int, group) -> Stage:
+    """A Stage with its messaging state and no model (for the message ping-pong)."""
+    st = Stage.__new__(Stage)
+    st.rank, st.size, st.group = rank, size, group
+    st.start = st.end = 0
+    st.first, st.last = rank == 0, rank == size - 1
+    st.protocol = "exo-legacy"
+    st.fds = ring_socket_fds() if os.path.isdir("/proc/self/fd") else []
+    st.hidden = st.act_dtype = None
+    st.header_sent = False
+    st.message_s = []
+    return st
+
+
+def message_pingpong(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
+    """The exo-legacy path's per-message overhead, measured against the plain ring path between
+    the two ranks: rank 0 sends a (1, 1, hidden) activation, rank 1 answers with a token id,
+    alternately as the ring protocol does (raw arrays) and as the exo-legacy path does (framed
+    numpy messages, the token as a (1, 1) tensor). overhead = (median legacy round trip - median
+    ring round trip) / 2 (two messages per round). Rank 0 returns it with both medians."""
+    import statistics
+
+    st = _bare_stage(rank, size, group)
+    hidden, repeats = int(job["hidden"]), int(job.get("repeats", 50))
+    h = mx.random.normal((1, 1, hidden)).astype(_DTYPES[job.get("dtype", "float32")])
+    tok = mx.array([7], dtype=mx.int32)
+    mx.eval(h, tok)
+    rtt: dict[str, list[float]] = {"ring": [], "exo-legacy": []}
+    for i in range(repeats + 2):  # 2 warm-up rounds per mode
+        for mode in ("ring", "exo-legacy"):
+            legacy = mode == "exo-legacy"
+            t0 = time.perf_counter()
+            if rank == 0:
+                st._send_framed(h, 1) if legacy else st._send_activation(h)
+                if legacy:
+                    st._recv_framed(1)
+                else:
+                    wait_readable(st.fds)
+                    mx.eval(mx.distributed.recv((1,), mx.int32, 1, group=group))
+                if i >= 2:
+                    rtt[mode].append(time.perf_counter() - t0)
+            else:
+                if legacy:
+                    st._recv_framed(0)
+                    st._send_framed(tok.reshape(1, 1), 0)
+                else:
+                    st._recv_activation(1)
+                    mx.eval(mx.distributed.send(tok, 0, group=group))
+    if rank != 0:
+        return {"rank": rank}
+    ring, leg = statistics.median(rtt["ring"]), statistics.median(rtt["exo-legacy"])
+    return {"rank": 0, "ring_rtt_s": ring, "legacy_rtt_s": leg,
+            "message_overhead_s": max(0.0, (leg - ring) / 2), "repeats": repeats}
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="exo_bridge.stage_worker", description=__doc__.split("\n")[0])
-    ap.add_argument("--job", required=True, help="base64 JSON job from exo_bridge.runner")
+    ap = argparse.ArgumentParser(prog="exo_bridge.runner.stage_worker",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--job", required=True, help="base64 JSON job from exo_bridge.runner.run")
     args = ap.parse_args(argv)
     job = decode_job(args.job)
     size = len(job["stages"])
@@ -326,7 +508,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stage_worker: the ring has {group.size()} ranks but the plan {size} stages",
                   file=sys.stderr)
             return 2
-    res = run(job, rank, size, group)
+    if job.get("kind") == "message-pingpong":
+        res = message_pingpong(job, rank, size, group)
+    else:
+        res = run(job, rank, size, group)
     print(RESULT_TAG + json.dumps(res), flush=True)
     sys.stdout.flush()
     # The ring backend's sockets may block interpreter teardown; results are out, so leave now.
