@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import itertools
 
-from graphsplit.exo_rules import exo_legacy_fractions, exo_truncation_map, memory_mb
+from graphsplit.exo_rules import (exo_legacy_fractions, exo_truncation_map, memory_mb,
+                                  proportional_counts)
 from graphsplit.plan import Stage
 from profiler.errors import UserError
 
@@ -49,26 +50,14 @@ def exo_legacy_partition(nodes: list[tuple[str, int]], n_layers: int) -> list[St
 
 
 def largest_remainder(n_layers: int, weights: list[float]) -> list[int]:
-    """Integer layer counts proportional to weights: floors, leftovers to the largest remainders
-    (ties to the earlier), then every count >= 1 (taken from the largest, ties to the earlier)."""
+    """Integer layer counts proportional to weights (graphsplit.exo_rules.proportional_counts),
+    refusing what current exo refuses: more nodes than layers, no memory at all."""
     n = len(weights)
     if n > n_layers:
         raise UserError(f"cannot give {n} nodes at least one of {n_layers} layers each")
-    total = float(sum(weights))
-    if total <= 0:
+    if float(sum(weights)) <= 0:
         raise UserError("exo-current baseline: the nodes report no available memory")
-    raw = [w / total * n_layers for w in weights]
-    counts = [int(r) for r in raw]
-    rem = [r - c for r, c in zip(raw, counts)]
-    left = n_layers - sum(counts)
-    for i in sorted(range(n), key=lambda i: -rem[i])[:left]:
-        counts[i] += 1
-    for i in range(n):
-        if counts[i] == 0:
-            j = max(range(n), key=lambda k: (counts[k], -k))
-            counts[j] -= 1
-            counts[i] = 1
-    return counts
+    return proportional_counts(n_layers, weights)
 
 
 def exo_current_partition(nodes: list[tuple[str, int]], n_layers: int) -> list[Stage]:

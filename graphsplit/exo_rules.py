@@ -56,3 +56,23 @@ def exo_truncation_map(parts, n_layers: int):
         nid, a, _ = out[-1]
         out[-1] = (nid, a, n_layers - 1)
     return out
+
+
+def proportional_counts(n_layers: int, weights) -> list:
+    """Integer layer counts proportional to `weights` (len(weights) <= n_layers): floors,
+    leftovers to the largest remainders (ties to the earlier), then every count >= 1 (taken from
+    the largest, ties to the earlier). All-zero weights give equal shares. The rounding current
+    exo's placement uses (largest remainder), and the whole-layer fallback of the legacy
+    strategy."""
+    n = len(weights)
+    total = float(sum(weights))
+    raw = [(w / total if total > 0 else 1.0 / n) * n_layers for w in weights]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(n), key=lambda i: -(raw[i] - counts[i]))[:n_layers - sum(counts)]:
+        counts[i] += 1
+    for i in range(n):
+        if counts[i] == 0:
+            j = max(range(n), key=lambda k: (counts[k], -k))
+            counts[j] -= 1
+            counts[i] = 1
+    return counts

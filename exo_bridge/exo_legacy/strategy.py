@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 try:  # the stand-alone distribution installed into exo's environment ships the rules beside us
-    from ._exo_rules import exo_legacy_fractions, exo_truncation_map
+    from ._exo_rules import exo_legacy_fractions, exo_truncation_map, proportional_counts
 except ImportError:  # inside the toolkit
-    from graphsplit.exo_rules import exo_legacy_fractions, exo_truncation_map
+    from graphsplit.exo_rules import exo_legacy_fractions, exo_truncation_map, proportional_counts
 
 try:  # the toolkit's one-line error class when it is there (exit code 2, no traceback)
     from profiler.errors import UserError as _ErrorBase
@@ -161,29 +161,12 @@ def stages_to_partitions(stages: Sequence[Any], n_layers: int) -> list:
     return parts
 
 
-def layer_counts(n_layers: int, weights: Sequence[float]) -> List[int]:
-    """Layer counts proportional to `weights` (largest remainder, ties to the earlier), each at
-    least 1 (taken from the largest, ties to the earlier); len(weights) <= n_layers."""
-    n = len(weights)
-    total = float(sum(weights))
-    raw = [(w / total if total > 0 else 1.0 / n) * n_layers for w in weights]
-    counts = [int(r) for r in raw]
-    for i in sorted(range(n), key=lambda i: -(raw[i] - counts[i]))[:n_layers - sum(counts)]:
-        counts[i] += 1
-    for i in range(n):
-        if counts[i] == 0:
-            j = max(range(n), key=lambda k: (counts[k], -k))
-            counts[j] -= 1
-            counts[i] = 1
-    return counts
-
-
 def memory_weighted_stages(nodes: Iterable[Tuple[str, float]], n_layers: int) -> List[Span]:
     """The fallback: exo's order (memory, id descending) and weights (memory in MB), as whole
     layers with at least one per node, so no shard is empty; nodes past the n_layers-th run
     none (exo's own fractions would give them empty shards)."""
     order = sorted(nodes, key=lambda x: (x[1], x[0]), reverse=True)[:n_layers]
-    counts = layer_counts(n_layers, [m for _, m in order])
+    counts = proportional_counts(n_layers, [m for _, m in order])
     out, a = [], 0
     for (nid, _), k in zip(order, counts):
         out.append(Span(nid, a, a + k))
