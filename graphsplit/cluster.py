@@ -226,11 +226,28 @@ def load_cluster(path: str | Path) -> Cluster:
 def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "cluster",
                       path: str | None = None) -> Cluster:
     """Build a Cluster from the parsed JSON of a cluster file (see the module docstring)."""
-    base_dir = Path(base_dir)
     if not isinstance(data, dict):
         raise ClusterError(f"{where}: the top level must be a JSON object with 'nodes'")
     check_fields(data, where)
-    raw_nodes = data.get("nodes")
+    specs = _node_specs(data.get("nodes"), where)
+    tables, profiles = _read_profiles(specs, Path(base_dir), where)
+    nodes = [_node(nid, nd, tables, profiles, f"{where}: node {nid!r}")
+             for nid, nd in specs.items()]
+    _check_same_model(nodes, where)
+    model = data.get("model", nodes[0].table.model.name)
+    m = nodes[0].table.model
+    if not isinstance(model, str) or model not in (m.name, m.repo_id):
+        raise ClusterError(f"{where}: model {model!r} does not match the model.name "
+                           f"{m.name!r} of the cost tables ({nodes[0].profile}); fix 'model' "
+                           "or use tables of that model")
+    default = _link_from(data.get("default_link", DEFAULT_LINK), f"{where}: default_link")
+    return Cluster(model=model, nodes=nodes, links=_links(data.get("links", []), specs, where),
+                   default_link=default, path=path,
+                   runtimes=_runtimes(data.get("runtimes", {}), f"{where}: runtimes"))
+
+
+def _node_specs(raw_nodes: Any, where: str) -> dict[str, dict]:
+    """The file's node entries by id (ids unique, exactly one of 'profile' or 'chip')."""
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise ClusterError(f"{where}: 'nodes' must be a non-empty list of "
                            "{\"id\", \"profile\"} or {\"id\", \"chip\", \"derive_from\"}")
@@ -244,76 +261,83 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
             raise ClusterError(f"{where}: node {nd['id']!r} needs exactly one of 'profile' (a "
                                "cost table) or 'chip' (with 'derive_from')")
         specs[nd["id"]] = nd
+    return specs
+
+
+def _read_profiles(specs: dict[str, dict], base_dir: Path,
+                   where: str) -> tuple[dict[str, CostTable], dict[str, str]]:
+    """The measured nodes' cost tables (paths relative to the cluster file) and their paths."""
     tables: dict[str, CostTable] = {}
     profiles: dict[str, str] = {}
     for nid, nd in specs.items():
-        if "profile" in nd:
-            if not isinstance(nd["profile"], str):
-                raise ClusterError(f"{where}: node {nid!r}: 'profile' must be a path")
-            tp = Path(nd["profile"])
-            if not tp.is_absolute():
-                tp = base_dir / tp
-            if not tp.exists():
-                raise ClusterError(f"{where}: node {nid!r}: profile {tp} does not exist; run "
-                                   "`profile-model` on that machine and copy the table here")
-            tables[nid] = read_table(tp)
-            profiles[nid] = str(tp)
-    nodes: list[Node] = []
-    for nid, nd in specs.items():
-        nw = f"{where}: node {nid!r}"
-        estimated = False
-        derive = None
-        if "chip" in nd:
-            chip = nd["chip"]
-            derive = nd.get("derive_from")
-            if not isinstance(chip, dict):
-                raise ClusterError(f"{nw}: 'chip' must be an object with memory_bandwidth_gbs, "
-                                   "fp16_tflops and memory_bytes")
-            if derive not in tables:
-                raise ClusterError(f"{nw}: 'derive_from' must name a node with a measured "
-                                   f"profile (one of {', '.join(sorted(tables)) or 'none'})")
-            try:
-                bw = float(chip["memory_bandwidth_gbs"])
-                tf = float(chip.get("fp16_tflops", chip.get("tflops")))
-            except (KeyError, TypeError, ValueError):
-                raise ClusterError(f"{nw}: chip needs numbers memory_bandwidth_gbs and "
-                                   "fp16_tflops") from None
-            mem = _int_field(chip, "memory_bytes", f"{nw} chip")
-            if mem is None:
-                raise ClusterError(f"{nw}: chip needs memory_bytes (total memory)")
-            bd = tables[derive].device
-            for key in ("memory_bandwidth_gbs", "matmul_tflops"):
-                if getattr(bd, key) <= 0:
-                    raise ClusterError(
-                        f"{nw}: derive_from {derive!r}: cost table {profiles[derive]}: "
-                        f"device.{key} is {getattr(bd, key)}, so nothing can be scaled from it; "
-                        f"profile {derive} with its microbenchmarks (without --no-microbench)")
-            table = derive_table(tables[derive], bw, tf, mem, host=nid)
-            estimated = True
-            profile = profiles[derive]
-        else:
-            table = tables[nid]
-            profile = profiles[nid]
-        memory = _int_field(nd, "memory_bytes", nw)
-        nodes.append(Node(
-            id=nid, table=table,
-            memory_bytes=memory if memory is not None else int(table.device.memory_usable_bytes),
-            available_bytes=_int_field(nd, "available_bytes", nw),
-            total_bytes=_int_field(nd, "total_bytes", nw),
-            estimated=estimated, profile=profile, derive_from=derive))
-    _check_same_model(nodes, where)
-    model = data.get("model", nodes[0].table.model.name)
-    m = nodes[0].table.model
-    if not isinstance(model, str) or model not in (m.name, m.repo_id):
-        raise ClusterError(f"{where}: model {model!r} does not match the model.name "
-                           f"{m.name!r} of the cost tables ({nodes[0].profile}); fix 'model' "
-                           "or use tables of that model")
-    default = _link_from(data.get("default_link", DEFAULT_LINK), f"{where}: default_link")
-    links: dict[tuple[str, str], Link] = {}
-    raw_links = data.get("links", [])
+        if "profile" not in nd:
+            continue
+        if not isinstance(nd["profile"], str):
+            raise ClusterError(f"{where}: node {nid!r}: 'profile' must be a path")
+        tp = Path(nd["profile"])
+        if not tp.is_absolute():
+            tp = base_dir / tp
+        if not tp.exists():
+            raise ClusterError(f"{where}: node {nid!r}: profile {tp} does not exist; run "
+                               "`profile-model` on that machine and copy the table here")
+        tables[nid] = read_table(tp)
+        profiles[nid] = str(tp)
+    return tables, profiles
+
+
+def _derived_table(nid: str, nd: dict, tables: dict[str, CostTable],
+                   profiles: dict[str, str], nw: str) -> CostTable:
+    """A 'chip' node's table: its 'derive_from' node's measured table scaled by roofline."""
+    chip = nd["chip"]
+    derive = nd.get("derive_from")
+    if not isinstance(chip, dict):
+        raise ClusterError(f"{nw}: 'chip' must be an object with memory_bandwidth_gbs, "
+                           "fp16_tflops and memory_bytes")
+    if derive not in tables:
+        raise ClusterError(f"{nw}: 'derive_from' must name a node with a measured "
+                           f"profile (one of {', '.join(sorted(tables)) or 'none'})")
+    try:
+        bw = float(chip["memory_bandwidth_gbs"])
+        tf = float(chip.get("fp16_tflops", chip.get("tflops")))
+    except (KeyError, TypeError, ValueError):
+        raise ClusterError(f"{nw}: chip needs numbers memory_bandwidth_gbs and "
+                           "fp16_tflops") from None
+    mem = _int_field(chip, "memory_bytes", f"{nw} chip")
+    if mem is None:
+        raise ClusterError(f"{nw}: chip needs memory_bytes (total memory)")
+    bd = tables[derive].device
+    for key in ("memory_bandwidth_gbs", "matmul_tflops"):
+        if getattr(bd, key) <= 0:
+            raise ClusterError(
+                f"{nw}: derive_from {derive!r}: cost table {profiles[derive]}: "
+                f"device.{key} is {getattr(bd, key)}, so nothing can be scaled from it; "
+                f"profile {derive} with its microbenchmarks (without --no-microbench)")
+    return derive_table(tables[derive], bw, tf, mem, host=nid)
+
+
+def _node(nid: str, nd: dict, tables: dict[str, CostTable], profiles: dict[str, str],
+          nw: str) -> Node:
+    """One node: measured (its own table) or estimated (a chip derived from a measured one)."""
+    if "chip" in nd:
+        table = _derived_table(nid, nd, tables, profiles, nw)
+        derive, estimated, profile = nd.get("derive_from"), True, profiles[nd["derive_from"]]
+    else:
+        table, derive, estimated, profile = tables[nid], None, False, profiles[nid]
+    memory = _int_field(nd, "memory_bytes", nw)
+    return Node(id=nid, table=table,
+                memory_bytes=memory if memory is not None else
+                int(table.device.memory_usable_bytes),
+                available_bytes=_int_field(nd, "available_bytes", nw),
+                total_bytes=_int_field(nd, "total_bytes", nw),
+                estimated=estimated, profile=profile, derive_from=derive)
+
+
+def _links(raw_links: Any, specs: dict[str, dict], where: str) -> dict[tuple[str, str], Link]:
+    """Directed links by (from, to); `both_ways` adds the reverse unless the file gives it."""
     if not isinstance(raw_links, list):
         raise ClusterError(f"{where}: 'links' must be a list of {{from, to, latency_ms, "
                            "bandwidth_gbps}}")
+    links: dict[tuple[str, str], Link] = {}
     for i, ln in enumerate(raw_links):
         lw = f"{where}: link {i}"
         if not isinstance(ln, dict) or ln.get("from") not in specs or ln.get("to") not in specs:
@@ -324,8 +348,7 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
         links[(ln["from"], ln["to"])] = lk
         if ln.get("both_ways"):
             links.setdefault((ln["to"], ln["from"]), lk)
-    return Cluster(model=model, nodes=nodes, links=links, default_link=default, path=path,
-                   runtimes=_runtimes(data.get("runtimes", {}), f"{where}: runtimes"))
+    return links
 
 
 def _runtimes(d: Any, where: str) -> dict[str, dict[str, Any]]:
