@@ -8,7 +8,8 @@ One command (about 10 minutes on a 2-core CPU machine with the defaults):
 For each model (built-in architectures of three sizes, generated weights, the profiler's
 default precision: 4-bit, float32 activations on the CPU build) it
 
-1. profiles the model with `profile_model` (the profiler's defaults; grids from the options)
+1. profiles the model with `profile_model` (the profiler's defaults, device microbenchmarks
+   included; grids from the options)
    into `data/bench/fidelity/<model>.json`;
 2. runs the self-check (`profiler.selfcheck.self_check`) with `--repeats` end-to-end runs per
    grid point, the rows re-timed in turn with them;
@@ -69,8 +70,10 @@ def verdict(err: float, noise: float) -> str:
 
 def run_model(name: str, args, out_dir: Path) -> list[dict]:
     spec = resolve_model(name)
+    # the profiler's defaults (the device microbenchmarks included: they also warm a fresh
+    # process up, as profile-model does before its first row)
     opts = ProfileOptions(prefill_tokens=args.prefill, decode_context=args.decode,
-                          microbench=False, restart=True, chain_blocks=args.chain_blocks)
+                          restart=True, chain_blocks=args.chain_blocks)
     t0 = time.perf_counter()
     table = profile_model(spec, opts, out_dir / f"{name}.json")
     prof_s = time.perf_counter() - t0

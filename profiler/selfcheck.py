@@ -4,9 +4,11 @@ The whole model (embed -> every block -> final norm -> LM head on the last posit
 dtype and quantization as the table) is materialised - only where it fits in usable memory -
 and timed exactly as the rows were: prefill of P tokens into empty caches, and one decode step
 with every block's KV cache filled to C tokens. Predicted is the sum of the rows' measured
-times (derived); measured is the end-to-end time. Per-layer timing adds one evaluation and
-synchronisation per row that the end-to-end run does not have, so on tiny models the rows
-over-predict slightly; on real models the two agree within a few percent.
+times (derived); measured is the end-to-end time. The rows are also re-timed in turn with
+the end-to-end runs, as the table timed them (block decode inside a chain of the blocks that
+carry its measurement, up to `method.chain_blocks`; prefill, embed and head alone), so both
+see the same machine state; every sample is kept (`CheckPoint.measured_samples`,
+`now_samples`) for the spread.
 """
 
 from __future__ import annotations
