@@ -71,6 +71,8 @@ def node(args) -> int:
     C = args.context
     base = dict(prefill_tokens=[16], decode_context=[C], microbench=False, bits=0,
                 dtype="float32", restart=True)
+    if args.repeats:
+        base["repeats"] = args.repeats
     tables = {k: profile_model(spec, ProfileOptions(**base, chain_blocks=k), d / f"t{k}.json")
               for k in sorted({1, args.chain_blocks})}
     settle = tables[args.chain_blocks].method.get("settle_s", 0.0)
@@ -133,7 +135,8 @@ def run_node(cpu: float, stages: list[tuple[int, int]], args) -> list[dict]:
         (cg / "cpu.shares").write_text("100000")
         cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"', sys.executable,
                __file__, "--node-stages", json.dumps(stages), "--rounds", str(args.rounds),
-               "--context", str(args.context), "--chain-blocks", str(args.chain_blocks)]
+               "--context", str(args.context), "--chain-blocks", str(args.chain_blocks),
+               "--repeats", str(args.repeats)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
@@ -157,6 +160,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--context", type=int, default=22, help="decode context (the testbed's)")
     ap.add_argument("--chain-blocks", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="the profile's timed repeats per point (0: the profiler's default)")
     ap.add_argument("--node-stages", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "data" / "bench" / "stages.json"))
     args = ap.parse_args()
