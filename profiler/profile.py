@@ -66,6 +66,11 @@ class ProfileOptions:
     # short run after an idle borrows up to a tick of CPU from its quota (see measure.time_fn)
     decode_min_sample_s: float = 0.1
     decode_max_steps: int = 8
+    # block decode is timed inside a chain of up to this many distinct blocks of its structure
+    # (one graph, one mx.eval, one pass after the settle; per block = chain / k), as a stage
+    # and the whole model run it (docs/profiler.md, "Chain of distinct blocks"); 1 = each
+    # block alone (tables before this option). Prefill is timed per block alone.
+    chain_blocks: int = 8
 
 
 class Progress:
@@ -205,6 +210,7 @@ def identity(t: CostTable) -> dict[str, Any]:
             "clock": t.method.get("clock", "wall"),
             "settle_s": float(t.method.get("settle_s", 0.0)),  # tables before it: no idle
             "decode_max_steps": int(t.method.get("decode_max_steps", 1)),
+            "chain_blocks": int(t.method.get("chain_blocks", 1)),  # before it: alone
             "host": t.device.host, "device": t.device.name, "backend": t.device.backend}
 
 
@@ -283,6 +289,7 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
                          decode_min_sample_s=opts.decode_min_sample_s,
                          decode_max_steps=opts.decode_max_steps)
 
+    chain_k = 1 if opts.every_layer else max(1, int(opts.chain_blocks))
     # Structure of every block, from the lazy skeleton (nothing is evaluated here).
     sigs = [build.structure(b, with_dtype=not generated) for b in parts.layers]
     counts = [build.param_count(b) for b in parts.layers]
@@ -293,7 +300,8 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
         want = {"config_hash": info.config_hash, "dtype": dtype, "quantization": quant,
                 "prefill_tokens": method.prefill_tokens, "decode_context": method.decode_context,
                 "batch": opts.batch, "clock": opts.clock, "settle_s": float(opts.settle_s),
-                "decode_max_steps": int(opts.decode_max_steps)}
+                "decode_max_steps": int(opts.decode_max_steps),
+                "chain_blocks": chain_k}
         have = identity(existing)
         diff = [k for k, v in want.items() if have[k] != v]
         if not diff:
@@ -351,6 +359,12 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
                       "for its input: under a CPU quota the setup's CPU would otherwise be "
                       "repaid as throttling inside the timed run (default: 0.02 s under a CPU "
                       "quota, 0 without one)",
+            "chain_blocks": chain_k,
+            "chain": "block decode is timed inside a chain of up to chain_blocks distinct "
+                     "blocks of its structure (the next ones of the model, their own weights), "
+                     "one graph, one evaluation, one pass per sample after the settle, as a "
+                     "stage runs its blocks; the row holds the chain's time / k. Prefill: the "
+                     "block alone. Peak memory: an untimed run of the block alone",
             "decode_min_sample_s": opts.decode_min_sample_s,
             "decode_max_steps": opts.decode_max_steps,
             "decode_steps": "block decode: when one step is shorter than decode_min_sample_s, "
@@ -464,14 +478,23 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
         mx.reset_peak_memory()  # peak while running (weights included), not while generating
         wbytes = build.param_bytes(block)
         kvb = rows.kv_bytes_per_token(block, template_caches[i], x1)
-        t_pre, t_dec = rows.time_block(block, template_caches[i], hidden_size, dt, method)
+        rows.peak_pass(block, template_caches[i], hidden_size, dt, method)
         peak = max(mx.get_peak_memory() - base, 0)
+        members = _chain_members(i, sigs, done, chain_k, wbytes, dev.memory_usable_bytes)
+        for j in members[1:]:
+            build.materialise(parts.layers[j], generated=generated, dtype=dt, quant=quant,
+                              seed=opts.seed + 1000 + j)
+        t_pre, t_dec = rows.time_chain([parts.layers[j] for j in members],
+                                       [template_caches[j] for j in members], hidden_size, dt,
+                                       method)
         done[name] = _row_from(t_pre, t_dec, name=name, kind="block", layer=i,
                                weight_bytes=int(wbytes), activation_bytes_per_token=act_bytes,
                                kv_bytes_per_token=kvb, peak_memory_bytes=int(peak),
                                measured_from=name)
         measured_by_sig.setdefault(sigs[i], name)
         del block
+        for j in members[1:]:
+            build.release(parts, j)
         build.release(parts, i)
         write()
         progress.row_done(name, units(name, i), True)
@@ -488,6 +511,21 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
     write()
     progress.finish()
     return table
+
+
+def _chain_members(i: int, sigs: list, done: dict, k: int, block_bytes: int,
+                   usable_bytes: int) -> list[int]:
+    """The blocks timed together with block i: i and the next blocks of the same structure not
+    yet measured, up to k in all, and no more than a quarter of usable memory holds."""
+    if usable_bytes > 0 and block_bytes > 0:
+        k = min(k, max(1, int(usable_bytes // 4 // block_bytes)))
+    out = [i]
+    for j in range(i + 1, len(sigs)):
+        if len(out) >= k:
+            break
+        if sigs[j] == sigs[i] and f"layers.{j}" not in done:
+            out.append(j)
+    return out
 
 
 def _template_caches(model, n_layers: int) -> list:

@@ -16,7 +16,7 @@ What each time means (all measured, medians of the repeats):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -131,30 +131,76 @@ def _t(fn, m: Method, setup=None, between=None) -> Timing:
 
 
 def time_block(block, template_cache, hidden_size: int, dtype, m: Method):
-    """(prefill timings per P, decode timings per C) of one materialised block."""
+    """(prefill timings per P, decode timings per C) of one materialised block, alone."""
+    return time_chain([block], [template_cache], hidden_size, dtype, m)
+
+
+def peak_pass(block, template_cache, hidden_size: int, dtype, m: Method) -> None:
+    """Run one block alone, untimed, at the largest prefill and decode points (what its peak
+    memory is read from, before other blocks of a chain are made real)."""
+    x = hidden(m.batch, max(m.prefill_tokens), hidden_size, dtype, seed=m.seed)
+    cache = copy.deepcopy(template_cache)
+    y = block(x, _mask(x, cache), cache)
+    mx.eval(y, *cache_arrays(cache))
+    del x, y, cache
+    x1 = hidden(m.batch, 1, hidden_size, dtype, seed=m.seed + 101)
+    cache = fill_cache(block, template_cache, max(m.decode_context), x1, seed=m.seed + 200)
+    y = block(x1, _mask(x1, cache), cache)
+    mx.eval(y, *cache_arrays(cache))
+
+
+def _per_block(t: Timing, k: int) -> Timing:
+    return Timing(t.median_s / k, t.spread, [v / k for v in t.samples], t.rounds, t.inner)
+
+
+def time_chain(blocks: list, template_caches: list, hidden_size: int, dtype, m: Method,
+               prefill_blocks: int = 1):
+    """(prefill timings per P, decode timings per C) PER BLOCK of a chain of materialised
+    blocks: the output of one is the input of the next and the chain is one graph with one
+    mx.eval, as a pipeline stage and the whole model run their blocks; a timing is the chain's
+    time / its length. Blocks of one structure with distinct weights give that structure's
+    time per block as it runs inside a stage (docs/profiler.md, "Chain of distinct blocks").
+
+    Decode runs the whole chain, one pass per timed sample (a chain of k > 1 blocks is never
+    repeated back to back: a stage runs one pass after waiting for its input). Prefill runs
+    the first `prefill_blocks` blocks (one block's prefill pass is long enough that the
+    per-pass cost is lost in it, and k prefill passes would multiply the profile's time)."""
+    pre_blocks = blocks[:max(1, prefill_blocks)]
+    pre_caches = template_caches[:len(pre_blocks)]
     prefill = []
     for i, p in enumerate(m.prefill_tokens):
         x = hidden(m.batch, p, hidden_size, dtype, seed=m.seed + i)
 
         def run(x=x):
-            cache = copy.deepcopy(template_cache)
-            y = block(x, _mask(x, cache), cache)
-            mx.eval(y, *cache_arrays(cache))
+            caches = [copy.deepcopy(t) for t in pre_caches]
+            h, mask = x, _mask(x, caches[0])
+            for b, c in zip(pre_blocks, caches):
+                h = b(h, mask, c)
+            mx.eval(h, *[a for c in caches for a in cache_arrays(c)])
 
-        prefill.append(_t(run, m))
+        prefill.append(_per_block(_t(run, m), len(pre_blocks)))
         del x
+    k = len(blocks)
+    md = m if k == 1 else replace(m, decode_max_steps=1)
     decode = []
     x1 = hidden(m.batch, 1, hidden_size, dtype, seed=m.seed + 101)
     for j, c in enumerate(m.decode_context):
-        cache = fill_cache(block, template_cache, c, x1, seed=m.seed + 200 + j)
+        caches = [fill_cache(b, t, c, x1, seed=m.seed + 200 + j + 1000 * n)
+                  for n, (b, t) in enumerate(zip(blocks, template_caches))]
 
-        def step(cache=cache):
-            y = block(x1, _mask(x1, cache), cache)
-            mx.eval(y, *cache_arrays(cache))
+        def step(caches=caches):
+            h = x1
+            mask = _mask(x1, caches[0])
+            for b, cc in zip(blocks, caches):
+                h = b(h, mask, cc)
+            mx.eval(h, *[a for cc in caches for a in cache_arrays(cc)])
 
-        decode.append(_t(step, m, setup=lambda cache=cache, c=c: rewind(cache, c),
-                         between=lambda cache=cache, c=c: rewind(cache, c)))
-        del cache
+        def back(caches=caches, c=c):
+            for cc in caches:
+                rewind(cc, c)
+
+        decode.append(_per_block(_t(step, md, setup=back, between=back), k))
+        del caches
     return prefill, decode
 
 

@@ -4,9 +4,11 @@ The whole model (embed -> every block -> final norm -> LM head on the last posit
 dtype and quantization as the table) is materialised - only where it fits in usable memory -
 and timed exactly as the rows were: prefill of P tokens into empty caches, and one decode step
 with every block's KV cache filled to C tokens. Predicted is the sum of the rows' measured
-times (derived); measured is the end-to-end time. Per-layer timing adds one evaluation and
-synchronisation per row that the end-to-end run does not have, so on tiny models the rows
-over-predict slightly; on real models the two agree within a few percent.
+times (derived); measured is the end-to-end time. The rows are also re-timed in turn with
+the end-to-end runs, as the table timed them (block decode inside a chain of the blocks that
+carry its measurement, up to `method.chain_blocks`; prefill, embed and head alone), so both
+see the same machine state; every sample is kept (`CheckPoint.measured_samples`,
+`now_samples`) for the spread.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class CheckPoint:
     measured_s: float  # end to end (measured)
     spread: float
     predicted_now_s: float = 0.0  # sum of the rows re-timed alongside the end-to-end runs
+    measured_samples: list[float] = field(default_factory=list)  # every end-to-end run (s)
+    now_samples: list[float] = field(default_factory=list)  # rows re-timed, summed, per repeat
 
     @property
     def error_now(self) -> float:
@@ -68,8 +72,10 @@ def model_bytes(table: CostTable) -> int:
 
 
 def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=None,
-               decode_context=None, memory_fraction: float = 0.6) -> SelfCheckResult:
-    """Run the whole model and compare with the table (see the module docstring)."""
+               decode_context=None, memory_fraction: float = 0.6,
+               repeats: int | None = None) -> SelfCheckResult:
+    """Run the whole model and compare with the table (see the module docstring).
+    `repeats`: end-to-end runs per grid point (default max(5, the table's repeats))."""
     need = model_bytes(table)
     usable = table.device.memory_usable_bytes
     if need > memory_fraction * usable:
@@ -118,13 +124,20 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
     clock = m.get("clock", "wall")
     settle_s = float(m.get("settle_s", 0.0))  # as the table was measured (measure.time_fn)
     warmup = max(2, int(m.get("warmup", 1)))
-    repeats = max(5, int(m.get("repeats", 3)))
+    repeats = int(repeats) if repeats else max(5, int(m.get("repeats", 3)))
     batch = int(m.get("batch", 1))
     vocab = table.model.vocab_size
     hidden_size = table.model.hidden_size
     res = SelfCheckResult(model=spec.name, weight_bytes=need)
     measured_blocks = sorted({int(r.measured_from.split(".")[1]) for r in table.rows
                               if r.kind == "block"})
+    # each measured block re-timed as the table timed it: inside a chain of up to
+    # method.chain_blocks blocks that carry its measurement (1: alone, older tables)
+    chain_k = max(1, int(m.get("chain_blocks", 1)))
+    chains = {i: [j for j, r in enumerate(r for r in table.rows if r.kind == "block")
+                  if r.measured_from == f"layers.{i}" and j >= i][:chain_k]
+              for i in measured_blocks}
+    per: dict[str, int] = {}  # what a re-timed row's sample is divided by (chain length)
 
     # correctness: the hand chain is the model's own forward
     ids = mx.random.randint(0, vocab, (batch, min(prefill_tokens)), key=mx.random.key(5))
@@ -150,10 +163,20 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
                 fn()
                 mx.synchronize()
                 if rep >= warmup:
-                    samples[k].append(now() - t0)
+                    samples[k].append((now() - t0) / per.get(k, 1))
         med = {k: statistics.median(v) for k, v in samples.items()}
         e2e = samples["e2e"]
+        last[:] = [samples]
         return med, (max(e2e) - min(e2e)) / med["e2e"] if med["e2e"] else 0.0
+
+    last: list = []
+
+    def point(phase, x, predicted, med, spread):
+        s = last[0]
+        names = [r.measured_from for r in table.rows]
+        now = [sum(s[nm][i] for nm in names) for i in range(len(s["e2e"]))]
+        return CheckPoint(phase, x, predicted, med["e2e"], spread,
+                          sum(med[nm] for nm in names), list(s["e2e"]), now)
 
     now = time.process_time if clock == "process" else time.perf_counter
 
@@ -174,11 +197,15 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
             out = forward(ids, caches)
             mx.eval(out, *[a for c in caches for a in rows.cache_arrays(c)])
 
+        per.clear()  # prefill: each block alone (rows.time_chain)
+
         def block_run(i, xp=xp):
             def fn():
-                cache = copy.deepcopy(templates[i])
-                y = parts.layers[i](xp, create_attention_mask(xp, cache), cache)
-                mx.eval(y, *rows.cache_arrays(cache))
+                cs = [copy.deepcopy(templates[i])]
+                y, mask = xp, create_attention_mask(xp, cs[0])
+                for j, c in zip([i], cs):
+                    y = parts.layers[j](y, mask, c)
+                mx.eval(y, *[a for c in cs for a in rows.cache_arrays(c)])
             return fn
 
         fns = {"e2e": (run, None), "embed": (lambda ids=ids: mx.eval(parts.embed(ids)), None),
@@ -187,9 +214,7 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
             fns[f"layers.{i}"] = (block_run(i), None)
         med, spread = paired(fns)
         k = table.prefill_tokens.index(p) if p in table.prefill_tokens else None
-        now_pred = sum(med[r.measured_from] for r in table.rows)
-        res.points.append(CheckPoint("prefill", p, table_sum("prefill", k, p), med["e2e"],
-                                     spread, now_pred))
+        res.points.append(point("prefill", p, table_sum("prefill", k, p), med, spread))
 
     x1 = rows.hidden(batch, 1, hidden_size, dt, seed=9)
     ids1 = mx.random.randint(0, vocab, (batch, 1), key=mx.random.key(77))
@@ -207,22 +232,24 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
 
         def block_step(i, caches=caches, c=c):
             def fn():
-                y = parts.layers[i](x1, create_attention_mask(x1, caches[i]), caches[i])
-                mx.eval(y, *rows.cache_arrays(caches[i]))
+                y, mask = x1, create_attention_mask(x1, caches[chains[i][0]])
+                for j in chains[i]:
+                    y = parts.layers[j](y, mask, caches[j])
+                mx.eval(y, *[a for j in chains[i] for a in rows.cache_arrays(caches[j])])
 
             def setup():
-                rows.rewind(caches[i], c)
+                for j in chains[i]:
+                    rows.rewind(caches[j], c)
             return fn, setup
 
+        per.update({f"layers.{i}": len(js) for i, js in chains.items()})
         fns = {"e2e": (step, rewind), "embed": (lambda: mx.eval(parts.embed(ids1)), None),
                "head": (lambda: mx.eval(head(x1)), None)}
         for i in measured_blocks:
             fns[f"layers.{i}"] = block_step(i)
         med, spread = paired(fns)
         k = table.decode_context.index(c) if c in table.decode_context else None
-        now_pred = sum(med[r.measured_from] for r in table.rows)
-        res.points.append(CheckPoint("decode", c, table_sum("decode", k, c), med["e2e"],
-                                     spread, now_pred))
+        res.points.append(point("decode", c, table_sum("decode", k, c), med, spread))
         del caches
     return res
 

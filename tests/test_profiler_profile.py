@@ -234,3 +234,63 @@ def test_short_calls_are_timed_back_to_back():
     assert 0.0015 < t.median_s < 0.02  # per call, not per sample
     one = time_fn(fn, warmup=1, repeats=2, max_rounds=1, min_sample_s=0.001, max_inner=4)
     assert one.inner == 1  # long enough already
+
+
+def test_decode_is_timed_per_block_inside_a_chain_of_distinct_blocks():
+    """rows.time_chain runs the k blocks as one chain per decode pass (each block once per
+    pass, in order, one after the other: the output of one is the input of the next) and
+    records the chain's time / k; prefill runs the first block alone."""
+    import mlx.core as mx
+
+    from profiler import rows
+
+    calls = []
+
+    def block(n):
+        def f(h, mask, cache):
+            calls.append((n, h.shape[1]))
+            time.sleep(0.01)
+            return h + 1.0
+        return f
+
+    m = rows.Method(prefill_tokens=[4], decode_context=[8], warmup=1, repeats=3, max_rounds=1,
+                    flush=False, decode_min_sample_s=1.0, decode_max_steps=8)
+    pre, dec = rows.time_chain([block(0), block(1), block(2)], [None, None, None], 16,
+                               mx.float32, m)
+    decode_calls = [n for n, t in calls if t == 1]
+    assert decode_calls == [0, 1, 2] * (len(decode_calls) // 3)  # whole chain, in order
+    # the cache fill's probe + warm-up + 3 samples, one pass each (not repeated back to back)
+    assert len(decode_calls) == 3 * (1 + 1 + 3)
+    prefill_calls = [n for n, t in calls if t == 4]
+    assert set(prefill_calls) == {0}  # prefill: the first block alone
+    assert dec[0].inner == 1 and 0.01 <= dec[0].median_s < 0.03  # per block: 3 sleeps / 3
+    assert 0.01 <= pre[0].median_s
+
+
+def test_profile_times_decode_in_a_chain_of_the_models_own_blocks(tmp_path, monkeypatch):
+    """profile_model hands rows.time_chain the measured block and the next blocks of the same
+    structure, each with its own (distinct) weights, up to chain_blocks; the table says so."""
+    import mlx.core as mx
+
+    from profiler import rows
+
+    seen = []
+    real = rows.time_chain
+
+    def spy(blocks, templates, *a, **kw):
+        w = [b.mlp.down_proj.scales if hasattr(b.mlp.down_proj, "scales")
+             else b.mlp.down_proj.weight for b in blocks]
+        seen.append((len(blocks), [float(mx.sum(mx.abs(x))) for x in w]))
+        return real(blocks, templates, *a, **kw)
+
+    monkeypatch.setattr(rows, "time_chain", spy)
+    spec = resolve_model(str(_config_file(tmp_path, n_layers=5)))
+    table = profile_model(spec, ProfileOptions(**FAST, chain_blocks=3), tmp_path / "c.json")
+    assert [k for k, _ in seen] == [3]  # one structure: one chain of 3 measures all 5 blocks
+    sums = seen[0][1]
+    assert len(set(sums)) == 3  # distinct weights, not one block three times
+    assert table.method["chain_blocks"] == 3
+    assert [r.measured_from for r in table.rows if r.kind == "block"] == ["layers.0"] * 5
+    assert read_table(tmp_path / "c.json").method["chain_blocks"] == 3
+    alone = profile_model(spec, ProfileOptions(**FAST, chain_blocks=1), tmp_path / "a.json")
+    assert alone.method["chain_blocks"] == 1 and [k for k, _ in seen] == [3, 1]
