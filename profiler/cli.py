@@ -104,7 +104,7 @@ def check_memory(spec, opts) -> None:
     # profile.resolve_precision); without MLX here, Linux is taken as the CPU build (the larger)
     act = DTYPE_BYTES.get(opts.dtype) or (2 if sys.platform == "darwin" else 4)
     check_fits(spec.config, opts.prefill_tokens, opts.decode_context, opts.batch, act, bits,
-               group)
+               group, chain_blocks=1 if opts.every_layer else opts.chain_blocks)
 
 
 def _main(argv: list[str] | None = None) -> int:

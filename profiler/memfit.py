@@ -13,7 +13,11 @@ The estimate is the peak of one measured row (the profiler materialises one bloc
                + B*heads*P*P*4 attention scores (float32 softmax) + B*P*2*kv*head_dim KV
     decode   = B*C*2*kv*head_dim KV cache at the largest context C + B*heads*C*4 scores
 
-peak = weights + max(prefill at max P, decode at max C) + 64 MiB (the cache-flush buffer).
+    chain    = decode of a block is timed inside a chain of k distinct blocks of its structure
+               (profile.py): (k - 1) more blocks' weights and decode KV, with k at most
+               `chain_blocks`, the number of blocks, and what a quarter of the limit holds
+
+peak = weights + max(prefill at max P, decode at max C + chain) + 64 MiB (the cache-flush buffer).
 Weight bytes per parameter: bits/8 + 4/group_size (a float16 scale and bias per group) when
 quantized, else the activation dtype's size. O(1); no MLX.
 
@@ -67,10 +71,11 @@ class Estimate:
     weights: int
     prefill: int
     decode: int
+    chain: int = 0  # the other blocks of a decode chain (weights + KV)
 
     @property
     def peak(self) -> int:
-        return self.weights + max(self.prefill, self.decode) + FLUSH_BYTES
+        return self.weights + max(self.prefill, self.decode + self.chain) + FLUSH_BYTES
 
 
 def _i(config: dict[str, Any], key: str, default: int = 0) -> int:
@@ -79,7 +84,8 @@ def _i(config: dict[str, Any], key: str, default: int = 0) -> int:
 
 
 def estimate(config: dict[str, Any], prefill_max: int, decode_max: int, batch: int,
-             act_bytes: int, bits: int | None, group_size: int) -> Estimate:
+             act_bytes: int, bits: int | None, group_size: int, chain_blocks: int = 1,
+             limit: int = 0) -> Estimate:
     """Peak bytes of a profile (see the module docstring); config values already validated."""
     H = _i(config, "hidden_size", 1)
     heads = _i(config, "num_attention_heads", 1)
@@ -98,22 +104,28 @@ def estimate(config: dict[str, Any], prefill_max: int, decode_max: int, batch: i
     prefill = (B * P * (H + (heads + 2 * kv) * hd + 3 * inter) * act_bytes
                + B * heads * P * P * 4 + B * P * kv_tok)
     decode = B * C * kv_tok + B * heads * C * 4 + B * (H + 3 * inter) * act_bytes
-    return Estimate(weights=weights, prefill=prefill, decode=decode)
+    block_bytes = int(per_param * block)
+    k = min(max(1, chain_blocks), _i(config, "num_hidden_layers", 1))
+    if limit > 0 and block_bytes > 0:  # profile._chain_members: a quarter of usable memory
+        k = min(k, max(1, limit // 4 // block_bytes))
+    chain = (k - 1) * (block_bytes + B * C * kv_tok)
+    return Estimate(weights=weights, prefill=prefill, decode=decode, chain=chain)
 
 
 def check_fits(config: dict[str, Any], prefill: list[int], decode: list[int], batch: int,
                act_bytes: int, bits: int | None, group_size: int,
-               limit: int | None = None) -> Estimate:
+               limit: int | None = None, chain_blocks: int = 1) -> Estimate:
     """Raise a one-line UserError naming the option to lower when the estimate exceeds the
     machine's limit (limit: bytes; default `memory_limit()`)."""
-    est = estimate(config, max(prefill), max(decode), batch, act_bytes, bits, group_size)
     limit = memory_limit() if limit is None else limit
+    est = estimate(config, max(prefill), max(decode), batch, act_bytes, bits, group_size,
+                   chain_blocks, limit or 0)
     if not limit or est.peak <= limit:
         return est
     if est.weights + FLUSH_BYTES > limit:
         fix = "use a smaller model or quantize it (--bits 4)"
         what = f"one block's weights ({_gib(est.weights)})"
-    elif est.prefill >= est.decode:
+    elif est.prefill >= est.decode + est.chain:
         fix = f"lower --prefill-tokens (largest {max(prefill)})" + (
             f" or --batch ({batch})" if batch > 1 else "")
         what = f"prefill of {max(prefill)} tokens x batch {batch}"

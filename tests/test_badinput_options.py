@@ -288,3 +288,18 @@ def test_runner_hostfile_entries_are_checked(tmp_path, entries, says):
     with pytest.raises(UserError) as e:
         runner.check_hostfile(str(hf), 2)
     assert says in str(e.value) and str(hf) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_memory_estimate_counts_the_decode_chain():
+    """Block decode is timed inside a chain of up to 8 distinct blocks (profile._chain_members):
+    the estimate adds the other blocks' weights, no more than a quarter of the limit holds."""
+    from profiler import memfit
+    from profiler.models import resolve_model
+
+    cfg = resolve_model("llama-3-8b").config
+    alone = memfit.estimate(cfg, 64, 256, 1, 4, 4, 64, chain_blocks=1, limit=64 << 30)
+    chain = memfit.estimate(cfg, 64, 256, 1, 4, 4, 64, chain_blocks=8, limit=64 << 30)
+    block = chain.chain // 7
+    assert chain.peak > alone.peak and block > 100 << 20  # 7 more blocks of ~130 MiB
+    tight = memfit.estimate(cfg, 64, 256, 1, 4, 4, 64, chain_blocks=8, limit=8 * block)
+    assert tight.chain == block  # a quarter of 8 blocks' worth: a chain of 2
