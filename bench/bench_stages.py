@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.exp_chain_vs_alone import BENCH_LLAMA, CG, _period_quota  # noqa: E402
+from bench.exp_chain_vs_alone import BENCH_LLAMA, cpu_group, in_group  # noqa: E402
 
 DEFAULT = ("0.5:0-8,0.9:8-16,0.25:0-8,0.3:8-12,0.5:12-14,0.9:14-16,0.9:0-4,0.5:4-8,"
            "0.3:8-12,0.25:12-16")
@@ -126,17 +125,10 @@ def node(args) -> int:
 
 
 def run_node(cpu: float, stages: list[tuple[int, int]], args) -> list[dict]:
-    cg = CG / f"fidstage-{os.getpid()}-{int(cpu * 1000)}"
-    cg.mkdir()
-    try:
-        period, quota = _period_quota(cpu)
-        (cg / "cpu.cfs_period_us").write_text(str(period))
-        (cg / "cpu.cfs_quota_us").write_text(str(quota))
-        (cg / "cpu.shares").write_text("100000")
-        cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"', sys.executable,
-               __file__, "--node-stages", json.dumps(stages), "--rounds", str(args.rounds),
-               "--context", str(args.context), "--chain-blocks", str(args.chain_blocks),
-               "--repeats", str(args.repeats)]
+    with cpu_group(cpu, "fidstage") as cg:
+        cmd = in_group(cg, [__file__, "--node-stages", json.dumps(stages), "--rounds",
+                            str(args.rounds), "--context", str(args.context), "--chain-blocks",
+                            str(args.chain_blocks), "--repeats", str(args.repeats)])
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
@@ -145,13 +137,6 @@ def run_node(cpu: float, stages: list[tuple[int, int]], args) -> list[dict]:
         for r in res:
             r["cpu"] = cpu
         return res
-    finally:
-        for _ in range(50):
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def main() -> int:

@@ -29,6 +29,7 @@ the group is removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -49,30 +50,22 @@ BENCH_LLAMA = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 
 CG = Path("/sys/fs/cgroup/cpu")
 
 
-def _period_quota(cpu: float) -> tuple[int, int]:
-    """The testbed's rule (exo_bridge.testbed.spec.cfs_period_quota), restated to keep this
-    script free of exo_bridge: the shortest period >= 2 ms that keeps the quota >= 1 ms."""
-    period = max(2000, int(-(-1000 // cpu)))
-    return period, max(1000, int(round(cpu * period)))
+@contextlib.contextmanager
+def cpu_group(cpu: float, tag: str):
+    """A fresh cgroup v1 CPU group with the testbed's period / quota for `cpu` of a core
+    (exo_bridge.testbed.spec.cfs_period_quota) and its cpu.shares (other work yields to it);
+    removed afterwards. Root only."""
+    from exo_bridge.testbed.spec import cfs_period_quota
 
-
-def in_cgroup(args) -> int:
-    """Re-run this script inside a fresh CPU cgroup; remove the group afterwards."""
-    cg = CG / f"fidexp-{os.getpid()}"
+    cg = CG / f"{tag}-{os.getpid()}-{int(cpu * 1000)}"
     cg.mkdir()
     try:
-        period, quota = _period_quota(args.cpu)
+        period, quota = cfs_period_quota(cpu)
         (cg / "cpu.cfs_period_us").write_text(str(period))
         (cg / "cpu.cfs_quota_us").write_text(str(quota))
-        (cg / "cpu.shares").write_text("100000")  # as the testbed: other work yields to us
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--cpu")
-        del argv[i:i + 2]
-        cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"', sys.executable,
-               __file__, *argv, "--cgroup", str(cg)]
-        print(f"cgroup {cg}: period {period} us, quota {quota} us ({args.cpu} core)",
-              flush=True)
-        return subprocess.call(cmd)
+        (cg / "cpu.shares").write_text("100000")
+        print(f"cgroup {cg}: period {period} us, quota {quota} us ({cpu} core)", flush=True)
+        yield cg
     finally:
         for _ in range(50):
             try:
@@ -80,6 +73,20 @@ def in_cgroup(args) -> int:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def in_group(cg: Path, argv: list[str]) -> list[str]:
+    """`argv` (this interpreter and a script) as a command that first joins the group `cg`."""
+    return ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"', sys.executable, *argv]
+
+
+def in_cgroup(args) -> int:
+    """Re-run this script inside a fresh CPU cgroup; remove the group afterwards."""
+    with cpu_group(args.cpu, "fidexp") as cg:
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--cpu")
+        del argv[i:i + 2]
+        return subprocess.call(in_group(cg, [__file__, *argv, "--cgroup", str(cg)]))
 
 
 def throttled_ns(cgroup: str | None) -> int:
