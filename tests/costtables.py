@@ -90,3 +90,14 @@ def write_cluster(directory, tables: dict[str, CostTable], links: Sequence[dict]
     p = d / name
     p.write_text(json.dumps(data, indent=1))
     return p
+
+
+def studio_mini_air_tables() -> dict[str, CostTable]:
+    """Three unequal 32-layer nodes (fast and large, middling, slow and small): the legacy-exo
+    tests' cluster."""
+    return {"studio": make_table("studio", 32, decode_s=0.001, memory_usable=48 * GiB,
+                                 memory_total=64 * GiB),
+            "mini": make_table("mini", 32, decode_s=0.004, memory_usable=12 * GiB,
+                               memory_total=16 * GiB),
+            "air": make_table("air", 32, decode_s=0.008, memory_usable=6 * GiB,
+                              memory_total=8 * GiB)}

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from costtables import studio_mini_air_tables
+
 from exo_bridge.exo_types import Partition, make_topology
 from exo_bridge.exo_legacy.strategy import (
     MeasuredPartitioningStrategy,
@@ -143,19 +145,8 @@ def test_strategy_needs_input():
         MeasuredPartitioningStrategy()
 
 
-def _tables():
-    from costtables import GiB, make_table
-
-    return {"studio": make_table("studio", 32, decode_s=0.001, memory_usable=48 * GiB,
-                                 memory_total=64 * GiB),
-            "mini": make_table("mini", 32, decode_s=0.004, memory_usable=12 * GiB,
-                               memory_total=16 * GiB),
-            "air": make_table("air", 32, decode_s=0.008, memory_usable=6 * GiB,
-                              memory_total=8 * GiB)}
-
-
 def test_missing_table_falls_back_naming_nodes():
-    tables = _tables()
+    tables = studio_mini_air_tables()
     warnings: list[str] = []
     strat = MeasuredPartitioningStrategy(plan=plan3(), tables={"studio": tables["studio"]},
                                          warn=warnings.append)
@@ -170,7 +161,7 @@ def test_replan_from_tables_when_topology_differs():
     from graphsplit.cluster import cluster_from_tables
     from graphsplit.costmodel import Workload
 
-    tables = _tables()
+    tables = studio_mini_air_tables()
     warnings: list[str] = []
     plan = Plan(model={"name": "toy", "n_layers": 32, "config_hash": "sha256:toy"},
                 stages=[Stage("studio", 0, 20), Stage("mini", 20, 32)], runtime="exo-legacy",
@@ -200,7 +191,7 @@ def test_replan_from_the_plans_cluster_file_from_another_directory(tmp_path, mon
     from graphsplit.plan import write_plan
 
     (tmp_path / "made").mkdir()
-    write_cluster(tmp_path / "made", _tables())
+    write_cluster(tmp_path / "made", studio_mini_air_tables())
     plan = Plan(model={"name": "toy", "n_layers": 32, "config_hash": "sha256:toy"},
                 stages=[Stage("studio", 0, 20), Stage("air", 20, 32)], runtime="exo-legacy",
                 cluster_file="cluster.json")  # relative, as split-model records it

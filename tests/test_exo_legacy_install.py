@@ -12,7 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from costtables import GiB, make_table, write_cluster
+from costtables import studio_mini_air_tables, write_cluster
 from exo_bridge.exo_legacy.install import DIST, PACKAGE, EnvState, build_wheel, changes
 from exo_bridge.exo_legacy.strategy import MeasuredPartitioningStrategy
 from exo_bridge.exo_types import make_topology
@@ -45,17 +45,8 @@ print(json.dumps({"exo": EXO_INSTALLED, "source": s.last_decision.source,
 """
 
 
-def _tables():
-    return {"studio": make_table("studio", 32, decode_s=0.001, memory_usable=48 * GiB,
-                                 memory_total=64 * GiB),
-            "mini": make_table("mini", 32, decode_s=0.004, memory_usable=12 * GiB,
-                               memory_total=16 * GiB),
-            "air": make_table("air", 32, decode_s=0.008, memory_usable=6 * GiB,
-                              memory_total=8 * GiB)}
-
-
 def _plan(tmp_path) -> Path:
-    cluster = write_cluster(tmp_path, _tables())
+    cluster = write_cluster(tmp_path, studio_mini_air_tables())
     plan = Plan(model={"name": "toy", "n_layers": 32, "config_hash": "sha256:toy"},
                 stages=[Stage("studio", 0, 20), Stage("air", 20, 32)], runtime="exo-legacy",
                 workload={"prompt_tokens": 64, "context_tokens": 128, "streams": 1},
