@@ -5,9 +5,9 @@ Cluster file (JSON)::
     {"model": "llama-3-8b",
      "nodes": [{"id": "studio", "profile": "data/profiles/studio--llama-3-8b.json"},
                {"id": "mini", "profile": "mini.json", "memory_bytes": 17179869184},
-               {"id": "m3-ultra", "derive_from": "studio",
-                "chip": {"memory_bandwidth_gbs": 800, "fp16_tflops": 54,
-                         "memory_bytes": 206158430208}}],
+               {"id": "m3-ultra", "chip": "M3 Ultra 256GB"},
+               {"id": "box", "chip": {"memory_bandwidth_gbs": 800, "fp16_tflops": 54,
+                                      "memory_bytes": 206158430208}}],
      "links": [{"from": "studio", "to": "mini", "latency_ms": 0.2, "bandwidth_gbps": 40}],
      "default_link": {"latency_ms": 2.0, "bandwidth_gbps": 1.0}}
 
@@ -15,10 +15,12 @@ Cluster file (JSON)::
   Optional overrides: ``memory_bytes`` (usable memory the splitter fits into),
   ``available_bytes`` (what exo-current's placement sees; default memory_bytes),
   ``total_bytes`` (what legacy exo's placement sees; default the table's device total).
-* ``chip`` + ``derive_from``: a machine that was not profiled. Its table is the measured table of
-  ``derive_from`` scaled by the roofline: decode times by the memory-bandwidth ratio, prefill
-  times by the compute (TFLOPS) ratio. ``chip.memory_bytes`` is its total memory; usable memory is
-  scaled by the measured node's usable/total ratio. Such nodes are ``estimated``.
+* ``chip``: a machine that was not profiled: a known Apple chip by name ("M4 Pro 48GB",
+  "m4-pro-48gb"; graphsplit.chips) or ``{memory_bandwidth_gbs, fp16_tflops, memory_bytes}``.
+  Its table is the roofline of the chip itself (graphsplit.roofline): only the model's shape
+  and bytes come from a measured table (``derive_from``'s, default the first measured node by
+  id), never its times. Usable memory is Metal's default working set (chips.usable_bytes).
+  Such nodes are ``estimated``.
 * ``links``: DIRECTED pairs, latency in milliseconds, bandwidth in gigaBITS per second; add
   ``"both_ways": true`` to describe both directions at once. Missing pairs use ``default_link``
   (itself defaulting to 1 ms, 10 Gbit/s).
@@ -26,7 +28,6 @@ Cluster file (JSON)::
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +54,17 @@ MEASURED = F.Obj({"by": F.Str(), "repeats": F.Int(ge=0), "at": F.Str(),
 LINK = F.Obj({"from": _NAME, "to": _NAME, **LINK_FIELDS, "both_ways": F.Bool(),
               "measured": MEASURED}, required=("from", "to"),
              name="an object {from, to, latency_ms, bandwidth_gbps}")
-CHIP = F.Obj({"memory_bandwidth_gbs": F.Num(gt=0), "fp16_tflops": F.Num(gt=0),
-              "tflops": F.Num(gt=0), "memory_bytes": F.POS_BYTES},
-             name="an object {memory_bandwidth_gbs, fp16_tflops, memory_bytes}")
+CHIP = F.OneOf((F.Str(nonempty=True),
+                F.Obj({"memory_bandwidth_gbs": F.Num(gt=0), "fp16_tflops": F.Num(gt=0),
+                       "tflops": F.Num(gt=0), "memory_bytes": F.POS_BYTES},
+                      name="an object {memory_bandwidth_gbs, fp16_tflops, memory_bytes}")),
+               name='a chip name such as "M4 Pro 48GB" or an object {memory_bandwidth_gbs, '
+                    'fp16_tflops, memory_bytes}')
 # (a chip's missing fields are reported by cluster_from_dict, after its derive_from)
 NODE = F.Obj({"id": _NAME, "profile": _NAME, "chip": CHIP, "derive_from": _NAME,
               "memory_bytes": F.POS_BYTES, "available_bytes": F.POS_BYTES,
               "total_bytes": F.POS_BYTES}, required=("id",),
-             name='an object {"id", "profile"} or {"id", "chip", "derive_from"}')
+             name='an object {"id", "profile"} or {"id", "chip"}')
 CLUSTER = F.Obj({"model": _NAME, "nodes": F.List(NODE, nonempty=True), "links": F.List(LINK),
                  "default_link": F.Obj(LINK_FIELDS, name="an object {latency_ms, "
                                                           "bandwidth_gbps}")},
@@ -94,7 +98,7 @@ class Node:
     memory_bytes: int  # usable memory the splitter fits stages into
     available_bytes: int | None = None  # exo-current placement input (psutil available)
     total_bytes: int | None = None  # legacy exo placement input (total memory)
-    estimated: bool = False  # table derived from another node's by roofline scaling
+    estimated: bool = False  # table derived from a chip's roofline (graphsplit.roofline)
     profile: str | None = None  # path of the measured table (of derive_from when estimated)
     derive_from: str | None = None
 
@@ -162,36 +166,52 @@ def _link_from(d: Any, where: str) -> Link:
 
 
 def derive_table(base: CostTable, memory_bandwidth_gbs: float, tflops: float,
-                 memory_bytes: int | None = None, host: str = "derived") -> CostTable:
-    """Roofline-scale a measured table to another chip (an ESTIMATE, not a measurement).
+                 memory_bytes: int | None = None, host: str = "derived",
+                 chip_name: str | None = None) -> CostTable:
+    """The cost table of a chip that was not profiled (an ESTIMATE, not a measurement): the
+    roofline of the chip's own bandwidth and TFLOPS at efficiencies measured on real Apple
+    machines (graphsplit.roofline). Only the model's shape and bytes come from `base`.
+    Memory: total = memory_bytes (default the base's), usable = Metal's default working set."""
+    from graphsplit import chips, roofline
 
-    Decode is memory-bandwidth bound: decode_s *= base_bandwidth / new_bandwidth.
-    Prefill is compute bound: prefill_s *= base_tflops / new_tflops.
-    Memory: total = memory_bytes, usable scaled by the base's usable/total ratio.
-    """
-    bd = base.device
-    if bd.memory_bandwidth_gbs <= 0 or bd.matmul_tflops <= 0:
-        raise ClusterError(f"cannot derive from host {bd.host}: its table reports zero memory "
-                           "bandwidth or TFLOPS; re-profile it or profile the new chip directly")
-    if memory_bandwidth_gbs <= 0 or tflops <= 0:
+    if not (math.isfinite(memory_bandwidth_gbs) and memory_bandwidth_gbs > 0
+            and math.isfinite(tflops) and tflops > 0):
         raise ClusterError("a chip needs memory_bandwidth_gbs > 0 and fp16_tflops > 0")
-    t = copy.deepcopy(base)
-    kd = bd.memory_bandwidth_gbs / memory_bandwidth_gbs
-    kp = bd.matmul_tflops / tflops
-    for r in t.rows:
-        r.decode_s = [x * kd for x in r.decode_s]
-        r.prefill_s = [x * kp for x in r.prefill_s]
-    d = t.device
-    if memory_bytes is not None:
-        ratio = (bd.memory_usable_bytes / bd.memory_total_bytes) if bd.memory_total_bytes else 0.8
-        d.memory_total_bytes = int(memory_bytes)
-        d.memory_usable_bytes = int(memory_bytes * ratio)
-    d.memory_bandwidth_gbs = float(memory_bandwidth_gbs)
-    d.matmul_tflops = float(tflops)
-    d.host = host
-    d.name = f"{host} (derived from {bd.host} by roofline scaling)"
-    t.method = dict(t.method, derived_from=bd.host, decode_scale=kd, prefill_scale=kp)
-    return t
+    total = int(memory_bytes if memory_bytes is not None else base.device.memory_total_bytes)
+    name = chip_name or f"a chip of {memory_bandwidth_gbs:g} GB/s and {tflops:g} TFLOPS"
+    return roofline.derive(base, memory_bandwidth_gbs, tflops, total, chips.usable_bytes(total),
+                           host=host, chip_name=name)
+
+
+def chip_node(node_id: str, chip: Any, base: Node, where: str = "chip") -> Node:
+    """An estimated node: `chip` (a known chip's name or a dict {memory_bandwidth_gbs,
+    fp16_tflops, memory_bytes}) with the model's shape and bytes from `base`'s table.
+    Bad names or fields raise ClusterError (one line naming `where`)."""
+    from graphsplit import chips
+
+    if isinstance(chip, str):
+        try:
+            spec = chips.lookup(chip)
+        except chips.ChipError as e:
+            raise ClusterError(f"{where}: {e}") from None
+        bw, tf, mem, name = spec.bandwidth_gbs, spec.fp16_tflops, spec.memory_bytes, spec.name
+    elif isinstance(chip, dict):
+        try:
+            bw = float(chip["memory_bandwidth_gbs"])
+            tf = float(chip.get("fp16_tflops", chip.get("tflops")))
+        except (KeyError, TypeError, ValueError):
+            raise ClusterError(f"{where}: chip needs numbers memory_bandwidth_gbs and "
+                               "fp16_tflops") from None
+        mem = _int_field(chip, "memory_bytes", f"{where} chip")
+        if mem is None:
+            raise ClusterError(f"{where}: chip needs memory_bytes (total memory)")
+        name = None
+    else:
+        raise ClusterError(f"{where}: 'chip' must be a chip name such as \"M4 Pro 48GB\" or "
+                           "an object {memory_bandwidth_gbs, fp16_tflops, memory_bytes}")
+    table = derive_table(base.table, bw, tf, mem, host=node_id, chip_name=name)
+    return Node(id=node_id, table=table, memory_bytes=int(table.device.memory_usable_bytes),
+                estimated=True, profile=base.profile, derive_from=base.id)
 
 
 def _int_field(d: dict, key: str, where: str) -> int | None:
@@ -231,7 +251,10 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
     check_fields(data, where)
     specs = _node_specs(data.get("nodes"), where)
     tables, profiles = _read_profiles(specs, Path(base_dir), where)
-    nodes = [_node(nid, nd, tables, profiles, f"{where}: node {nid!r}")
+    measured = {nid: _node(nid, nd, tables, profiles, f"{where}: node {nid!r}")
+                for nid, nd in specs.items() if "profile" in nd}
+    nodes = [measured[nid] if nid in measured else
+             _estimated_node(nid, nd, measured, f"{where}: node {nid!r}")
              for nid, nd in specs.items()]
     _check_same_model(nodes, where)
     model = data.get("model", nodes[0].table.model.name)
@@ -250,7 +273,7 @@ def _node_specs(raw_nodes: Any, where: str) -> dict[str, dict]:
     """The file's node entries by id (ids unique, exactly one of 'profile' or 'chip')."""
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise ClusterError(f"{where}: 'nodes' must be a non-empty list of "
-                           "{\"id\", \"profile\"} or {\"id\", \"chip\", \"derive_from\"}")
+                           "{\"id\", \"profile\"} or {\"id\", \"chip\"}")
     specs: dict[str, dict] = {}
     for i, nd in enumerate(raw_nodes):
         if not isinstance(nd, dict) or not isinstance(nd.get("id"), str) or not nd["id"]:
@@ -259,7 +282,7 @@ def _node_specs(raw_nodes: Any, where: str) -> dict[str, dict]:
             raise ClusterError(f"{where}: node id {nd['id']!r} appears twice")
         if ("profile" in nd) == ("chip" in nd):
             raise ClusterError(f"{where}: node {nd['id']!r} needs exactly one of 'profile' (a "
-                               "cost table) or 'chip' (with 'derive_from')")
+                               "cost table) or 'chip' (e.g. \"M4 Pro 48GB\")")
         specs[nd["id"]] = nd
     return specs
 
@@ -285,51 +308,42 @@ def _read_profiles(specs: dict[str, dict], base_dir: Path,
     return tables, profiles
 
 
-def _derived_table(nid: str, nd: dict, tables: dict[str, CostTable],
-                   profiles: dict[str, str], nw: str) -> CostTable:
-    """A 'chip' node's table: its 'derive_from' node's measured table scaled by roofline."""
-    chip = nd["chip"]
+def _shape_source(nid: str, nd: dict, measured: dict[str, Node], nw: str) -> Node:
+    """The measured node whose table gives a chip node its model shape and bytes:
+    'derive_from' when given, else the first measured node by id (the shape and bytes are the
+    same in every table of the model, so the choice does not change the estimate)."""
     derive = nd.get("derive_from")
-    if not isinstance(chip, dict):
-        raise ClusterError(f"{nw}: 'chip' must be an object with memory_bandwidth_gbs, "
-                           "fp16_tflops and memory_bytes")
-    if derive not in tables:
+    if derive is None and not measured:
+        raise ClusterError(f"{nw}: a chip node needs a node with a measured profile of the "
+                           "model in the same file (its shape and bytes come from that table)")
+    if derive is None:
+        return measured[min(measured)]
+    if derive not in measured:
         raise ClusterError(f"{nw}: 'derive_from' must name a node with a measured "
-                           f"profile (one of {', '.join(sorted(tables)) or 'none'})")
-    try:
-        bw = float(chip["memory_bandwidth_gbs"])
-        tf = float(chip.get("fp16_tflops", chip.get("tflops")))
-    except (KeyError, TypeError, ValueError):
-        raise ClusterError(f"{nw}: chip needs numbers memory_bandwidth_gbs and "
-                           "fp16_tflops") from None
-    mem = _int_field(chip, "memory_bytes", f"{nw} chip")
-    if mem is None:
-        raise ClusterError(f"{nw}: chip needs memory_bytes (total memory)")
-    bd = tables[derive].device
-    for key in ("memory_bandwidth_gbs", "matmul_tflops"):
-        if getattr(bd, key) <= 0:
-            raise ClusterError(
-                f"{nw}: derive_from {derive!r}: cost table {profiles[derive]}: "
-                f"device.{key} is {getattr(bd, key)}, so nothing can be scaled from it; "
-                f"profile {derive} with its microbenchmarks (without --no-microbench)")
-    return derive_table(tables[derive], bw, tf, mem, host=nid)
+                           f"profile (one of {', '.join(sorted(measured)) or 'none'})")
+    return measured[derive]
 
 
 def _node(nid: str, nd: dict, tables: dict[str, CostTable], profiles: dict[str, str],
           nw: str) -> Node:
-    """One node: measured (its own table) or estimated (a chip derived from a measured one)."""
-    if "chip" in nd:
-        table = _derived_table(nid, nd, tables, profiles, nw)
-        derive, estimated, profile = nd.get("derive_from"), True, profiles[nd["derive_from"]]
-    else:
-        table, derive, estimated, profile = tables[nid], None, False, profiles[nid]
+    """One measured node: its own table, with the file's memory overrides."""
+    table = tables[nid]
     memory = _int_field(nd, "memory_bytes", nw)
     return Node(id=nid, table=table,
                 memory_bytes=memory if memory is not None else
                 int(table.device.memory_usable_bytes),
                 available_bytes=_int_field(nd, "available_bytes", nw),
-                total_bytes=_int_field(nd, "total_bytes", nw),
-                estimated=estimated, profile=profile, derive_from=derive)
+                total_bytes=_int_field(nd, "total_bytes", nw), profile=profiles[nid])
+
+
+def _estimated_node(nid: str, nd: dict, measured: dict[str, Node], nw: str) -> Node:
+    """A 'chip' node (chip_node), with the file's memory overrides."""
+    n = chip_node(nid, nd["chip"], _shape_source(nid, nd, measured, nw), nw)
+    memory = _int_field(nd, "memory_bytes", nw)
+    n.memory_bytes = memory if memory is not None else n.memory_bytes
+    n.available_bytes = _int_field(nd, "available_bytes", nw) or int(n.memory_bytes)
+    n.total_bytes = _int_field(nd, "total_bytes", nw) or n.total_bytes
+    return n
 
 
 def _links(raw_links: Any, specs: dict[str, dict], where: str) -> dict[tuple[str, str], Link]:

@@ -1,0 +1,234 @@
+"""Cost tables for chips nobody profiled: a roofline of the chip itself (an ESTIMATE).
+
+Problem: a cluster may name a machine that was never profiled (``"chip": "M4 Pro 48GB"``). Its
+cost table must be predicted from the chip's specs alone. Scaling another machine's measured
+times by a bandwidth ratio carries that machine's inefficiency along (a Linux CPU table scaled
+to an M2 Ultra gave 27 tokens/s for Llama-3-8B 4-bit, where mlx-lm users measure 110-120 on an
+M3 Ultra of the same bandwidth). Here each row's time comes from what it moves and computes on
+the new chip, at efficiencies measured on real Apple machines running MLX:
+
+    t(row) = max(bytes / (bandwidth x GEMV_BW_EFFICIENCY),
+                 flops / (fp16 peak x COMPUTE_EFFICIENCY)) + overhead(row)
+
+    decode, context c, B streams:  block  bytes = weights + B x KV/token x c
+                                          flops = B x (2 x params + 4 x heads x head_dim x c)
+                                   embed  bytes = B embedding rows;  head: its weights (a tied
+                                          head reads the embedding matrix), 2 x params flops
+    prefill of P tokens:           block  bytes = weights + P x KV/token
+                                          flops = 2 x params x P + 2 x heads x head_dim x P^2
+                                          (causal attention); embed: P rows; head: the last
+                                          position only (as the profiler measures it)
+    overhead: BLOCK_OVERHEAD_S per block per pass; none for embed and head
+
+What is taken from the measured table: the model's shape and bytes only (weight bytes per row,
+KV bytes per token, activation bytes, the quantization). Bytes are converted to what the chip
+runs: a quantized model as an mlx-community checkpoint (bfloat16 scales, biases and
+activations), whatever dtype the profiling machine used (the Linux CPU build profiles with
+float32 scales). So two tables of the same model give the same chip times, whichever machine
+measured them. Times are put on fixed grids (PREFILL_GRID, DECODE_GRID), wide enough that a
+workload is rarely extrapolated.
+
+Efficiencies (each from a published measurement; tests/test_whatif.py checks them):
+
+* GEMV_BW_EFFICIENCY = 316 / 410: quantized matrix-vector products reach 316 of the M1 Max's
+  410 GB/s (field notes; the same figure as ggml-org/llama.cpp#1642, "attainable 317.6 GB/s,
+  physical limit 409.6 GB/s" on the M1 Max GPU). Used for every byte read.
+* BLOCK_OVERHEAD_S: fitted to Llama-3.1-8B 4-bit decoding at 115 tokens/s on an M3 Ultra
+  (819 GB/s) at a 512-token context: mlx-lm users report 110-120 (Rapid-MLX#586 measured
+  119.4 short / 110.5 long, mlx 0.31.2). The bandwidth term alone gives 147 tokens/s; the
+  remaining 1.9 ms per token over 32 blocks is kernel dispatch and the gaps between small
+  kernels, which a roofline does not see.
+* COMPUTE_EFFICIENCY: fitted to Llama-3.3-70B 4-bit prefilling 1171 tokens at 83.8 tokens/s
+  on an M3 Max with the 40-core GPU (14.3 TFLOPS; ml-explore/mlx-examples#1029, mlx 0.21.1).
+
+Checked without fitting (tests): Llama-3.3-70B 4-bit decode on that M3 Max, 9.35 tokens/s
+at a 260-token prompt and 6.81 at 28k (derived: about 7.6 and 6.2, 19% and 9% low: the M3
+Max streams those weights at about 90% of its peak, above the M1 Max GEMV figure), and
+Mistral-7B 4-bit prefilling 33,898 tokens at 869 tokens/s on an M2 Ultra (ml-explore/mlx-lm#40;
+derived: about 960, 11% high).
+
+Not modelled: mixture-of-experts models (every parameter counts as active), the Neural Engine,
+thermal throttling, other processes on the machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from profiler.costtable import CostTable, DeviceInfo, LayerRow
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+CHIP_QUANT_DTYPE = "bfloat16"  # MLX on Metal: scales, biases and activations of a 4-bit model
+
+GEMV_BW_EFFICIENCY = 316 / 410  # M1 Max quantized GEMV (field notes; llama.cpp#1642)
+BLOCK_OVERHEAD_S = 59e-6  # fitted: Llama-3.1-8B 4-bit, M3 Ultra, 115 tok/s (Rapid-MLX#586)
+COMPUTE_EFFICIENCY = 0.81  # fitted: Llama-3.3-70B 4-bit prefill, M3 Max 40c (mlx-examples#1029)
+
+PREFILL_GRID = (1, 16, 128, 512, 2048, 8192, 32768)
+DECODE_GRID = (128, 1024, 4096, 16384, 65536, 131072)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A chip's peaks: memory bandwidth (GB/s) and fp16 matmul throughput (TFLOPS)."""
+
+    bandwidth_gbs: float
+    tflops: float
+
+    def seconds(self, nbytes: float, flops: float) -> float:
+        """max(memory time, compute time) at the measured efficiencies."""
+        return max(nbytes / (self.bandwidth_gbs * 1e9 * GEMV_BW_EFFICIENCY),
+                   flops / (self.tflops * 1e12 * COMPUTE_EFFICIENCY))
+
+
+@dataclass(frozen=True)
+class RowWork:
+    """What one row stores, reads and computes on the chip (bytes as the chip stores them)."""
+
+    kind: str  # embed | block | head
+    weight_bytes: float  # stored
+    read_bytes: float  # weights one decode step reads (embed: one row; tied head: the matrix)
+    params: float  # parameters applied per token (flops = 2 x params per token)
+    kv_bytes_per_token: float
+    attn_width: int  # query heads x head_dim (blocks)
+
+    def decode_s(self, peak: Peak, context: float, batch: int = 1) -> float:
+        if self.kind == "embed":
+            return peak.seconds(batch * self.read_bytes, 0.0)
+        if self.kind == "head":
+            return peak.seconds(self.read_bytes, batch * 2 * self.params)
+        nbytes = self.read_bytes + batch * self.kv_bytes_per_token * context
+        flops = batch * (2 * self.params + 4 * self.attn_width * context)
+        return peak.seconds(nbytes, flops) + BLOCK_OVERHEAD_S
+
+    def prefill_s(self, peak: Peak, tokens: float) -> float:
+        if self.kind == "embed":
+            return peak.seconds(tokens * self.read_bytes, 0.0)
+        if self.kind == "head":  # the head runs on the last position only
+            return self.decode_s(peak, 0)
+        nbytes = self.read_bytes + tokens * self.kv_bytes_per_token
+        flops = 2 * self.params * tokens + 2 * self.attn_width * tokens * tokens
+        return peak.seconds(nbytes, flops) + BLOCK_OVERHEAD_S
+
+
+def _bytes_per_param(quant: dict | None, dtype: str) -> float | None:
+    """Stored bytes per parameter: bits/8 + a scale and a bias per group (affine quantization),
+    or the dtype's size; None for a layout this does not know (kept as measured)."""
+    if quant:
+        if quant.get("mode", "affine") != "affine" or dtype not in DTYPE_BYTES:
+            return None
+        return quant["bits"] / 8 + 2 * DTYPE_BYTES[dtype] / quant["group_size"]
+    return DTYPE_BYTES.get(dtype)
+
+
+def chip_dtype(table: CostTable) -> str:
+    """The dtype the chip runs the model in: bfloat16 for a quantized model (MLX on Metal, an
+    mlx-community checkpoint), else the profiled dtype."""
+    return CHIP_QUANT_DTYPE if table.quantization else table.dtype
+
+
+def row_work(table: CostTable) -> dict[str, RowWork]:
+    """Every row's work on a chip, from the table's shape and bytes (not its times)."""
+    q = table.quantization
+    base_bpp = _bytes_per_param(q, table.dtype) or (q["bits"] / 8 if q else 2.0)
+    cdt = chip_dtype(table)
+    chip_bpp = _bytes_per_param(q, cdt) or base_bpp
+    act = DTYPE_BYTES.get(cdt, 2) / DTYPE_BYTES.get(table.dtype, 2)
+    m = table.model
+    attn = (m.num_attention_heads * m.head_dim) or m.hidden_size
+    embed_params = table.embed.weight_bytes / base_bpp
+    out = {}
+    for r in table.rows:
+        params = r.weight_bytes / base_bpp
+        stored = params * chip_bpp
+        read, used = stored, params
+        if r.kind == "embed":
+            read, used = m.hidden_size * chip_bpp, 0.0  # one row of the matrix per token
+        elif r.kind == "head" and m.tie_word_embeddings:
+            read, used = stored + embed_params * chip_bpp, params + embed_params
+        out[r.name] = RowWork(r.kind, stored, read, used, r.kv_bytes_per_token * act,
+                              attn if r.kind == "block" else 0)
+    return out
+
+
+def derive(base: CostTable, bandwidth_gbs: float, tflops: float, memory_bytes: int,
+           usable_bytes: int, host: str, chip_name: str) -> CostTable:
+    """The cost table of a chip that was not profiled, from `base`'s model shape and bytes and
+    the chip's peaks (see the module docstring). Every row is marked estimated in
+    `method["estimated"]`; spreads are 0 (nothing was measured)."""
+    peak = Peak(float(bandwidth_gbs), float(tflops))
+    work = row_work(base)
+    act = DTYPE_BYTES.get(chip_dtype(base), 2) / DTYPE_BYTES.get(base.dtype, 2)
+    rows = []
+    for r in base.rows:
+        w = work[r.name]
+        row = copy.deepcopy(r)
+        row.weight_bytes = int(round(w.weight_bytes))
+        row.kv_bytes_per_token = int(round(w.kv_bytes_per_token))
+        row.activation_bytes_per_token = int(round(r.activation_bytes_per_token * act))
+        row.peak_memory_bytes = row.weight_bytes + int(
+            max(0, r.peak_memory_bytes - r.weight_bytes) * act)
+        row.prefill_s = [w.prefill_s(peak, p) for p in PREFILL_GRID]
+        row.decode_s = [w.decode_s(peak, c) for c in DECODE_GRID]
+        row.prefill_spread = [0.0] * len(PREFILL_GRID)
+        row.decode_spread = [0.0] * len(DECODE_GRID)
+        row.measured_from = r.name
+        rows.append(row)
+    t = dataclasses.replace(
+        copy.deepcopy(base), dtype=chip_dtype(base), rows=rows,
+        prefill_tokens=list(PREFILL_GRID), decode_context=list(DECODE_GRID),
+        device=DeviceInfo(host=host, name=f"{chip_name} (estimated: roofline of its specs)",
+                          backend="metal", mlx_version="", platform="estimated",
+                          memory_total_bytes=int(memory_bytes),
+                          memory_usable_bytes=int(usable_bytes),
+                          memory_bandwidth_gbs=peak.bandwidth_gbs, matmul_tflops=peak.tflops),
+        method={"estimated": "roofline of the chip's specs (graphsplit.roofline); nothing "
+                             "measured on this chip",
+                "shape_from": base.device.host, "chip": chip_name,
+                "gemv_bw_efficiency": GEMV_BW_EFFICIENCY,
+                "compute_efficiency": COMPUTE_EFFICIENCY,
+                "block_overhead_s": BLOCK_OVERHEAD_S})
+    _fill_later_fields(t, base, work, peak)
+    return t
+
+
+def _fill_later_fields(t: CostTable, base: CostTable, work: dict[str, RowWork],
+                       peak: Peak) -> None:
+    """Fields later table versions add, so no measured time of the base survives: the decode
+    batch grid (rows' `decode_batch_s`) is derived; any other measured per-row list and the
+    tensor-parallel section are reset to their defaults."""
+    known = {"prefill_s", "prefill_spread", "decode_s", "decode_spread"}
+    batches = getattr(base, "decode_batch", None)
+    for row in t.rows:
+        for f in dataclasses.fields(LayerRow):
+            if f.name in known or not f.name.endswith(("_s", "_spread")):
+                continue
+            if f.name == "decode_batch_s" and batches:
+                w = work[row.name]
+                setattr(row, f.name, [[w.decode_s(peak, c, b) for b in batches]
+                                      for c in DECODE_GRID])
+            elif f.name == "decode_batch_spread" and batches:
+                setattr(row, f.name, [[0.0] * len(batches) for _ in DECODE_GRID])
+            else:
+                setattr(row, f.name, _default(f))
+    for f in dataclasses.fields(CostTable):
+        if f.name == "tensor_parallel":
+            setattr(t, f.name, _default(f))
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return copy.deepcopy(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def decode_tokens_per_s(table: CostTable, context: float) -> float:
+    """One stream on one machine: 1 / (embed + blocks + head decode time) at `context`, from
+    the table's rows (interpolated as the splitter does)."""
+    total = sum(table.decode_time(r, context) for r in table.rows)
+    return 1.0 / total if total > 0 else math.inf
