@@ -152,6 +152,12 @@ def _close(text: str) -> str:
     return ", ".join(shown) if shown else ", ".join(FAMILIES)
 
 
+def _shown(v) -> str:
+    """A user's value on one line, cut to 40 characters."""
+    t = str(v).replace("\n", " ")
+    return repr(t if len(t) <= 40 else t[:40] + f"... ({len(t)} characters)")
+
+
 def lookup(text: str) -> ChipSpec:
     """The chip a name means: "M4 Pro 48GB", "m4-pro-48gb", "M4 Max 40c 128GB", ...
 
@@ -160,23 +166,23 @@ def lookup(text: str) -> ChipSpec:
     e.g. "M1 Max 24c 32GB", for the other). Raises ChipError (one line, with close matches)."""
     family, cores, mem = _parse(text)
     if family is None:
-        raise ChipError(f"unknown chip {str(text)[:60]!r}; close matches: {_close(text)} "
-                        "(known: Apple M1-M4, Pro/Max/Ultra; graphsplit/chips.py), or give "
-                        "{memory_bandwidth_gbs, fp16_tflops, memory_bytes}")
+        raise ChipError(f"unknown chip {_shown(text)}; close matches: {_close(text)} "
+                        "(known: Apple M1-M4, Pro/Max/Ultra; graphsplit/chips.py)")
     variants = [c for c in CHIPS if c.family == family]
     sizes = sorted({m for c in variants for m in c.memory_gb})
     if cores is not None:
         variants = [c for c in variants if c.gpu_cores == cores]
         if not variants:
             known = sorted({c.gpu_cores for c in CHIPS if c.family == family})
-            raise ChipError(f"chip {text!r}: the {family} has a {' or '.join(map(str, known))}"
-                            f"-core GPU, not {cores}")
+            raise ChipError(f"chip {_shown(text)}: the {family} has a "
+                            f"{' or '.join(map(str, known))}-core GPU, not {_shown(cores)[1:-1]}")
     if mem is None:
-        raise ChipError(f"chip {text!r}: give its memory, e.g. '{family} {sizes[-1]}GB' (the "
+        raise ChipError(f"chip {_shown(text)}: give its memory, e.g. '{family} {sizes[-1]}GB' (the "
                         f"{family} was sold with {', '.join(map(str, sizes))} GB)")
     fit = [c for c in variants if mem in c.memory_gb]
     if not fit:
         have = sorted({m for c in variants for m in c.memory_gb})
-        raise ChipError(f"chip {text!r}: the {family}{f' {cores}c' if cores else ''} was sold "
-                        f"with {', '.join(map(str, have))} GB, not {mem}; pick one of those")
+        raise ChipError(f"chip {_shown(text)}: the {family}{f' {cores}c' if cores else ''} was "
+                        f"sold with {', '.join(map(str, have))} GB, not {_shown(mem)[1:-1]}; "
+                        "pick one of those")
     return ChipSpec(max(fit, key=lambda c: c.gpu_cores), mem)

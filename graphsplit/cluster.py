@@ -193,7 +193,8 @@ def chip_node(node_id: str, chip: Any, base: Node, where: str = "chip") -> Node:
         try:
             spec = chips.lookup(chip)
         except chips.ChipError as e:
-            raise ClusterError(f"{where}: {e}") from None
+            raise ClusterError(f"{where}: {e}; or give the chip as {{memory_bandwidth_gbs, "
+                               "fp16_tflops, memory_bytes}") from None
         bw, tf, mem, name = spec.bandwidth_gbs, spec.fp16_tflops, spec.memory_bytes, spec.name
     elif isinstance(chip, dict):
         try:

@@ -43,7 +43,7 @@ def render(plan: Plan) -> str:
         f"workload: prompt {w.get('prompt_tokens')} tokens, context {w.get('context_tokens')} "
         f"tokens, {w.get('streams')} stream(s)",
         "all times predicted from measured cost tables"
-        + (" (* = node estimated by roofline scaling of another node's measurements)"
+        + (" (* = node estimated from its chip's roofline, not measured)"
            if est else ""),
         "",
         f"{'stage':>5}  {'node':<16} {'layers':<10} {'n':>4} {'decode ms':>10} {'link ms':>8} "

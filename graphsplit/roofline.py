@@ -67,6 +67,34 @@ GEMV_BW_EFFICIENCY = 316 / 410  # M1 Max quantized GEMV (field notes; llama.cpp#
 BLOCK_OVERHEAD_S = 59e-6  # fitted: Llama-3.1-8B 4-bit, M3 Ultra, 115 tok/s (Rapid-MLX#586)
 COMPUTE_EFFICIENCY = 0.81  # fitted: Llama-3.3-70B 4-bit prefill, M3 Max 40c (mlx-examples#1029)
 
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A published measurement of mlx-lm on a real Apple machine."""
+
+    model: str  # the built-in model of the same shape (profiler.models)
+    chip: str  # graphsplit.chips name
+    phase: str  # decode | prefill
+    tokens: int  # decode: the mean KV context; prefill: the prompt length
+    tok_s: float  # published tokens/s
+    use: str  # which constant it fits, or "held out"
+    source: str
+
+
+ANCHORS = (
+    Anchor("llama-3-8b", "M3 Ultra 256GB", "decode", 512, 115.0, "fits BLOCK_OVERHEAD_S",
+           "Llama-3.1-8B 4-bit: 110-120 reported (field notes); Rapid-MLX#586 119.4 / 110.5"),
+    Anchor("llama-3-70b", "M3 Max 64GB", "decode", 414, 9.351, "held out",
+           "Llama-3.3-70B 4-bit, 260-token prompt + 309 generated (ml-explore/mlx-examples#1029)"),
+    Anchor("llama-3-70b", "M3 Max 64GB", "decode", 28015, 6.808, "held out",
+           "Llama-3.3-70B 4-bit, 28,002-token prompt + 27 generated (mlx-examples#1029)"),
+    Anchor("llama-3-70b", "M3 Max 64GB", "prefill", 1171, 83.843, "fits COMPUTE_EFFICIENCY",
+           "Llama-3.3-70B 4-bit, 1171-token prompt (mlx-examples#1029)"),
+    Anchor("mistral-7b", "M2 Ultra 192GB", "prefill", 33898, 869.279, "held out",
+           "Mistral-7B 4-bit, 33,898-token prompt (ml-explore/mlx-lm#40)"),
+)
+
 PREFILL_GRID = (1, 16, 128, 512, 2048, 8192, 32768)
 DECODE_GRID = (128, 1024, 4096, 16384, 65536, 131072)
 
@@ -227,8 +255,11 @@ def _default(f: dataclasses.Field):
     return None
 
 
-def decode_tokens_per_s(table: CostTable, context: float) -> float:
-    """One stream on one machine: 1 / (embed + blocks + head decode time) at `context`, from
-    the table's rows (interpolated as the splitter does)."""
-    total = sum(table.decode_time(r, context) for r in table.rows)
-    return 1.0 / total if total > 0 else math.inf
+def tokens_per_s(table: CostTable, phase: str, tokens: int) -> float:
+    """One stream on one machine, from the table's rows (interpolated as the splitter does):
+    decode: 1 / (embed + blocks + head) at context `tokens`; prefill: tokens / the same sum."""
+    if phase == "decode":
+        total = sum(table.decode_time(r, tokens) for r in table.rows)
+        return 1.0 / total if total > 0 else math.inf
+    total = sum(table.prefill_time(r, tokens) for r in table.rows)
+    return tokens / total if total > 0 else math.inf

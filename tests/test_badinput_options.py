@@ -24,6 +24,7 @@ from exo_bridge import cli as bridge_cli
 from exo_bridge import profile_link
 from exo_bridge.runner import run as runner
 from graphsplit import cli as split_cli
+from graphsplit import whatif
 from profiler import cli as profile_cli
 from profiler import options as o
 from profiler.errors import UserError
@@ -37,6 +38,7 @@ COMMANDS = {
     "exo-bridge": (bridge_cli.build_parser, bridge_cli.main, []),
     "exo-bridge run": (runner.build_parser, runner.main, ["/nonexistent/plan.json"]),
     "profile-link": (profile_link.build_parser, profile_link.main, []),
+    "what-if": (whatif.build_parser, whatif.main, ["/nonexistent/cluster.json"]),
 }
 # argv before the option, per (sub)command prog
 PREFIX = {
@@ -51,11 +53,13 @@ PREFIX = {
     "profile-link measure": ["measure", "127.0.0.1:9"],
     "profile-link self-test": ["self-test"],
     "profile-link mlx": ["mlx"],
+    "what-if": ["/nonexistent/cluster.json"],
 }
 # Commands whose options are checked elsewhere (none today): any option not listed fails this suite.
 ELSEWHERE: set[str] = set()
 
-NUMERIC = {"int", "int_choice", "float", "seconds", "port", "grid", "hostport", "node_memory"}
+NUMERIC = {"int", "int_choice", "float", "seconds", "port", "grid", "hostport", "node_memory",
+           "chip", "link"}
 
 
 def all_options():
@@ -90,6 +94,13 @@ def bad_values(fn) -> list[str]:
                 "[::1", ""]
     if kind == "node_memory":
         return ["a:0", "a:-5", "a:nan", "a:inf", "a:" + "9" * 400, "a", ":5", "a:1.5"]
+    if kind == "chip":  # what-if --add [NAME=]CHIP
+        return ["M5 Ultra 512GB", "M4 Pro", "M4 Pro 32GB", "M4 Max 30c 64GB", "=M4 Pro 48GB",
+                "a:b=M4 Pro 48GB", "M4 Pro " + "9" * 400 + "GB", "nan", ""]
+    if kind == "link":  # what-if --link A:B=PRESET|LATENCY,BANDWIDTH
+        return ["a:b", "a=tb5", "a:a=tb5", ":b=tb5", "a:b:c=tb5", "a:b=tb9", "a:b=0.3ms",
+                "a:b=0.3ms,5", "a:b=nanms,5GB/s", "a:b=1e400ms,5GB/s", "a:b=0.3ms,0GB/s",
+                "a:b=0.3ms,-5GB/s", "a:b=20000ms,5GB/s", "a:b=1ms," + "9" * 400 + "GB/s", ""]
     return []
 
 
@@ -121,7 +132,8 @@ def test_the_corpus_covers_every_numeric_option():
     want = {("profile-model", "batch"), ("profile-model", "prefill_tokens"),
             ("split-model", "streams"), ("exo-bridge run", "timeout"),
             ("profile-link serve", "port"), ("profile-link measure", "server"),
-            ("exo-bridge strategy-check", "node"), ("profile-link mlx", "rank")}
+            ("exo-bridge strategy-check", "node"), ("profile-link mlx", "rank"),
+            ("what-if", "add"), ("what-if", "link"), ("what-if", "streams")}
     assert want <= covered
 
 
@@ -167,6 +179,7 @@ def test_argparse_own_errors_are_one_line(argv, says, capsys):
     ("exo_bridge.cli", ["run", "p.json", "--timeout", "inf"], "--timeout"),
     ("exo_bridge.cli", ["strategy-check", "--node", "a:1e999"], "--node"),
     ("exo_bridge.profile_link", ["serve", "--port", "70000"], "--port"),
+    ("graphsplit.whatif", ["c.json", "--link", "a:b=tb9"], "--link"),
 ])
 def test_console_entry_points_exit_2_with_one_line(module, argv, says):
     cp = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
@@ -177,7 +190,7 @@ def test_console_entry_points_exit_2_with_one_line(module, argv, says):
 
 def test_options_module_does_not_import_mlx():
     code = ("import sys, profiler.options, profiler.memfit, profiler.cli, graphsplit.cli, "
-            "exo_bridge.profile_link; sys.exit(1 if 'mlx' in sys.modules or 'mlx.core' in "
+            "graphsplit.whatif, exo_bridge.profile_link; sys.exit(1 if 'mlx' in sys.modules or 'mlx.core' in "
             "sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
@@ -187,7 +200,7 @@ def test_options_module_does_not_import_mlx():
 VALIDATORS = [o.int_in(0, 100), o.positive_int(1 << 20), o.int_choice((2, 4, 8)),
               o.float_in(0, 10), o.float_in(0, 1, lo_open=True), o.seconds(3600), o.port(),
               o.int_grid(1, 1 << 22), o.host_port(52900), o.http_url(), o.host(),
-              o.node_memory(), o.text(), o.path()]
+              o.node_memory(), o.text(), o.path(), whatif.parse_add, whatif.parse_link]
 
 
 @settings(max_examples=300, deadline=None)
