@@ -45,7 +45,7 @@ Checked without fitting (tests): Llama-3.3-70B 4-bit decode on that M3 Max, 9.35
 at a 260-token prompt and 6.81 at 28k (derived: about 7.6 and 6.2, 19% and 9% low: the M3
 Max streams those weights at about 90% of its peak, above the M1 Max GEMV figure), and
 Mistral-7B 4-bit prefilling 33,898 tokens at 869 tokens/s on an M2 Ultra (ml-explore/mlx-lm#40;
-derived: about 960, 11% high).
+derived: about 950, 10% high). `python bench/bench_whatif.py` prints them all.
 
 Not modelled: mixture-of-experts models (every parameter counts as active), the Neural Engine,
 thermal throttling, other processes on the machine.
@@ -95,8 +95,8 @@ ANCHORS = (
            "Mistral-7B 4-bit, 33,898-token prompt (ml-explore/mlx-lm#40)"),
 )
 
-PREFILL_GRID = (1, 16, 128, 512, 2048, 8192, 32768)
-DECODE_GRID = (128, 1024, 4096, 16384, 65536, 131072)
+PREFILL_GRID = (1, 16, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+DECODE_GRID = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
 @dataclass(frozen=True)
