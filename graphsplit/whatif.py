@@ -310,6 +310,13 @@ def _memory(p: dict) -> str:
     return f"{'yes' if p.get('fits') else 'NO'}, {worst:.0%}"
 
 
+def _proven(solver: dict) -> str:
+    """What the solver proved (SplitResult.proven where the solver says it)."""
+    if solver.get("proven"):
+        return str(solver["proven"])
+    return "proven optimal" if solver.get("optimal") else "not proven"
+
+
 def render(result: dict, console) -> None:
     from rich.table import Table
 
@@ -319,16 +326,16 @@ def render(result: dict, console) -> None:
                     f"{w['context_tokens']}, {w['streams']} stream(s)", title_justify="left")
     for col, just in (("variant", "left"), ("stages", "left"), ("tpot ms", "right"),
                       ("ttft ms", "right"), ("tok/s", "right"), ("fits, fullest", "right"),
-                      ("gain", "right")):
+                      ("gain", "right"), ("solver", "left")):
         t.add_column(col, justify=just)
     for r in result["variants"]:
         p = r["predicted"]
         if not p:
-            t.add_row(r["name"], f"no plan: {r['error']}", "-", "-", "-", "-", "-")
+            t.add_row(r["name"], f"no plan: {r['error']}", "-", "-", "-", "-", "-", "-")
             continue
         g = "-" if r["gain"] is None else f"{r['gain']:.2f}x"
         t.add_row(r["name"], _stages(r), f"{p['tpot_s'] * 1e3:.2f}", f"{p['ttft_s'] * 1e3:.1f}",
-                  f"{p['throughput_tps']:.2f}", _memory(p), g)
+                  f"{p['throughput_tps']:.2f}", _memory(p), g, _proven(r["solver"]))
     console.print(t)
     console.print("all times derived from the measured cost tables; * = machine estimated from "
                   "its chip's roofline (graphsplit/roofline.py), not measured; link presets "
