@@ -171,6 +171,7 @@ class Change:
     node: str | None = None  # add: the new node's id
     chip: str | None = None  # add: the chip text
     links: list[tuple[str, str, LinkSpec]] = dataclasses.field(default_factory=list)
+    joint: bool = False  # a cable between two added machines: only in "all of the above"
 
 
 @dataclass
@@ -209,7 +210,10 @@ def plan_changes(cluster, adds: list[tuple[str | None, str]],
                 raise UserError(f"--link {o.shown(f'{a}:{b}={spec.label}')}: no node "
                                 f"{o.shown(end)}; the nodes are {', '.join(sorted(taken))}")
         owner = added.get(a) or added.get(b)
-        if owner is not None:
+        if a in added and b in added:  # both machines are new: only "all" holds the cable
+            out.append(Change("link", f"link {a}:{b}={spec.label}", links=[(a, b, spec)],
+                              joint=True))
+        elif owner is not None:
             owner.links.append((a, b, spec))
             owner.label += f" {a}:{b}={spec.label}"
         else:
@@ -219,7 +223,7 @@ def plan_changes(cluster, adds: list[tuple[str | None, str]],
 
 def variants(changes: list[Change]) -> list[Variant]:
     """The baseline, every change alone, and all together when there are several."""
-    out = [Variant("baseline", [])] + [Variant(c.label, [c]) for c in changes]
+    out = [Variant("baseline", [])] + [Variant(c.label, [c]) for c in changes if not c.joint]
     if len(changes) > 1:
         out.append(Variant("all of the above", list(changes)))
     return out

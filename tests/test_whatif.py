@@ -275,6 +275,18 @@ def test_whatif_console_entry_point(cluster):
     assert "link a:b=tb4:" in cp.stdout and "m4-pro-24gb" in cp.stdout
 
 
+def test_whatif_a_cable_between_two_added_machines_is_in_all_of_the_above(cluster, capsys):
+    rc, out, err = run_whatif([cluster, "--add", "p=M4 Pro 24GB", "--add", "q=M4 Pro 24GB",
+                               "--link", "p:q=tb5", "--link", "a:p=tb4", "--json"], capsys)
+    assert rc == 0, err
+    vs = {v["name"]: v for v in json.loads(out)["variants"]}
+    assert list(vs) == ["baseline", "+ p (M4 Pro 24GB*) a:p=tb4", "+ q (M4 Pro 24GB*)",
+                        "all of the above"]
+    links = [(ln["from"], ln["to"]) for ch in vs["all of the above"]["changes"]
+             for ln in ch["links"]]
+    assert links == [("a", "p"), ("p", "q")]
+
+
 def test_link_presets_and_explicit_links():
     from graphsplit.whatif import PRESETS, parse_link
 
