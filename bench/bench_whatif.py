@@ -30,7 +30,7 @@ CHIPS = ("M4 16GB", "M4 Pro 48GB", "M4 Pro 64GB", "M4 Max 36GB", "M4 Max 128GB",
 def chip_table(model: str, chip: str):
     s = chips.lookup(chip)
     return derive_table(shaped_table(model), s.bandwidth_gbs, s.fp16_tflops, s.memory_bytes,
-                        host=s.slug, chip_name=s.name)
+                        host=s.slug, chip_name=s.name, generation=s.chip.generation)
 
 
 def anchors() -> None:

@@ -54,6 +54,10 @@ class Chip:
     memory_gb: tuple[int, ...]  # sizes sold with this variant
 
     @property
+    def generation(self) -> int:
+        return int(self.family.split()[0][1:])
+
+    @property
     def fp16_tflops(self) -> float:
         clock = CLOCK_GHZ.get(self.family, CLOCK_GHZ[self.family.split()[0]])
         return self.gpu_cores * ALUS_PER_CORE * 2 * clock / 1000.0

@@ -167,11 +167,12 @@ def _link_from(d: Any, where: str) -> Link:
 
 def derive_table(base: CostTable, memory_bandwidth_gbs: float, tflops: float,
                  memory_bytes: int | None = None, host: str = "derived",
-                 chip_name: str | None = None) -> CostTable:
+                 chip_name: str | None = None, generation: int | None = None) -> CostTable:
     """The cost table of a chip that was not profiled (an ESTIMATE, not a measurement): the
     roofline of the chip's own bandwidth and TFLOPS at efficiencies measured on real Apple
     machines (graphsplit.roofline). Only the model's shape and bytes come from `base`.
-    Memory: total = memory_bytes (default the base's), usable = Metal's default working set."""
+    Memory: total = memory_bytes (default the base's), usable = Metal's default working set.
+    `generation` (3 for an M3) picks the GEMV efficiency; None: the lower, M1 figure."""
     from graphsplit import chips, roofline
 
     if not (math.isfinite(memory_bandwidth_gbs) and memory_bandwidth_gbs > 0
@@ -180,7 +181,7 @@ def derive_table(base: CostTable, memory_bandwidth_gbs: float, tflops: float,
     total = int(memory_bytes if memory_bytes is not None else base.device.memory_total_bytes)
     name = chip_name or f"a chip of {memory_bandwidth_gbs:g} GB/s and {tflops:g} TFLOPS"
     return roofline.derive(base, memory_bandwidth_gbs, tflops, total, chips.usable_bytes(total),
-                           host=host, chip_name=name)
+                           host=host, chip_name=name, generation=generation)
 
 
 def chip_node(node_id: str, chip: Any, base: Node, where: str = "chip") -> Node:
@@ -196,6 +197,7 @@ def chip_node(node_id: str, chip: Any, base: Node, where: str = "chip") -> Node:
             raise ClusterError(f"{where}: {e}; or give the chip as {{memory_bandwidth_gbs, "
                                "fp16_tflops, memory_bytes}") from None
         bw, tf, mem, name = spec.bandwidth_gbs, spec.fp16_tflops, spec.memory_bytes, spec.name
+        gen = spec.chip.generation
     elif isinstance(chip, dict):
         try:
             bw = float(chip["memory_bandwidth_gbs"])
@@ -206,11 +208,11 @@ def chip_node(node_id: str, chip: Any, base: Node, where: str = "chip") -> Node:
         mem = _int_field(chip, "memory_bytes", f"{where} chip")
         if mem is None:
             raise ClusterError(f"{where}: chip needs memory_bytes (total memory)")
-        name = None
+        name, gen = None, None
     else:
         raise ClusterError(f"{where}: 'chip' must be a chip name such as \"M4 Pro 48GB\" or "
                            "an object {memory_bandwidth_gbs, fp16_tflops, memory_bytes}")
-    table = derive_table(base.table, bw, tf, mem, host=node_id, chip_name=name)
+    table = derive_table(base.table, bw, tf, mem, host=node_id, chip_name=name, generation=gen)
     return Node(id=node_id, table=table, memory_bytes=int(table.device.memory_usable_bytes),
                 estimated=True, profile=base.profile, derive_from=base.id)
 

@@ -7,7 +7,7 @@ to an M2 Ultra gave 27 tokens/s for Llama-3-8B 4-bit, where mlx-lm users measure
 M3 Ultra of the same bandwidth). Here each row's time comes from what it moves and computes on
 the new chip, at efficiencies measured on real Apple machines running MLX:
 
-    t(row) = max(bytes / (bandwidth x GEMV_BW_EFFICIENCY),
+    t(row) = max(weight bytes / (bandwidth x E_gemv) + KV bytes read / (bandwidth x E_gemv x E_sdpa),
                  flops / (fp16 peak x COMPUTE_EFFICIENCY)) + overhead(row)
 
     decode, context c, B streams:  block  bytes = weights + B x KV/token x c
@@ -30,22 +30,28 @@ workload is rarely extrapolated.
 
 Efficiencies (each from a published measurement; tests/test_whatif.py checks them):
 
-* GEMV_BW_EFFICIENCY = 316 / 410: quantized matrix-vector products reach 316 of the M1 Max's
-  410 GB/s (field notes; the same figure as ggml-org/llama.cpp#1642, "attainable 317.6 GB/s,
-  physical limit 409.6 GB/s" on the M1 Max GPU). Used for every byte read.
+* E_gemv, the share of the chip's bandwidth a quantized matrix-vector product streams weights
+  at, by generation. M1 and M2: GEMV_BW_EFFICIENCY = 316 / 410, measured on an M1 Max (field
+  notes; ggml-org/llama.cpp#1642 lists "attainable 317.6 GB/s, physical limit 409.6 GB/s" for
+  its GPU; no M2 figure was found, so the M2 shares it). M3 and later:
+  GEMV_BW_EFFICIENCY_M3 = 398 / 400, a 4-bit 5120 x 17408 GEMV (50.1 MB) in 0.126 ms with fresh
+  weights each repeat on an M3 Max (ml-explore/mlx#3852, mlx 0.32.0). A chip given as numbers
+  (no generation) gets the M1 figure, the lower one.
+* E_sdpa = SDPA_BW_EFFICIENCY = 297.6 / 530: reading the KV cache (vector attention, 32 query
+  and 8 KV heads of 128, 32k context) runs at 56% of the rate plain streaming reaches on the same
+  machine (ml-explore/mlx#3837, M5 Max).
 * BLOCK_OVERHEAD_S: fitted to Llama-3.1-8B 4-bit decoding at 115 tokens/s on an M3 Ultra
   (819 GB/s) at a 512-token context: mlx-lm users report 110-120 (Rapid-MLX#586 measured
-  119.4 short / 110.5 long, mlx 0.31.2). The bandwidth term alone gives 147 tokens/s; the
-  remaining 1.9 ms per token over 32 blocks is kernel dispatch and the gaps between small
-  kernels, which a roofline does not see.
+  119.4 short / 110.5 long, mlx 0.31.2). The bandwidth term alone gives 188 tokens/s; the
+  rest, about 0.1 ms per block, is kernel dispatch, the gaps between small kernels and the
+  Ultra's two dies, which a roofline does not see.
 * COMPUTE_EFFICIENCY: fitted to Llama-3.3-70B 4-bit prefilling 1171 tokens at 83.8 tokens/s
   on an M3 Max with the 40-core GPU (14.3 TFLOPS; ml-explore/mlx-examples#1029, mlx 0.21.1).
 
-Checked without fitting (tests): Llama-3.3-70B 4-bit decode on that M3 Max, 9.35 tokens/s
-at a 260-token prompt and 6.81 at 28k (derived: about 7.6 and 6.2, 19% and 9% low: the M3
-Max streams those weights at about 90% of its peak, above the M1 Max GEMV figure), and
-Mistral-7B 4-bit prefilling 33,898 tokens at 869 tokens/s on an M2 Ultra (ml-explore/mlx-lm#40;
-derived: about 950, 10% high). `python bench/bench_whatif.py` prints them all.
+Checked without fitting (tests): Llama-3.3-70B 4-bit decode on that M3 Max, 9.35 tokens/s at
+a 260-token prompt and 6.81 at 28k, and Mistral-7B 4-bit prefilling 33,898 tokens at 869
+tokens/s on an M2 Ultra (ml-explore/mlx-lm#40). `python bench/bench_whatif.py` prints them
+with the derived numbers.
 
 Not modelled: mixture-of-experts models (every parameter counts as active), the Neural Engine,
 thermal throttling, other processes on the machine.
@@ -63,9 +69,17 @@ from profiler.costtable import CostTable, DeviceInfo, LayerRow
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 CHIP_QUANT_DTYPE = "bfloat16"  # MLX on Metal: scales, biases and activations of a 4-bit model
 
-GEMV_BW_EFFICIENCY = 316 / 410  # M1 Max quantized GEMV (field notes; llama.cpp#1642)
-BLOCK_OVERHEAD_S = 59e-6  # fitted: Llama-3.1-8B 4-bit, M3 Ultra, 115 tok/s (Rapid-MLX#586)
+GEMV_BW_EFFICIENCY = 316 / 410  # M1, M2: M1 Max quantized GEMV (field notes; llama.cpp#1642)
+GEMV_BW_EFFICIENCY_M3 = 398 / 400  # M3 and later: M3 Max cold 4-bit GEMV (mlx#3852)
+SDPA_BW_EFFICIENCY = 297.6 / 530  # KV reads vs streaming, vector SDPA 8 KV heads (mlx#3837)
+BLOCK_OVERHEAD_S = 105e-6  # fitted: Llama-3.1-8B 4-bit, M3 Ultra, 115 tok/s (Rapid-MLX#586)
 COMPUTE_EFFICIENCY = 0.81  # fitted: Llama-3.3-70B 4-bit prefill, M3 Max 40c (mlx-examples#1029)
+
+
+def gemv_efficiency(generation: int | None) -> float:
+    """E_gemv for an Apple chip generation (1 for M1, ...); None (unknown): the M1 figure."""
+    return GEMV_BW_EFFICIENCY_M3 if generation is not None and generation >= 3 \
+        else GEMV_BW_EFFICIENCY
 
 
 
@@ -105,10 +119,13 @@ class Peak:
 
     bandwidth_gbs: float
     tflops: float
+    gemv_efficiency: float = GEMV_BW_EFFICIENCY
 
-    def seconds(self, nbytes: float, flops: float) -> float:
-        """max(memory time, compute time) at the measured efficiencies."""
-        return max(nbytes / (self.bandwidth_gbs * 1e9 * GEMV_BW_EFFICIENCY),
+    def seconds(self, nbytes: float, flops: float, kv_bytes: float = 0.0) -> float:
+        """max(memory time, compute time) at the measured efficiencies: `nbytes` streamed as
+        weights are, `kv_bytes` read by attention."""
+        rate = self.bandwidth_gbs * 1e9 * self.gemv_efficiency
+        return max(nbytes / rate + kv_bytes / (rate * SDPA_BW_EFFICIENCY),
                    flops / (self.tflops * 1e12 * COMPUTE_EFFICIENCY))
 
 
@@ -128,9 +145,9 @@ class RowWork:
             return peak.seconds(batch * self.read_bytes, 0.0)
         if self.kind == "head":
             return peak.seconds(self.read_bytes, batch * 2 * self.params)
-        nbytes = self.read_bytes + batch * self.kv_bytes_per_token * context
         flops = batch * (2 * self.params + 4 * self.attn_width * context)
-        return peak.seconds(nbytes, flops) + BLOCK_OVERHEAD_S
+        kv = batch * self.kv_bytes_per_token * context
+        return peak.seconds(self.read_bytes, flops, kv) + BLOCK_OVERHEAD_S
 
     def prefill_s(self, peak: Peak, tokens: float) -> float:
         if self.kind == "embed":
@@ -183,11 +200,12 @@ def row_work(table: CostTable) -> dict[str, RowWork]:
 
 
 def derive(base: CostTable, bandwidth_gbs: float, tflops: float, memory_bytes: int,
-           usable_bytes: int, host: str, chip_name: str) -> CostTable:
+           usable_bytes: int, host: str, chip_name: str,
+           generation: int | None = None) -> CostTable:
     """The cost table of a chip that was not profiled, from `base`'s model shape and bytes and
-    the chip's peaks (see the module docstring). Every row is marked estimated in
-    `method["estimated"]`; spreads are 0 (nothing was measured)."""
-    peak = Peak(float(bandwidth_gbs), float(tflops))
+    the chip's peaks and generation (see the module docstring). Every row is marked estimated
+    in `method["estimated"]`; spreads are 0 (nothing was measured)."""
+    peak = Peak(float(bandwidth_gbs), float(tflops), gemv_efficiency(generation))
     work = row_work(base)
     act = DTYPE_BYTES.get(chip_dtype(base), 2) / DTYPE_BYTES.get(base.dtype, 2)
     rows = []
@@ -216,7 +234,8 @@ def derive(base: CostTable, bandwidth_gbs: float, tflops: float, memory_bytes: i
         method={"estimated": "roofline of the chip's specs (graphsplit.roofline); nothing "
                              "measured on this chip",
                 "shape_from": base.device.host, "chip": chip_name,
-                "gemv_bw_efficiency": GEMV_BW_EFFICIENCY,
+                "gemv_bw_efficiency": peak.gemv_efficiency,
+                "sdpa_bw_efficiency": SDPA_BW_EFFICIENCY,
                 "compute_efficiency": COMPUTE_EFFICIENCY,
                 "block_overhead_s": BLOCK_OVERHEAD_S})
     _fill_later_fields(t, base, work, peak)

@@ -365,7 +365,7 @@ def answers(result: dict) -> list[str]:
         out.append(f"the baseline has no plan; it fits with: {', '.join(fits)}")
     for r in rows:
         if len(r["changes"]) == 1 and r["changes"][0]["kind"] == "link" and r["gain"]:
-            verdict = "pays off" if r["gain"] > 1.005 else "does not pay off"
+            verdict = "pays off" if r["gain"] >= 1.01 else "does not pay off (under 1%)"
             out.append(f"{r['name']}: {verdict} ({r['gain']:.3f}x {result['objective']})")
     return out
 

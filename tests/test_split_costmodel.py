@@ -198,11 +198,13 @@ def test_cluster_file_links_memory_and_chip(tmp_path):
     assert u.estimated and not c.node("s").estimated
     ts, tu = c.node("s").table, u.table
     r = ts.row("layers.0")
-    # the chip's own roofline (graphsplit.roofline), not s's times scaled: weights + KV at the
-    # first context over 400 GB/s at the GEMV efficiency, plus the per-block overhead
-    from graphsplit.roofline import BLOCK_OVERHEAD_S, GEMV_BW_EFFICIENCY
-    want = (r.weight_bytes + r.kv_bytes_per_token * tu.decode_context[0]) / (
-        400e9 * GEMV_BW_EFFICIENCY) + BLOCK_OVERHEAD_S
+    # the chip's own roofline (graphsplit.roofline), not s's times scaled: weights and the KV
+    # at the first context over 400 GB/s at the GEMV (and attention) efficiency, plus the
+    # per-block overhead
+    from graphsplit.roofline import BLOCK_OVERHEAD_S, GEMV_BW_EFFICIENCY, SDPA_BW_EFFICIENCY
+    rate = 400e9 * GEMV_BW_EFFICIENCY
+    want = (r.weight_bytes + r.kv_bytes_per_token * tu.decode_context[0] / SDPA_BW_EFFICIENCY
+            ) / rate + BLOCK_OVERHEAD_S
     assert tu.row("layers.0").decode_s[0] == pytest.approx(want)
     assert u.total_bytes == 64 * GiB
 
