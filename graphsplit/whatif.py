@@ -144,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Which machine should I add, does a cable pay off: the best plan of the cluster "
         "beside the best plan with each hypothetical machine (--add) or link (--link), each "
         "alone and all together, with the gain. Added machines are estimated from their "
-        "chip's roofline; link presets are tb5, tb4, 10gbe, 1gbe, wifi."))
+        "chip's roofline; link presets are tb5, tb4, 10gbe, 1gbe, wifi."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="link presets (one-way latency, bandwidth; measure yours with profile-link):\n"
+        + "\n".join(f"  {k:<6} {v.latency_ms:g} ms, {v.bandwidth_gbps:g} Gbit/s: {v.source}"
+                    for k, v in PRESETS.items()))
     p.add_argument("cluster", type=o.path("cluster file"), help="cluster file (JSON)")
     p.add_argument("--add", type=parse_add, action="append", default=[], metavar="[NAME=]CHIP",
                    help="a machine to add, e.g. 'M4 Pro 48GB' or mini2=m4-pro-48gb")
