@@ -84,8 +84,7 @@ def node_classes(cluster) -> dict[str, int]:
 
     def same(u: str, v: str) -> bool:
         nu, nv = cluster.node(u), cluster.node(v)
-        if (nu.table is not nv.table and nu.table.to_dict() | {"created": ""}
-                != nv.table.to_dict() | {"created": ""}):
+        if nu.table is not nv.table and _costs(nu.table) != _costs(nv.table):
             return False
         if nu.memory_bytes != nv.memory_bytes or cluster.link(u, v) != cluster.link(v, u):
             return False
@@ -103,6 +102,16 @@ def node_classes(cluster) -> dict[str, int]:
             cls[u] = len(reps)
             reps.append(u)
     return cls
+
+
+def _costs(table) -> tuple:
+    """Everything of a table the cost model reads (not the host's name): rows with every
+    measured field (batch grids included), the grids, the model, the device's numbers."""
+    d = table.device
+    return (repr([sorted(vars(r).items()) for r in table.rows]), table.prefill_tokens,
+            table.decode_context, repr(getattr(table, "decode_batch", None)),
+            repr(table.model), d.memory_bandwidth_gbs, d.matmul_tflops,
+            d.memory_usable_bytes, d.memory_total_bytes)
 
 
 def set_partitions(items: Sequence[str]) -> Iterator[list[list[str]]]:
