@@ -107,6 +107,21 @@ def decode_seconds(table, row, context: float, batch: int = 1) -> float:
     time (extrapolated: `batch_notes` says so)."""
     if batch == 1:
         return table.decode_time(row, context)
+    key = (id(table), id(row), context, batch)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is row:  # the row itself kept: its id is not reused
+        return hit[1]
+    if len(_MEMO) > 200_000:
+        _MEMO.clear()
+    v = _decode_seconds(table, row, context, batch)
+    _MEMO[key] = (row, v)
+    return v
+
+
+_MEMO: dict[tuple, tuple] = {}  # the solvers ask for the same few (row, context, batch) often
+
+
+def _decode_seconds(table, row, context: float, batch: int) -> float:
     acc = getattr(_ct, "decode_seconds", None)
     if acc is not None:
         return acc(table, row, context, batch)
@@ -227,14 +242,16 @@ def micro_batch_candidates(cluster, workload, runtime: str, micro_batch: int | N
 
 
 def solve_serving(cluster, workload, runtime: str, micro_batch: int | None = None,
-                  use_all_nodes: bool = False, solver: str = "auto"):
+                  use_all_nodes: bool = False, solver: str = "auto", seeds=()):
     """The throughput-optimal split AND micro-batch for B streams under `runtime`'s pattern.
 
     Problem: min over m and plans of 1 / throughput (module docstring). Method: the inner
     exact solver per candidate m, candidates in increasing order of a lower bound, stopped
     when the bound reaches the incumbent. Complexity: at most B inner solves (one when the
-    runtime fixes m or `micro_batch` is given), usually a few. Returns (SplitResult with
-    fun = 1 / throughput and extra["serving"], the workload with its batch set).
+    runtime fixes m or `micro_batch` is given), usually a few. `seeds`: splits (e.g. the
+    answer for one stream fewer) evaluated at every m first, a cheap first incumbent that only
+    prunes. Returns (SplitResult with fun = 1 / throughput and extra["serving"], the workload
+    with its batch set).
     """
     from graphsplit.api import solve
     from graphsplit.result import SplitResult
@@ -246,8 +263,17 @@ def solve_serving(cluster, workload, runtime: str, micro_batch: int | None = Non
                         "with --streams above 1 use --solver auto, bitmask or fixed-order")
     best = (math.inf, None, None, None)  # (1 / throughput, m, result, workload)
     work, tried, last = 0, 0, None
-    for lb, m in micro_batch_candidates(cluster, workload, runtime, micro_batch):
-        if lb >= best[0]:
+    cands = micro_batch_candidates(cluster, workload, runtime, micro_batch)
+    bar = math.inf  # the seeds' best value: prunes the search; a seed is never returned
+    for st in seeds:
+        for _, m in cands:
+            p = predict_or_none(cluster, st, replace(workload, batch=m), runtime)
+            if p is not None:
+                bar = min(bar, p)
+    for lb, m in cands:
+        # a candidate whose bound exceeds a seed's value cannot hold the optimum; one at or
+        # below it is solved (so the optimum, maybe the seed's own value, is always found)
+        if lb >= best[0] or lb > bar * (1 + 1e-9):
             break
         wl = replace(workload, batch=m)
         r = solve(cluster, "throughput", wl, runtime, use_all_nodes, solver)
@@ -285,6 +311,13 @@ def proven_label(r) -> str:
         return "bound"
     return "optimal-given-order" if r.solver.startswith("fixed-order") else \
         "optimal-all-orders-subsets"
+
+
+def predict_or_none(cluster, stages, workload, runtime: str) -> float | None:
+    """1 / throughput of a plan when it fits, else None."""
+    from graphsplit.costmodel import objective_value, predict
+    p = predict(cluster, stages, workload, runtime)
+    return objective_value(p, "throughput", workload) if p.fits else None
 
 
 def best_micro_batch(cluster, stages, workload, runtime: str):

@@ -17,7 +17,10 @@
    the cluster's TOTAL available RAM): exo's own per-node rule (every layer costs
    storage_size / n_layers, against the node's available RAM) AND the plan's measured model
    of current exo (embedding and head on every rank);
-5. `POST /instance`, then follow `GET /instance/await` (a server-sent event stream) to the
+5. a plan with replicas (graphsplit.replicas: k independent pipelines) is k instances: steps
+   2-4 for every replica's own nodes and stages (exo's per-node rule and the measured memory
+   checked per replica) before anything is posted, then each is posted and awaited in turn;
+6. `POST /instance`, then follow `GET /instance/await` (a server-sent event stream) to the
    `ready` event of THIS instance, with exo's `timeout_seconds` sent and the whole wait bounded
    by `--wait`. `--dry-run` prints the instance JSON and posts nothing.
 
