@@ -100,11 +100,9 @@ def served_streams(runtime: str, streams: int) -> int:
 
 
 def decode_seconds(table, row, context: float, batch: int = 1) -> float:
-    """Seconds of one decode step of `batch` streams through `row` (INTERFACES I1).
-
-    profiler.costtable.decode_seconds when the profiler has it; otherwise (a profiler without
-    batch grids) the table's own batch grid when it carries one, else batch x the batch-1
-    time (extrapolated: `batch_notes` says so)."""
+    """Seconds of one decode step of `batch` streams through `row`: the cost table's accessor
+    (profiler.costtable.decode_seconds, INTERFACES I1: piecewise-linear in batch, linear
+    beyond the grid, b x the batch-1 time for a table without a batch grid), memoised."""
     if batch == 1:
         return table.decode_time(row, context)
     key = (id(table), id(row), context, batch)
@@ -113,33 +111,13 @@ def decode_seconds(table, row, context: float, batch: int = 1) -> float:
         return hit[1]
     if len(_MEMO) > 200_000:
         _MEMO.clear()
-    v = _decode_seconds(table, row, context, batch)
+    v = _ct.decode_seconds(table, row, context, batch)
     _MEMO[key] = (row, v)
     return v
 
 
 _MEMO: dict[tuple, tuple] = {}  # the solvers ask for the same few (row, context, batch) often
-
-
-def _decode_seconds(table, row, context: float, batch: int) -> float:
-    acc = getattr(_ct, "decode_seconds", None)
-    if acc is not None:
-        return acc(table, row, context, batch)
-    grid = list(getattr(table, "decode_batch", None) or [1])
-    cols = getattr(row, "decode_batch_s", None)
-    if len(grid) < 2 or not cols:
-        return batch * table.decode_time(row, context)
-    at = [_ct.interpolate(table.decode_context, [c[j] for c in cols], context, False)
-          for j in range(len(grid))]
-    return _ct.interpolate(grid, at, batch, through_origin=False)
-
-
-def batch_grid(table) -> list[int]:
-    """The batch sizes a table measured ([1] for a table without a batch grid)."""
-    acc = getattr(_ct, "batch_grid", None)
-    if acc is not None:
-        return list(acc(table))
-    return list(getattr(table, "decode_batch", None) or [1])
+batch_grid = _ct.batch_grid
 
 
 def batch_notes(cluster, workload) -> list[str]:

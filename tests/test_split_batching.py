@@ -26,14 +26,12 @@ BW = 8192 * 1000 * 8 / 1e9  # Gbit/s at which one token's 8192 activation bytes 
 
 
 def batched(table, block_ms=(10, 11, 13, 17), head_ms=(2, 2.5, 3.5, 5.5)):
-    """`table` with a batch grid: every block decodes a step of b streams in block_ms[b] and
-    the head in head_ms[b] (the same at every context); the embedding costs nothing."""
+    """`table` with a batch grid (a version-2 table, INTERFACES I1): every block decodes a step
+    of b streams in block_ms[b] and the head in head_ms[b] (the same at every context); the
+    embedding costs nothing."""
     table.decode_batch = list(GRID)
     for r in table.rows:
-        ms = block_ms if r.kind == "block" else head_ms if r.kind == "head" else None
-        if ms is None:
-            r.decode_s = [0.0] * len(table.decode_context)
-            continue
+        ms = block_ms if r.kind == "block" else head_ms if r.kind == "head" else [0] * 4
         r.decode_s = [ms[0] * MS] * len(table.decode_context)
         r.decode_batch_s = [[x * MS for x in ms] for _ in table.decode_context]
         r.decode_batch_spread = [[0.01] * len(GRID) for _ in table.decode_context]
@@ -202,7 +200,6 @@ def _cli_cluster(tmp_path):
 
 def test_cli_prints_pattern_micro_batch_and_replicas(tmp_path, capsys):
     cf = _cli_cluster(tmp_path)
-    # the cluster file loses the in-memory grid (a version-1 profiler): extrapolated, said so
     assert split_main([cf, "--objective", "throughput", "--streams", "8", "--runtime",
                        "mlx-pipeline", "--micro-batch", "2", "--out",
                        str(tmp_path / "p.json")]) == 0
@@ -210,8 +207,9 @@ def test_cli_prints_pattern_micro_batch_and_replicas(tmp_path, capsys):
     assert "serving: micro-batch: micro-batches of 2 stream(s), 4 in the ring" in out
     assert "replicas 1" in out
     plan = read_plan(tmp_path / "p.json")
-    if not hasattr(load_cluster(cf).node("a").table, "decode_batch"):
-        assert any("extrapolated" in n for n in plan.predicted["extrapolated"])
+    assert load_cluster(cf).node("a").table.decode_batch == GRID  # the grid went to disk
+    assert plan.workload["batch"] == 2
+    assert not [n for n in plan.predicted["extrapolated"] if "batch" in n]  # 2 is measured
     assert split_main([cf, "--objective", "throughput", "--streams", "8", "--runtime",
                        "exo-current", "--replicas", "auto"]) == 0
     out = capsys.readouterr().out
