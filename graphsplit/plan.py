@@ -120,7 +120,11 @@ PREDICTED = F.Obj({
 WORKLOAD = F.Obj({"prompt_tokens": F.Int(gt=0), "context_tokens": F.Int(gt=0),
                   "streams": F.Int(gt=0), "sampling_s": F.SECONDS,
                   "prefill_chunks": F.Int(gt=0), "token_bytes": F.Int(gt=0)})
+# what a solver proved (graphsplit.result.SplitResult.proven)
+PROVEN = ("optimal-all-orders-subsets", "optimal-given-order", "bound")
 SOLVER = F.Obj({"name": F.Str(), "optimal": F.Bool(), "status": F.Int(), "message": F.Str(),
+                "proven": F.Str(choices=PROVEN), "lower_bound": F.Opt(F.Num()),
+                "gap": F.Opt(F.Num(ge=0)),
                 "solve_s": F.SECONDS, "objective_value": F.Opt(F.Num()),
                 "work": F.Opt(F.Int(ge=0)), "manual": F.Bool(), "layers": F.Str()})
 BASELINE = F.Obj({"stages": F.List(STAGE), "predicted": PREDICTED, "error": F.Str()},
