@@ -273,8 +273,10 @@ def solve_serving(cluster, workload, runtime: str, micro_batch: int | None = Non
     chosen = "given" if micro_batch or runtime != "mlx-pipeline" else \
         f"best of {tried} micro-batch size(s) tried, the rest bounded out"
     proven = proven_label(r)
+    inner = r.message.replace(f"for {wl.micro_batches} stream(s)",
+                              f"for {wl.micro_batches} micro-batch(es) in the ring")
     res = SplitResult(r.stages, inv, r.optimal, r.status,
-                      f"{r.message}; {what}, {chosen}", r.solver, time.perf_counter() - t0,
+                      f"{inner}; {what}, {chosen}", r.solver, time.perf_counter() - t0,
                       work, {**r.extra, "serving": serving}, proven=proven,
                       lower_bound=inv if proven != "bound" else None,
                       gap=0.0 if proven != "bound" else None)
