@@ -131,8 +131,8 @@ def batch_notes(cluster, workload) -> list[str]:
         if b > grid[-1]:
             what = ("no batch grid (a version-1 table): charged linearly from batch 1"
                     if grid == [1] else f"beyond the measured batch grid {grid[0]}..{grid[-1]}")
-            notes.append(f"{node.id}: decode batch {b} is {what}: extrapolated (profile with "
-                         f"a batch grid covering {b} to measure it)")
+            notes.append(f"{node.id}: decode batch {b} is {what}: extrapolated (profile "
+                         f"with --decode-batch covering {b} to measure it)")
     return notes
 
 
@@ -160,7 +160,11 @@ def serving_for(runtime: str, streams: int, micro_batch: int = 1) -> Serving:
         m = 1
     else:
         m = micro_batch
-    return Serving(PATTERN[runtime], m, cap, WHY[runtime])
+    why = WHY[runtime]
+    if runtime == "exo-legacy" and streams > LEGACY_MAX_CACHES:
+        why += (f"; beware: it keeps {LEGACY_MAX_CACHES} request caches per node "
+                "(poll_state(max_caches=2)), so a 4th concurrent stream evicts another's cache")
+    return Serving(PATTERN[runtime], m, cap, why)
 
 
 def check_micro_batch(runtime: str, streams: int, micro_batch: int | None) -> None:

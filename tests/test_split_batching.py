@@ -113,6 +113,9 @@ def test_exo_legacy_never_batches():
     c = two_nodes()
     res, wl = solve_serving(c, Workload(streams=8), "exo-legacy")
     assert wl.batch == 1 and res.extra["serving"].micro_batch == 1
+    assert "evicts another's cache" in res.extra["serving"].why  # 8 streams > its 3 caches
+    assert "evicts" not in solve_serving(c, Workload(streams=3), "exo-legacy")[0].extra[
+        "serving"].why
     p = predict(c, res.stages, wl, "exo-legacy")
     assert 1 / res.fun == pytest.approx(min(8 / p.tpot_s, 1 / p.bottleneck_s))
     with pytest.raises(UserError, match="--micro-batch 2: runtime exo-legacy fixes"):
