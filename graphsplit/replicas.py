@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
-from graphsplit.batching import (Serving, batch_grid, max_batch, proven_label, serving_for,
+from graphsplit.batching import (Serving, batch_grid, proven_label, serving_for,
                                  solve_serving)
 from graphsplit.costmodel import Prediction, Workload, predict
 from graphsplit.plan import Stage
@@ -241,8 +241,9 @@ def throughput_upper_bound(cluster, workload: Workload, runtime: str) -> float:
     docstring; L_1 the fastest node's batch-1 time per block summed: a stream's token needs
     every block in turn, so it comes at most once per L_1)."""
     from graphsplit.batching import _fastest_sum, decode_seconds
-    cap = max_batch(runtime) or workload.streams
-    top = min(cap, workload.streams)
+    # the largest batch a node could run: B (ours), min(B, 8) (exo-current), 1 (legacy exo)
+    top = workload.streams if runtime == "mlx-pipeline" else \
+        serving_for(runtime, workload.streams).micro_batch
     C = workload.context_tokens
     total = 0.0
     for n in cluster.nodes:
