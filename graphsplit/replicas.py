@@ -22,10 +22,14 @@ Method (bound), beyond that size: k = 1..D replicas of nodes dealt in speed orde
 fastest first), each solved exactly and the streams shared optimally; the best is returned with
 an upper bound on any plan's throughput, sum_d 1 / (L x c_d), c_d node d's cheapest per-token
 block time over the batches it could run (each token needs all L blocks once; node d spends at
-least c_d per block-token) and B / L_1 (a stream's token needs every block in turn, at least
-L_1, the fastest node's batch-1 time per block summed), and the gap to it.
+least c_d per block-token) and B / L_min (a stream's token needs every block in turn, at least
+L_min, per block the cheapest step of any node at any batch, summed), and the gap to it.
 
-Complexity: (distinct sets x B) inner solves + Bell(D) x k B^2 for the partitions.
+A partition whose optimistic total (the knapsack over per-set upper bounds, the bound below on
+each set alone) cannot beat the best found is skipped before its sets are solved; the one-block
+partition (a single pipeline) comes first.
+
+Complexity: (distinct sets x B) inner solves at most + Bell(D) x k B^2 for the partitions.
 Reference: set partitions enumerated by restricted growth strings (Knuth, TAOCP 7.2.1.5).
 """
 
@@ -164,6 +168,17 @@ class _Table:
                 out.append(x)
         return out
 
+    def upper(self, ids: Sequence[str]) -> list:
+        """Per b, an upper bound on f(A, b) (throughput_upper_bound on A alone; memory
+        ignored), in row()'s shape."""
+        k = ("upper",) + self.key(ids)
+        if k not in self.cache:
+            sub = subcluster(self.cluster, self.canonical(ids))
+            self.cache[k] = [None] + [
+                (throughput_upper_bound(sub, replace(self.workload, streams=b), self.runtime),
+                 None, None, None, 0.0) for b in range(1, self.workload.streams + 1)]
+        return self.cache[k]
+
     def row(self, ids: Sequence[str]) -> list:
         k = self.key(ids)
         if k in self.cache:
@@ -237,23 +252,26 @@ def _relabel(stages: list[Stage], mapping: dict[str, str]) -> list[Stage]:
 
 
 def throughput_upper_bound(cluster, workload: Workload, runtime: str) -> float:
-    """min(sum_d 1 / (L c_d), B / L_1): no plan, with any replicas, exceeds it (module
-    docstring; L_1 the fastest node's batch-1 time per block summed: a stream's token needs
-    every block in turn, so it comes at most once per L_1)."""
-    from graphsplit.batching import _fastest_sum, decode_seconds
-    # the largest batch a node could run: B (ours), min(B, 8) (exo-current), 1 (legacy exo)
+    """min(sum_d 1 / (L c_d), B / L_min): no plan, with any replicas, exceeds it (module
+    docstring). c_d: node d's cheapest time per block per stream over the batches b it could
+    run (b <= B ours, <= 8 exo-current, 1 legacy exo; decode_seconds is piecewise-linear in b,
+    so t(b) / b is least at a grid point or an end). L_min: per block the cheapest step time
+    of any node at any of those batches, summed: a stream's next token needs every block in
+    turn, so it comes at most once per L_min (embedding, head and links only add)."""
+    from graphsplit.batching import decode_seconds
     top = workload.streams if runtime == "mlx-pipeline" else \
         serving_for(runtime, workload.streams).micro_batch
-    C = workload.context_tokens
-    total = 0.0
+    C, L = workload.context_tokens, cluster.n_layers
+    total, step = 0.0, [math.inf] * L
     for n in cluster.nodes:
         t = n.table
         bs = sorted({b for b in batch_grid(t) if b <= top} | {1, top})
-        c = min(decode_seconds(t, t.row(f"layers.{i}"), C, b) / b
-                for i in range(cluster.n_layers) for b in bs)
-        total += math.inf if c <= 0 else 1.0 / (cluster.n_layers * c)
-    l1 = _fastest_sum(cluster, replace(workload, batch=1), runtime)
-    return min(total, workload.streams / l1 if l1 > 0 else math.inf)
+        times = [[decode_seconds(t, t.row(f"layers.{i}"), C, b) for b in bs] for i in range(L)]
+        c = min(x / b for row in times for x, b in zip(row, bs))
+        total += math.inf if c <= 0 else 1.0 / (L * c)
+        step = [min(s_, min(row)) for s_, row in zip(step, times)]
+    lmin = sum(step)
+    return min(total, workload.streams / lmin if lmin > 0 else math.inf)
 
 
 def solve_replicas(cluster, workload: Workload, runtime: str, replicas: int | None = None,
@@ -272,7 +290,7 @@ def solve_replicas(cluster, workload: Workload, runtime: str, replicas: int | No
     exact = len(ids) <= EXACT_MAX_NODES and n_sets * B <= max_solves
     parts = set_partitions(ids) if exact else _snake_partitions(cluster, ids, replicas)
     best = (-math.inf, None, None)
-    seen = set()
+    seen, pruned = set(), 0
     for blocks in parts:
         if replicas is not None and len(blocks) != replicas:
             continue
@@ -280,8 +298,14 @@ def solve_replicas(cluster, workload: Workload, runtime: str, replicas: int | No
         if canon in seen:
             continue
         seen.add(canon)
+        need_one = replicas is not None or use_all_nodes
+        if best[1] is not None:  # an optimistic total first: no better, no inner solves
+            ub, _ = _share([tab.upper(b) for b in blocks], B, need_one)
+            if ub <= best[0] * (1 + 1e-9):
+                pruned += 1
+                continue
         rows = [tab.row(b) for b in blocks]
-        total, shares = _share(rows, B, at_least_one=replicas is not None or use_all_nodes)
+        total, shares = _share(rows, B, at_least_one=need_one)
         if shares is not None and total > best[0] * (1 + 1e-12):
             best = (total, blocks, shares)
     total, blocks, shares = best
@@ -306,8 +330,8 @@ def solve_replicas(cluster, workload: Workload, runtime: str, replicas: int | No
             "optimal-given-order" if "optimal-given-order" in labels
             else "optimal-all-orders-subsets")
         lb = (1.0 / total) if proven != "bound" else None
-        how = (f"exact over {len(seen)} distinct node partition(s) (symmetry-reduced), "
-               f"{tab.solves} inner solve(s)")
+        how = (f"exact over {len(seen)} distinct node partition(s) (symmetry-reduced, "
+               f"{pruned} bounded out), {tab.solves} inner solve(s)")
     else:
         proven = "bound"
         ub = throughput_upper_bound(cluster, workload, runtime)
