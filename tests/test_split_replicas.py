@@ -193,3 +193,14 @@ def test_symmetry_reduction_keeps_brute_force_equality():
         assert rr.throughput_tps == pytest.approx(brute_replicas(c, 4, runtime), rel=1e-9)
         for r in rr.replicas:
             assert predict(c, r.stages, r.workload, runtime).fits
+
+
+def test_same_replicas_whatever_the_node_order():
+    c = _three()
+    rev = cluster_from_tables({n.id: n.table for n in reversed(c.nodes)},
+                              links=c.links, default_link=c.default_link,
+                              memory={n.id: n.memory_bytes for n in c.nodes})
+    a = solve_replicas(c, Workload(streams=4), "exo-current")
+    b = solve_replicas(rev, Workload(streams=4), "exo-current")
+    assert [(r.stages, r.streams) for r in a.replicas] == [(r.stages, r.streams)
+                                                          for r in b.replicas]
