@@ -240,12 +240,14 @@ def solve_serving(cluster, workload, runtime: str, micro_batch: int | None = Non
 
     t0 = time.perf_counter()
     check_micro_batch(runtime, workload.streams, micro_batch)
-    if solver == "milp" and (workload.streams > 1):
-        raise UserError("--solver milp models one stream per step; for --objective throughput "
-                        "with --streams above 1 use --solver auto, bitmask or fixed-order")
+    cands = micro_batch_candidates(cluster, workload, runtime, micro_batch)
+    if solver == "milp" and any(m > 1 for _, m in cands):
+        raise UserError("--solver milp charges one stream per decode step (batch 1); runtime "
+                        f"{runtime} with {workload.streams} streams batches them: use --solver "
+                        "auto, bitmask or fixed-order"
+                        + (", or --micro-batch 1" if runtime == "mlx-pipeline" else ""))
     best = (math.inf, None, None, None)  # (1 / throughput, m, result, workload)
     work, tried, last = 0, 0, None
-    cands = micro_batch_candidates(cluster, workload, runtime, micro_batch)
     bar = math.inf  # the seeds' best value: prunes the search; a seed is never returned
     for st in seeds:
         for _, m in cands:

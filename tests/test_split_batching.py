@@ -120,6 +120,12 @@ def test_exo_legacy_never_batches():
     assert 1 / res.fun == pytest.approx(min(8 / p.tpot_s, 1 / p.bottleneck_s))
     with pytest.raises(UserError, match="--micro-batch 2: runtime exo-legacy fixes"):
         solve_serving(c, Workload(streams=8), "exo-legacy", micro_batch=2)
+    # the MILP charges batch 1: legacy exo (never batching) and --micro-batch 1 still take it
+    milp, _ = solve_serving(c, Workload(streams=8), "exo-legacy", solver="milp")
+    assert milp.fun == pytest.approx(res.fun)
+    assert solve_serving(c, Workload(streams=8), "mlx-pipeline", 1, solver="milp")[1].batch == 1
+    with pytest.raises(UserError, match="--solver milp charges one stream"):
+        solve_serving(c, Workload(streams=8), "exo-current", solver="milp")
 
 
 def _hetero():
