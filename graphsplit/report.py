@@ -20,17 +20,59 @@ def _ratio(base: float, ours: float, higher_is_better: bool) -> str:
     return f"{r:.2f}x"
 
 
+def proven_text(sv: dict) -> str:
+    """What a plan's solver entry proves, in words (graphsplit.result.LABELS); a plan written
+    before the labels existed says only optimal or not, which this reports as such."""
+    from graphsplit.result import BOUND, LABELS
+    proven = sv.get("proven")
+    if proven not in LABELS:
+        return "proven optimal (scope not recorded)" if sv.get("optimal") else LABELS[BOUND]
+    text = LABELS[proven]
+    if proven == BOUND:
+        lb, gap = sv.get("lower_bound"), sv.get("gap")
+        text += (f", proven lower bound {lb:.6g} (objective units), gap {gap:.2%}"
+                 if lb is not None and gap is not None else ", no lower bound proven")
+    return f"{text} [{proven}]"
+
+
 def _solver_lines(plan: Plan) -> list[str]:
     sv = plan.solver
     if sv.get("manual"):
         opt = (plan.baselines.get("optimal") or {}).get("solver") or {}
-        best = (f"the optimum (row 'optimal') by solver {opt.get('name')}, "
-                f"{'proven optimal' if opt.get('optimal') else 'NOT proven optimal'}"
+        best = (f"the optimum (row 'optimal') by solver {opt.get('name')}, {proven_text(opt)}"
                 if opt else "no optimum: nothing fits")
         return [f"manual split --layers {sv.get('layers')} (execution order as written); {best}"]
-    return [f"solver {sv.get('name')}: "
-            f"{'proven optimal' if sv.get('optimal') else 'NOT proven optimal'}"
+    return [f"solver {sv.get('name')}: {proven_text(sv)}"
             f" ({sv.get('message')}), {sv.get('solve_s', 0):.3f} s"]
+
+
+def serving_lines(plan: Plan) -> list[str]:
+    """How the streams are served: pattern, micro-batch, replicas (derived, say so)."""
+    sv, p = plan.serving, plan.predicted
+    k = len(plan.replicas or []) or 1
+    if sv["pattern"] == "batch-through":
+        how = (f"one batch of {sv['micro_batch']} stream(s) crosses every stage in turn, no "
+               f"overlap (runtime cap {sv.get('max_batch')})")
+    else:
+        how = (f"micro-batches of {sv['micro_batch']} stream(s), {p.get('micro_batches')} in "
+               "the ring at once")
+    return [f"serving: {sv['pattern']}: {how}; replicas {k}; predicted cycle "
+            f"{_ms(p.get('cycle_s'))} ms, {p['throughput_tps']:.2f} tok/s",
+            f"         ({sv.get('why', '')})"]
+
+
+def replica_lines(plan: Plan) -> list[str]:
+    """One table row per replica (its nodes, streams, micro-batch, predicted tok/s)."""
+    if not plan.replicas:
+        return []
+    out = ["", f"{'replica':>7}  {'streams':>7} {'batch':>5} {'cycle ms':>9} {'tok/s':>8}  stages"]
+    for j, r in enumerate(plan.replicas):
+        q = r["predicted"]
+        st = " ".join(f"{s['node']}[{s['start_layer']}:{s['end_layer']}]" for s in r["stages"])
+        out.append(f"{j + 1:>7}  {r['streams']:>7} {q['decode_batch']:>5} "
+                   f"{_ms(q['cycle_s']):>9} {q['throughput_tps']:>8.2f}  {st}")
+    out.append(f"{'':>7}  (stage rows above: replica 1; tok/s of the plan = the sum)")
+    return out
 
 
 def render(plan: Plan) -> str:
@@ -49,6 +91,8 @@ def render(plan: Plan) -> str:
         f"{'stage':>5}  {'node':<16} {'layers':<10} {'n':>4} {'decode ms':>10} {'link ms':>8} "
         f"{'prefill ms':>11}  {'memory GiB used / usable':>25}",
     ]
+    if plan.serving:
+        lines[3:3] = serving_lines(plan)
     for i, s in enumerate(plan.stages):
         n = s.node
         name = n + ("*" if n in est else "")
@@ -58,9 +102,12 @@ def render(plan: Plan) -> str:
             f"{s.end_layer - s.start_layer:>4} {_ms(p['stage_compute_s'][n]):>10} "
             f"{_ms(p['stage_link_s'][n]):>8} {_ms(p['stage_prefill_s'][n]):>11}  "
             f"{_gib(used) + ' / ' + _gib(cap):>25}")
+    lines += replica_lines(plan)
     manual = bool(plan.solver.get("manual"))
     ours = "manual" if manual else "ours"
-    unused = [n for n in plan.nodes if n not in {s.node for s in plan.stages}]
+    used = {s.node for s in plan.stages} | {s["node"] for r in plan.replicas or []
+                                             for s in r["stages"]}
+    unused = [n for n in plan.nodes if n not in used]
     if unused:
         why = "not in --layers" if manual else "faster without them"
         lines.append(f"       unused: {', '.join(unused)} ({why})")
