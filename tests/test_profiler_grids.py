@@ -255,3 +255,14 @@ def test_tp_shares_that_cannot_be_cut_are_refused_naming_the_flag(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and "--batch 2" in err and "--decode-batch" in err, err
     assert not list(tmp_path.glob("[xyz].json"))
+
+
+def test_batch_chain_shortens_only_where_a_pass_already_lasts_long():
+    from profiler.rows import batch_chain_length
+
+    # CPU-like: 0.156 s per block step at batch 1 (one Llama-3-8B 4-bit block, measured)
+    assert [batch_chain_length(8, b, 0.156, 1.0) for b in (2, 4, 8, 16)] == [4, 2, 1, 1]
+    # GPU-like: 1 ms per block step: the whole chain at every batch
+    assert [batch_chain_length(8, b, 0.001, 1.0) for b in (2, 16, 64)] == [8, 8, 8]
+    assert batch_chain_length(8, 16, 0.156, 0.0) == 8  # 0: always the whole chain
+    assert batch_chain_length(3, 2, 0.0, 1.0) == 3  # no batch-1 time: the whole chain
