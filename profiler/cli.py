@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "already in the KV cache (default 16; none: no chunk grid)")
     p.add_argument("--tp-shares", type=o.int_grid(1, 1 << 20, none=True), default=None,
                    help="tensor-parallel shares to time one rank of a block at, in KV heads "
-                        "(default 1, n/2 and n of the model's n KV heads; none: no "
+                        "(default 1 and n of the model's n KV heads; none: no "
                         "tensor-parallel grid)")
     p.add_argument("--chain-blocks", type=o.int_in(1, 1024), default=8,
                    help="block decode is timed in a chain of up to this many distinct blocks "

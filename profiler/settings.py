@@ -69,11 +69,13 @@ class ProfileOptions:
 
 
 def default_tp_shares(n_kv_heads: int) -> list[int]:
-    """1, n/2 and n KV heads (n alone when n == 1): the ends and the middle of the share range;
-    other shares are interpolated (linear in kv_heads, marked derived by the reader). Three
-    shares cost about (1 + n/2) / n of one block's measurement on top of it (the n share is
-    the block's own)."""
-    return sorted({1, max(1, n_kv_heads // 2), n_kv_heads})
+    """1 and n KV heads (n alone when n == 1): the two ends of the share range. A rank's work is
+    affine in its share (norms and residual fixed; q/k/v/o rows, KV reads and MLP columns in
+    proportion to k), so the line through the two ends is the reader's interpolation for the
+    shares between (marked derived); measuring more shares (`--tp-shares 1,2,4,8`) checks that
+    line at the cost of k/n of a block's measurement per share. The default costs 1/n of one
+    block's measurement on top of it (the n share is the block's own)."""
+    return sorted({1, n_kv_heads})
 
 
 def check_grids(prefill: list[int], decode: list[int], batch: list[int] | None = None,

@@ -214,7 +214,8 @@ def _tiny_tp_config(tmp_path, n_layers=3):
 
 
 GRIDS = dict(prefill_tokens=[8, 32], decode_context=[16, 64], repeats=1, warmup=0,
-             microbench=False, decode_batch=[1, 2, 4], prefill_chunk=[8], chain_blocks=2)
+             microbench=False, decode_batch=[1, 2, 4], prefill_chunk=[8], chain_blocks=2,
+             tp_shares=[1, 2])
 
 
 def test_profile_writes_the_batch_chunk_and_tp_grids(tmp_path):
