@@ -246,6 +246,9 @@ def test_exact_search_equals_brute_force(case, objective):
     assert r.optimal and r.proven == "optimal-all-orders-subsets" and r.gap == 0.0
     if shares == "equal":
         assert all(s.tensor is None or s.tensor.equal for s in r.stages)
+    seeded = solve_hybrid(c, objective, w, use_all, shares,  # pruned by the pipeline optimum
+                          seed=solve(c, objective, w, "mlx-pipeline", use_all))
+    assert seeded.fun == pytest.approx(b.fun, rel=1e-9) and seeded.optimal
 
 
 def test_hybrid_wins_where_tensor_pays_and_pipeline_where_it_does_not():
@@ -268,6 +271,19 @@ def test_restricted_search_is_labelled_a_bound_with_its_gap():
     assert r.lower_bound <= exact.fun <= r.fun
     d = r.to_dict()
     assert d["proven"] == "bound" and d["optimal"] is False and d["gap"] == r.gap
+
+
+def test_cluster_beyond_the_exact_limits_is_a_bound_seeded_by_the_pipeline(monkeypatch):
+    from graphsplit.hybrid import search
+
+    c = cluster({"a": 0.02, "b": 0.02, "c": 0.04}, L=4, t8k=0.0001, t64k=0.0002)
+    exact = solve_hybrid(c, "throughput", W)
+    pipe = solve(c, "throughput", W, "mlx-pipeline")
+    monkeypatch.setattr(search, "MAX_EXACT_NODES", 2)
+    monkeypatch.setattr(search, "MAX_RESTRICTED_NODES", 2)  # single nodes only: the seed
+    r = solve_hybrid(c, "throughput", W, seed=pipe)
+    assert r.proven == "bound" and not r.optimal and r.stages == pipe.stages
+    assert r.lower_bound <= exact.fun < r.fun and "beyond the exact program" in r.message
 
 
 def test_same_plan_whatever_the_order_of_nodes_and_collectives():

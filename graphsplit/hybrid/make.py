@@ -82,7 +82,8 @@ def solve(cluster, objective: str, workload: Workload, runtime: str, use_all_nod
     pipe = api.solve(cluster, objective, workload, runtime, use_all_nodes, solver)
     if runtime == "exo-current":
         return _exo_current(cluster, objective, workload, use_all_nodes, pipe), pipe
-    return solve_hybrid(cluster, objective, workload, use_all_nodes, tp_shares, max_group), pipe
+    return solve_hybrid(cluster, objective, workload, use_all_nodes, tp_shares, max_group,
+                        seed=pipe), pipe
 
 
 def make_hybrid_plan(cluster, objective: str = "latency", workload: Workload = Workload(),
