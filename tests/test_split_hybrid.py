@@ -372,6 +372,22 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, args, words):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_roofline_derived_node_scales_its_bases_tensor_profile(tmp_path):
+    from graphsplit.hybrid import tables as tp
+
+    p = _write(tmp_path)
+    d = json.loads(p.read_text())
+    d["nodes"].append({"id": "m", "derive_from": "a", "chip": {
+        "memory_bandwidth_gbs": 200, "fp16_tflops": 40, "memory_bytes": 64 * GiB}})
+    p.write_text(json.dumps(d))
+    c = load_cluster(p)
+    base, _ = tp.tp_seconds(c.node("a"), 0, 2, "decode", 128)
+    derived, _ = tp.tp_seconds(c.node("m"), 0, 2, "decode", 128)
+    assert derived == pytest.approx(base * 100 / 200)  # bandwidth ratio, as its rows
+    pre, _ = tp.tp_seconds(c.node("m"), 0, 2, "prefill", 64)
+    assert pre == pytest.approx(tp.tp_seconds(c.node("a"), 0, 2, "prefill", 64)[0] * 10 / 40)
+
+
 def test_cluster_collective_fields_checked(tmp_path):
     p = _write(tmp_path)
     d = json.loads(p.read_text())

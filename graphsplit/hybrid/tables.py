@@ -42,9 +42,8 @@ def section(node) -> dict[str, Any]:
         except UserError:
             data = {}
         sec = data.get("tensor_parallel") if isinstance(data, dict) else None
-        if sec is not None and node.estimated:
-            sec = _scaled(sec, t.method.get("prefill_scale", 1.0),
-                          t.method.get("decode_scale", 1.0))
+    if isinstance(sec, dict) and sec.get("rows") and node.estimated:
+        sec = _scaled(sec, t.method.get("prefill_scale", 1.0), t.method.get("decode_scale", 1.0))
     if not isinstance(sec, dict) or not sec.get("rows"):
         raise NoTensorProfile(
             f"node {node.id}: cost table {node.profile or t.device.host} has no tensor_parallel "
