@@ -53,7 +53,7 @@ def main() -> None:
                             for s in r.stages)
             t.add_row(f"{D} x {L}", str(g), obj, f"{t1 - t0:.2f}", f"{t2 - t1:.2f}", r.proven,
                       f"{r.gap:.1%}", plan)
-    Console().print(t)
+    Console(width=200).print(t)
 
 
 if __name__ == "__main__":

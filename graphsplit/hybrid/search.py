@@ -24,7 +24,8 @@ over (a, b) per (state, c') pair. `cap` bounds every T (S(cap) = min sum s.t. ma
 The state space is complete, so the result is optimal over every plan the model can price
 (label "optimal-all-orders-subsets"); groups never measured are not plans it can price and are
 listed as left out. With --max-group (or a cluster too large for the exact program: more than
-MAX_EXACT_CANDIDATES candidate kinds) the search is restricted and labelled "bound": its
+MAX_EXACT_NODES nodes or MAX_EXACT_CANDIDATES candidate kinds; then groups of two up to MAX_RESTRICTED_NODES for latency
+and ttft, else the pipeline optimum alone) the search is restricted and labelled "bound": its
 objective is compared with a lower bound (every block at its cheapest candidate per block, no
 links; graphsplit.hybrid.search.lower_bound) and the gap is reported.
 
@@ -52,7 +53,8 @@ INF = np.inf
 REL = 1e-9
 MAX_EXACT_CANDIDATES = 160  # beyond these the search is restricted and labelled "bound"
 MAX_EXACT_NODES = 8
-MAX_RESTRICTED_NODES = 10  # up to here pairs are still searched; beyond, the seed alone
+MAX_RESTRICTED_NODES = 10  # up to here pairs are still searched (latency / ttft; throughput's
+# capped runs are too many there): beyond, the seed (the pipeline optimum) alone
 
 
 def _per_block(hc: HybridCosts) -> np.ndarray:
@@ -251,7 +253,7 @@ def solve_hybrid(cluster, objective: str = "latency", workload: Workload = Workl
     lb = lower_bound(full, objective, B)  # over every candidate, before any restriction
     if D > MAX_EXACT_NODES or len(hc.cands) > MAX_EXACT_CANDIDATES:
         restricted = True
-        keep = 2 if D <= MAX_RESTRICTED_NODES else 1
+        keep = 2 if D <= MAX_RESTRICTED_NODES and objective != "throughput" else 1
         hc.cands = [c for c in hc.cands if len(c.group) <= keep]
         hc.skipped.append(f"groups of {keep + 1}+ nodes ({D} nodes, {len(hc.cands)} candidate "
                           "stage kinds: beyond the exact program's limits "
