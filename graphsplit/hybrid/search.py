@@ -24,8 +24,9 @@ over (a, b) per (state, c') pair. `cap` bounds every T (S(cap) = min sum s.t. ma
 The state space is complete, so the result is optimal over every plan the model can price
 (label "optimal-all-orders-subsets"); groups never measured are not plans it can price and are
 listed as left out. With --max-group (or a cluster too large for the exact program: more than
-MAX_EXACT_NODES nodes or MAX_EXACT_CANDIDATES candidate kinds; then groups of two up to MAX_RESTRICTED_NODES for latency
-and ttft, else the pipeline optimum alone) the search is restricted and labelled "bound": its
+MAX_EXACT_NODES nodes or MAX_EXACT_CANDIDATES candidate kinds; then groups of two up to
+MAX_RESTRICTED_NODES for latency and ttft, else the pipeline optimum alone) the search is
+restricted and labelled "bound": its
 objective is compared with a lower bound (every block at its cheapest candidate per block, no
 links; graphsplit.hybrid.search.lower_bound) and the gap is reported.
 
