@@ -318,14 +318,8 @@ def test_exo_current_tensor_baseline_is_the_smallest_divisible_set():
 
 
 def _write(tmp_path, collectives=True):
-    t = tables({"a": 0.01, "b": 0.012, "c": 0.03}, L=4)
-    p = write_cluster(tmp_path, t)
-    for n, tab in t.items():  # the table files carry the tensor_parallel section
-        f = tmp_path / "profiles" / f"{n}.json"
-        d = json.loads(f.read_text())
-        d["tensor_parallel"] = tab.tensor_parallel
-        d["model"].update(num_key_value_heads=4, intermediate_size=256)
-        f.write_text(json.dumps(d))
+    p = write_cluster(tmp_path, tables({"a": 0.01, "b": 0.012, "c": 0.03}, L=4))
+    assert "tensor_parallel" in json.loads((tmp_path / "profiles" / "a.json").read_text())
     d = json.loads(p.read_text())
     if collectives:
         d["collectives"] = [{"nodes": ["b", "a"], "op": "all_sum", "backend": "ring",

@@ -55,7 +55,7 @@ class UnmeasuredGroup(UserError):
 class HybridPrediction(Prediction):
     """Prediction plus, per tensor stage (keyed by its node), what its group costs."""
     tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
-    derived_shares: bool = False  # some share was interpolated between measured shares
+    derived_shares: bool = False  # a rank's time interpolated between measured shares / sizes
 
 
 def model_dims(cluster) -> tuple[int, int, int]:

@@ -100,7 +100,7 @@ def make_hybrid_plan(cluster, objective: str = "latency", workload: Workload = W
     pred = predict(cluster, res.stages, workload, runtime).to_dict()
     pred["derived_from"] = "measured cost tables and measured collectives" + (
         " (some nodes roofline-estimated)" if pred["estimated"] else "") + (
-        " (some shares interpolated between measured shares)"
+        " (some tensor-parallel shares or sizes interpolated between measured ones)"
         if pred.get("derived_shares") else "")
     base = {}
     if pipe.stages is not None:

@@ -17,7 +17,7 @@ def tensor_lines(plan: Plan) -> list[str]:
         if s.tensor is None:
             continue
         t = (p.get("tensor") or {}).get(s.node, {})
-        derived = ", some interpolated between measured shares" if t.get("derived_shares") \
+        derived = ", some interpolated between measured shares or sizes" if t.get("derived_shares") \
             else ""
         lines.append(f"stage {i + 1} is tensor-parallel over {'+'.join(s.tensor.nodes)} "
                      f"(chain order; shares {'/'.join(map(str, s.tensor.kv_heads))} KV heads, "
