@@ -262,6 +262,15 @@ def test_hybrid_wins_where_tensor_pays_and_pipeline_where_it_does_not():
     assert r2.fun == pytest.approx(pipe.fun, rel=1e-12) and r2.stages == pipe.stages
 
 
+def test_use_all_nodes_with_more_nodes_than_layers_needs_a_group():
+    from graphsplit.hybrid.make import make_hybrid_plan
+
+    c = cluster({"a": 0.01, "b": 0.02, "c": 0.04}, L=2)
+    plan = make_hybrid_plan(c, "latency", W, "mlx-pipeline", use_all_nodes=True)
+    assert sorted(m for s in plan.stages for m in s.members) == ["a", "b", "c"]
+    assert "error" in plan.baselines["pipeline"]
+
+
 def test_restricted_search_is_labelled_a_bound_with_its_gap():
     c = cluster({"a": 0.02, "b": 0.02, "c": 0.04}, L=4, t8k=0.0001, t64k=0.0002)
     r = solve_hybrid(c, "latency", W, max_group=1)

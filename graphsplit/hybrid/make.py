@@ -79,7 +79,12 @@ def solve(cluster, objective: str, workload: Workload, runtime: str, use_all_nod
         raise UserError("--hybrid --runtime exo-legacy: legacy exo has no tensor parallelism "
                         "(a shard is one node's layer range); use --runtime mlx-pipeline (run "
                         "with `exo-bridge run`) or --runtime exo-current, or drop --hybrid")
-    pipe = api.solve(cluster, objective, workload, runtime, use_all_nodes, solver)
+    try:
+        pipe = api.solve(cluster, objective, workload, runtime, use_all_nodes, solver)
+    except UserError as e:  # more nodes than layers: no pipeline, but groups may hold them all
+        if not use_all_nodes or len(cluster.nodes) <= cluster.n_layers:
+            raise
+        pipe = SplitResult(None, float("inf"), True, 2, str(e), "pipeline")
     if runtime == "exo-current":
         return _exo_current(cluster, objective, workload, use_all_nodes, pipe), pipe
     return solve_hybrid(cluster, objective, workload, use_all_nodes, tp_shares, max_group,

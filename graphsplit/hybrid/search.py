@@ -13,7 +13,7 @@ choices only affect the stage itself). Dynamic program over states (first member
 stage, set of used nodes, open candidate c, its first block a), value = min sum of the closed
 stages; closing c at b and opening c' (disjoint from the set) costs
 T = C_c[a, b] + link(t_c -> h_c', b); closing at L pays the ring closure t_c -> f. Vectorised
-over (a, b) per (state, c') pair. `cap` bounds every T (S(cap) = min sum s.t. max <= cap).
+over (a, b) per (state, next first member) pair. `cap` bounds every T (S(cap) = min sum s.t. max <= cap).
 
 * latency / ttft: one uncapped run.
 * throughput: min over caps T of G(T) = max(S(T) / B, T) is the optimum (the optimal plan's own
@@ -117,18 +117,22 @@ def _dp(hc: HybridCosts, use_all: bool, cap: float = INF, incumbent: float = INF
                 a = int(np.argmin(tot))
                 if tot[a] < best * (1 - REL):
                     best, best_end = float(tot[a]), (si, a)
+            by_head: dict[int, tuple] = {}  # closing c at b depends on the next head only
             for cj, c2 in enumerate(cands):
                 if c2.mask & mask:
                     continue
-                work += 1
-                T = c.C + out[c.tail, c2.head][None, :]
-                if capped:
-                    T = np.where(T <= cap, T, INF)
-                M = v[:, None] + T
-                arg = np.argmin(M, axis=0)
-                nv = M[arg, cols]
-                nv[nv + rest >= best] = INF
-                if not np.isfinite(nv).any():
+                if c2.head not in by_head:
+                    work += 1
+                    T = c.C + out[c.tail, c2.head][None, :]
+                    if capped:
+                        T = np.where(T <= cap, T, INF)
+                    M = v[:, None] + T
+                    arg = np.argmin(M, axis=0)
+                    nv = M[arg, cols]
+                    nv[nv + rest >= best] = INF
+                    by_head[c2.head] = (nv, arg, np.isfinite(nv).any())
+                nv, arg, any_ = by_head[c2.head]
+                if not any_:
                     continue
                 sj = state((f, mask | c2.mask, cj))
                 upd = nv < val[sj] * (1 - REL)
