@@ -110,6 +110,9 @@ class Collective:
     bandwidth_Bps: float
     backend: str = ""
     measured: str = ""
+    # on the ring backend exo-bridge's runner sums along a neighbour chain (`seconds`); what
+    # MLX's own all_sum costs there (what exo runs) is kept beside it as `mlx_all_sum`
+    mlx_all_sum: "Collective | None" = None
 
     def time(self, nbytes: float) -> float:
         """Seconds for one collective of `nbytes`: piecewise-linear between the measured sizes;
@@ -414,9 +417,22 @@ def _collectives(raw: list, specs: dict[str, dict],
         if len(xs) != len(ys) or any(b <= a for a, b in zip(xs, xs[1:])):
             raise ClusterError(f"{cw}: sizes_bytes must increase and have one entry in "
                                "seconds each; re-measure with exo-bridge profile-link")
+        mlx = c.get("mlx_all_sum")
+        other = None
+        if isinstance(mlx, dict) and len(mlx.get("seconds") or []) == len(xs):
+            try:
+                other = Collective(group, c["op"], tuple(float(x) for x in xs),
+                                   tuple(float(y) for y in mlx["seconds"]),
+                                   float(mlx["latency_s"]), float(mlx["bandwidth_Bps"]),
+                                   c.get("backend", ""), c.get("measured", ""))
+            except (KeyError, TypeError, ValueError):
+                raise ClusterError(f"{cw}.mlx_all_sum: needs seconds (one per size), latency_s "
+                                   "and bandwidth_Bps; re-measure with exo-bridge "
+                                   "profile-link") from None
         col = Collective(group, c["op"], tuple(float(x) for x in xs),
                          tuple(float(y) for y in ys), float(c["latency_s"]),
-                         float(c["bandwidth_Bps"]), c.get("backend", ""), c.get("measured", ""))
+                         float(c["bandwidth_Bps"]), c.get("backend", ""), c.get("measured", ""),
+                         other)
         key = (group, col.op)
         if key not in out or col.measured >= out[key].measured:
             out[key] = col

@@ -375,6 +375,23 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, args, words):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_exo_current_pays_mlx_all_sum_where_the_entry_keeps_it(tmp_path):
+    """On the ring backend profile-link's entry is the runner's neighbour chain (`seconds`)
+    with MLX's own all_sum beside it (`mlx_all_sum`): exo runs MLX's, ours the chain."""
+    p = _write(tmp_path)
+    d = json.loads(p.read_text())
+    d["collectives"][0].update(algorithm="neighbour-chain", mlx_all_sum={
+        "seconds": [0.003, 0.005], "spread": [0.1, 0.1], "latency_s": 0.003,
+        "bandwidth_Bps": 1e8})
+    p.write_text(json.dumps(d))
+    c = load_cluster(p)
+    st = [tensor_stage(["a", "b"], [2, 2], 0, 4, 256)]
+    ours = predict(c, st, W, "mlx-pipeline").tensor["a"]["allreduce_s"]
+    exo = predict(c, st, W, "exo-current").tensor["a"]["allreduce_s"]
+    assert ours == pytest.approx(2 * 4 * 0.0002)  # one decode pass, 8192 bytes
+    assert exo == pytest.approx(2 * 4 * 0.003)
+
+
 def test_roofline_derived_node_scales_its_bases_tensor_profile(tmp_path):
     from graphsplit.hybrid import tables as tp
 

@@ -8,7 +8,10 @@ count n_p), all times derived from the measured tables:
     blocks_s = sum_{i in [a, b)} max_j tp_{m_j}(i, k_j, p)           (I2: one rank, no all-reduce)
     ar_s     = 2 (b - a) AR_G(A x_p)                                 (I3: the group's measured
                                                                       all_sum, A = all-reduce
-                                                                      bytes per token)
+                                                                      bytes per token; as the
+                                                                      runtime sums: exo-current
+                                                                      MLX's all_sum, ours the
+                                                                      entry's `seconds`)
     entry_s  = sum_{j < g} link(m_j -> m_{j+1}).time(e x_p)          (mlx-pipeline only)
     compute_s = blocks_s + ar_s + entry_s [+ embed] [+ head + sampling]
 
@@ -71,9 +74,13 @@ def model_dims(cluster) -> tuple[int, int, int]:
     return int(kv), int(inter), int(m.hidden_size)
 
 
-def collective(cluster, group: Sequence[str]):
-    """The group's measured all_sum, or one line saying how to measure it."""
+def collective(cluster, group: Sequence[str], runtime: str = "mlx-pipeline"):
+    """The group's measured all_sum as `runtime` runs it (exo-current: MLX's own all_sum where
+    the entry keeps it beside the runner's neighbour chain), or one line saying how to measure
+    it."""
     c = cluster.collective(group, "all_sum")
+    if c is not None and runtime == "exo-current" and c.mlx_all_sum is not None:
+        return c.mlx_all_sum
     if c is None:
         where = f" in {cluster.path}" if cluster.path else ""
         raise UnmeasuredGroup(
@@ -114,7 +121,7 @@ def group_time(cluster, st: Stage, passes: Sequence[Pass], runtime: str, first: 
     """A tensor stage's time summed over `passes` (see the module docstring)."""
     t = st.tensor
     nodes = [cluster.node(m) for m in t.nodes]
-    col = collective(cluster, t.nodes)
+    col = collective(cluster, t.nodes, runtime)
     A = tables.allreduce_bytes_per_token(nodes[0])
     blocks = ar = entry = 0.0
     own = [0.0] * len(nodes)
