@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphsplit.plan import Plan, Stage, read_plan, stages_from_json
+from graphsplit.plan import Plan, Stage, read_plan, stage_dict, stages_from_json
 from profiler import options as o
 from profiler.errors import UserError
 
@@ -107,7 +107,8 @@ def render(plan: Plan, rows: list[Split]) -> str:
     base = next((r for r in rows if r.key == "exo-current" and r.predicted.get("tpot_s")), None)
     for r in rows:
         p = r.predicted
-        layers = ", ".join(f"{s.node}[{s.start_layer},{s.end_layer})" for s in r.stages) \
+        layers = ", ".join(f"{'+'.join(s.members)}[{s.start_layer},{s.end_layer})"
+                           for s in r.stages) \
             or f"({r.error or 'not in the plan; no cluster file to compute it'})"
         lines.append(f"{r.label:<30} {_fmt(p.get('tpot_s'), 1000):>10} "
                      f"{_fmt(p.get('ttft_s'), 1, 3):>10} {_fmt(p.get('throughput_tps'), 1, 1):>10}"
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     rows = splits(plan, args.repredict)
     if args.json:
         print(json.dumps({r.key: {"label": r.label, "source": r.source,
-                                  "stages": [asdict(s) for s in r.stages],
+                                  "stages": [stage_dict(s) for s in r.stages],
                                   "predicted": r.predicted,
                                   **({"error": r.error} if r.error else {})}
                           for r in rows}, indent=2))

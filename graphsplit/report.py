@@ -95,7 +95,7 @@ def render(plan: Plan) -> str:
         lines[3:3] = serving_lines(plan)
     for i, s in enumerate(plan.stages):
         n = s.node
-        name = n + ("*" if n in est else "")
+        name = "+".join(s.members) + ("*" if n in est else "")
         used, cap = p["stage_memory_bytes"][n], p["stage_capacity_bytes"][n]
         lines.append(
             f"{i + 1:>5}  {name:<16} {f'{s.start_layer}-{s.end_layer - 1}':<10} "
@@ -105,8 +105,8 @@ def render(plan: Plan) -> str:
     lines += replica_lines(plan)
     manual = bool(plan.solver.get("manual"))
     ours = "manual" if manual else "ours"
-    used = {s.node for s in plan.stages} | {s["node"] for r in plan.replicas or []
-                                             for s in r["stages"]}
+    used = {m for s in plan.stages for m in s.members} | {s["node"] for r in plan.replicas or []
+                                                           for s in r["stages"]}
     unused = [n for n in plan.nodes if n not in used]
     if unused:
         why = "not in --layers" if manual else "faster without them"
