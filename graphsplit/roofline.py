@@ -245,8 +245,8 @@ def derive(base: CostTable, bandwidth_gbs: float, tflops: float, memory_bytes: i
 def _fill_later_fields(t: CostTable, base: CostTable, work: dict[str, RowWork],
                        peak: Peak) -> None:
     """Fields later table versions add, so no measured time of the base survives: the decode
-    batch grid (rows' `decode_batch_s`) is derived; any other measured per-row list and the
-    tensor-parallel section are reset to their defaults."""
+    batch grid (rows' `decode_batch_s`) and the tensor-parallel section are derived; any other
+    measured per-row list is reset to its default."""
     known = {"prefill_s", "prefill_spread", "decode_s", "decode_spread"}
     batches = getattr(base, "decode_batch", None)
     for row in t.rows:
@@ -263,7 +263,34 @@ def _fill_later_fields(t: CostTable, base: CostTable, work: dict[str, RowWork],
                 setattr(row, f.name, _default(f))
     for f in dataclasses.fields(CostTable):
         if f.name == "tensor_parallel":
-            setattr(t, f.name, _default(f))
+            setattr(t, f.name, _tensor_section(base, work, peak) or _default(f))
+
+
+def _tensor_section(base: CostTable, work: dict[str, RowWork], peak: Peak) -> dict | None:
+    """The base's tensor-parallel section (INTERFACES I2) re-derived on the chip: a rank with k
+    of n KV heads holds k/n of the block's weights, KV and attention width (and k/n of the MLP
+    columns), so its work is the block's scaled by k/n; the per-block overhead stays whole.
+    Times on the chip's own grids; nothing of the base's times survives."""
+    sec = getattr(base, "tensor_parallel", None)
+    if not isinstance(sec, dict) or not sec.get("rows"):
+        return None
+    n = int(sec["n_kv_heads"])
+    act = DTYPE_BYTES.get(chip_dtype(base), 2) / DTYPE_BYTES.get(base.dtype, 2)
+    rows = []
+    for r in sec["rows"]:
+        f = int(r["kv_heads"]) / n
+        w = work[r["measured_from"]]
+        ws = dataclasses.replace(w, weight_bytes=w.weight_bytes * f, read_bytes=w.read_bytes * f,
+                                 params=w.params * f, kv_bytes_per_token=w.kv_bytes_per_token * f,
+                                 attn_width=int(round(w.attn_width * f)))
+        rows.append(dict(r, weight_bytes=int(round(ws.weight_bytes)),
+                         kv_bytes_per_token=int(round(ws.kv_bytes_per_token)),
+                         prefill_s=[ws.prefill_s(peak, p) for p in PREFILL_GRID],
+                         prefill_spread=[0.0] * len(PREFILL_GRID),
+                         decode_s=[ws.decode_s(peak, c) for c in DECODE_GRID],
+                         decode_spread=[0.0] * len(DECODE_GRID)))
+    return dict(copy.deepcopy(sec), rows=rows,
+                allreduce_bytes_per_token=sec["allreduce_bytes_per_token"] * act)
 
 
 def _default(f: dataclasses.Field):

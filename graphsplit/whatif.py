@@ -252,6 +252,7 @@ def apply(cluster, changes: list[Change]):
 def evaluate(cluster, variant: Variant, objective: str, workload, runtime: str) -> dict:
     """The best plan of one variant (graphsplit.api.make_plan), or why there is none."""
     from graphsplit.api import make_plan
+    from graphsplit.plan import stage_dict
 
     c = apply(cluster, variant.changes)
     entry: dict[str, Any] = {"name": variant.name, "nodes": c.ids,
@@ -264,7 +265,7 @@ def evaluate(cluster, variant: Variant, objective: str, workload, runtime: str) 
     p = plan.predicted
     keep = ("tpot_s", "ttft_s", "throughput_tps", "fits", "estimated", "stage_memory_bytes",
             "stage_capacity_bytes", "derived_from")
-    return dict(entry, stages=[dataclasses.asdict(s) for s in plan.stages],
+    return dict(entry, stages=[stage_dict(s) for s in plan.stages],
                 predicted={k: p[k] for k in keep if k in p}, solver=plan.solver, error=None)
 
 

@@ -392,7 +392,7 @@ def test_exo_current_pays_mlx_all_sum_where_the_entry_keeps_it(tmp_path):
     assert exo == pytest.approx(2 * 4 * 0.003)
 
 
-def test_roofline_derived_node_scales_its_bases_tensor_profile(tmp_path):
+def test_roofline_derived_node_derives_its_tensor_profile_from_the_chip(tmp_path):
     from graphsplit.hybrid import tables as tp
 
     p = _write(tmp_path)
@@ -401,11 +401,15 @@ def test_roofline_derived_node_scales_its_bases_tensor_profile(tmp_path):
         "memory_bandwidth_gbs": 200, "fp16_tflops": 40, "memory_bytes": 64 * GiB}})
     p.write_text(json.dumps(d))
     c = load_cluster(p)
-    base, _ = tp.tp_seconds(c.node("a"), 0, 2, "decode", 128)
-    derived, _ = tp.tp_seconds(c.node("m"), 0, 2, "decode", 128)
-    assert derived == pytest.approx(base * 100 / 200)  # bandwidth ratio, as its rows
-    pre, _ = tp.tp_seconds(c.node("m"), 0, 2, "prefill", 64)
-    assert pre == pytest.approx(tp.tp_seconds(c.node("a"), 0, 2, "prefill", 64)[0] * 10 / 40)
+    n = tp.n_kv_heads(c.node("m"))
+    whole = c.node("m").table.row("layers.0")
+    ctx = c.node("m").table.decode_context.index(128)
+    full, derived = tp.tp_seconds(c.node("m"), 0, n, "decode", 128)
+    # the chip's whole share is its own block row (the same roofline), not the base's time
+    assert full == pytest.approx(whole.decode_s[ctx]) and not derived
+    assert full != pytest.approx(tp.tp_seconds(c.node("a"), 0, n, "decode", 128)[0])
+    assert tp.tp_seconds(c.node("m"), 0, 1, "decode", 128)[0] < full
+    assert tp.tp_bytes(c.node("m"), 0, 1)[0] < tp.tp_bytes(c.node("m"), 0, n)[0]
 
 
 def test_cluster_collective_fields_checked(tmp_path):

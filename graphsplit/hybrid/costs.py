@@ -279,7 +279,11 @@ def predict_hybrid(cluster, stages: Sequence[Stage], workload: Workload = Worklo
         stage_compute_s=dict(zip(names, comp)), stage_link_s=dict(zip(names, out)),
         stage_prefill_s=dict(zip(names, pcomp)), roofline_tpot_s=roof, estimated=est,
         shortfalls=short, protocol=runtime, head_pace_s=pace, tensor=tensor,
-        derived_shares=derived)
+        derived_shares=derived,
+        # tensor-parallel shares are profiled at decode batch 1: B streams are B micro-batches
+        # of one (costmodel.objective_value reads these; min(B / tpot, 1 / bottleneck) above)
+        decode_batch=1, micro_batches=workload.streams, served_streams=workload.streams,
+        cycle_s=max(tpot, workload.streams * bott))
 
 
 def _roofline(cluster, st: Stage, first: bool, last: bool) -> float:

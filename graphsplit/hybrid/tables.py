@@ -5,15 +5,13 @@ k whole KV heads, one rank's block time EXCLUDING its all-reduces (prefill over 
 `grids.prefill_tokens`, decode over `grids.decode_context`), its weight bytes and KV bytes per
 token, plus `allreduce_bytes_per_token` (hidden size x activation bytes). Read through
 `profiler.costtable.tp_block_seconds` / `tp_block_bytes` (shares between measured ones linear
-in k, marked derived). A roofline-derived (`chip`) node's table carries its base's section
-unscaled: it is read here through a copy scaled by the table's own factors, decode times by the
-bandwidth ratio and prefill times by the compute ratio, as `graphsplit.cluster.derive_table`
-scales the rows.
+in k, marked derived). A roofline-derived (`chip`) node's table carries a section derived
+from the chip's own roofline (graphsplit.roofline: the block's work scaled by the share), so it
+is read like a measured one.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from profiler import costtable as ct
@@ -37,12 +35,6 @@ def _table(node):
             "section, so its share of a tensor-parallel stage cannot be priced; re-run "
             "`profile-model MODEL --tp-shares 1,2,4,8` there")
     out = t
-    if node.estimated:
-        kp, kd = t.method.get("prefill_scale", 1.0), t.method.get("decode_scale", 1.0)
-        out = copy.copy(t)
-        out.tensor_parallel = dict(sec, rows=[
-            dict(r, prefill_s=[x * kp for x in r["prefill_s"]],
-                 decode_s=[x * kd for x in r["decode_s"]]) for r in sec["rows"]])
     t._hybrid_tp_table = out  # read once per table
     return out
 
