@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=o.path("image file"), metavar="FILE.png", help="draw per-layer cost and the timeline")
     p.add_argument("--simulate", action="store_true",
                    help="replay the plan in the discrete-event simulator too")
+    p.add_argument("--no-calibration", action="store_true", help="ignore the measured "
+                   "calibrations beside the cost tables (exo-bridge run --calibrate)")
     return p
 
 
@@ -55,13 +57,16 @@ def main(argv: list[str] | None = None) -> int:
             check_output(out, f"{opt} {out}")
     workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
                         streams=args.streams)
-    cluster = load_cluster(args.cluster)
+    cluster = load_cluster(args.cluster, calibration=not args.no_calibration)
+    kept = None
     if args.layers is not None:  # a manual split, predicted beside the optimum
         plan = make_manual_plan(cluster, args.layers, args.objective, workload, args.runtime,
                                 args.use_all_nodes, args.solver, cluster_file=args.cluster)
     else:
         plan = make_plan(cluster, args.objective, workload, args.runtime, args.use_all_nodes,
                          args.solver, cluster_file=args.cluster)
+        from graphsplit.calibration import keep_measured_split
+        plan, kept = keep_measured_split(plan, cluster, workload, args.runtime, args.objective)
     plan.predicted["extrapolated"] = extrapolation_notes(cluster, workload)
     if args.simulate:
         from graphsplit.simulate import simulate
@@ -79,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         from graphsplit.report import render
         print(render(plan))
         for note in plan.predicted["extrapolated"]:
+            print(f"note: {note}")
+        from graphsplit.calibration import summary
+        for note in summary(plan, cluster) + ([kept] if args.layers is None and kept else []):
             print(f"note: {note}")
         if args.simulate:
             s = plan.predicted["simulated"]
