@@ -99,7 +99,11 @@ def node_entries(cluster) -> dict[str, dict[str, Any]]:
 def make_plan(cluster, objective: str = "latency", workload: Workload = Workload(),
               runtime: str = "exo-current", use_all_nodes: bool = False, solver: str = "auto",
               cluster_file: str | None = None) -> Plan:
-    """Solve, predict the plan and each of exo's baselines; raise NoFitError if nothing fits."""
+    """Solve, predict the plan and each of exo's baselines; raise NoFitError if nothing fits.
+    Throughput plans serve the streams by the runtime's batching (make_throughput_plan)."""
+    if objective == "throughput":
+        return make_throughput_plan(cluster, workload, runtime, use_all_nodes, solver,
+                                    cluster_file)
     res = solve(cluster, objective, workload, runtime, use_all_nodes, solver)
     if res.stages is None:
         if use_all_nodes:  # is it the model, or the demand that every node holds a layer?
@@ -139,7 +143,12 @@ def make_manual_plan(cluster, spec: str, objective: str = "latency",
     from graphsplit.manual import manual_solver_entry, parse_layers
 
     stages = parse_layers(spec, cluster.ids, cluster.n_layers)
-    pred = predict(cluster, stages, workload, runtime).to_dict()
+    wl = workload
+    if objective == "throughput":  # served as the runtime batches (as the optimum beside it)
+        from graphsplit.batching import best_micro_batch, serving_workload
+        wl = (best_micro_batch(cluster, stages, workload, runtime)[0]
+              if runtime == "mlx-pipeline" else None) or serving_workload(workload, runtime)
+    pred = predict(cluster, stages, wl, runtime).to_dict()
     pred["derived_from"] = "measured cost tables" + (
         " (some nodes roofline-estimated)" if pred["estimated"] else "")
     try:
@@ -155,3 +164,81 @@ def make_manual_plan(cluster, spec: str, objective: str = "latency",
                 objective=objective, workload=workload.to_dict(),
                 solver=manual_solver_entry(spec), baselines={"optimal": optimal, **rest},
                 cluster_file=cluster_file, nodes=node_entries(cluster))
+
+
+# ---------------------------------------------------------------- many streams (throughput)
+
+
+def serving_baselines(cluster, workload: Workload, runtime: str) -> dict[str, dict[str, Any]]:
+    """exo's splits predicted under the runtime's batching pattern (mlx-pipeline: each at the
+    micro-batch that serves it best)."""
+    from graphsplit.batching import best_micro_batch, serving_workload
+    out = {}
+    for name, fn in BASELINES.items():
+        try:
+            st = fn(cluster)
+        except UserError as e:
+            out[name] = {"stages": [], "predicted": {}, "error": str(e)}
+            continue
+        wl = serving_workload(workload, runtime)
+        if runtime == "mlx-pipeline":
+            wl = best_micro_batch(cluster, st, workload, runtime)[0] or wl
+        out[name] = {"stages": [s.__dict__.copy() for s in st],
+                     "predicted": predict(cluster, st, wl, runtime).to_dict()}
+    return out
+
+
+def _merged_prediction(replicas) -> dict[str, Any]:
+    """The plan's top-level prediction with replicas: replica 0's, with the throughput summed,
+    tpot / ttft the slowest replica's and the per-node maps over every replica's nodes."""
+    preds = [r.prediction.to_dict() for r in replicas]
+    out = dict(preds[0])
+    out["throughput_tps"] = sum(p["throughput_tps"] for p in preds)
+    for k in ("tpot_s", "ttft_s", "cycle_s", "bottleneck_s"):
+        out[k] = max(p[k] for p in preds)
+    for k in ("stage_memory_bytes", "stage_capacity_bytes", "stage_compute_s", "stage_link_s",
+              "stage_prefill_s", "shortfalls"):
+        out[k] = {n: v for p in preds for n, v in p[k].items()}
+    out["estimated"] = any(p["estimated"] for p in preds)
+    out["fits"] = all(p["fits"] for p in preds)
+    out["served_streams"] = sum(p["served_streams"] for p in preds)
+    return out
+
+
+def make_throughput_plan(cluster, workload: Workload = Workload(), runtime: str = "exo-current",
+                         use_all_nodes: bool = False, solver: str = "auto",
+                         cluster_file: str | None = None, micro_batch: int | None = None,
+                         replicas: int | None = 1) -> Plan:
+    """The throughput plan for B streams under the runtime's batching pattern
+    (graphsplit.batching), with k independent replicas when `replicas` is None (any k, chosen)
+    or K > 1 (graphsplit.replicas)."""
+    from graphsplit.batching import check_micro_batch, solve_serving
+    from graphsplit.replicas import solve_replicas
+    check_runtime(runtime)
+    check_micro_batch(runtime, workload.streams, micro_batch)
+    reps = None
+    if replicas == 1:
+        res, wl = solve_serving(cluster, workload, runtime, micro_batch, use_all_nodes, solver)
+    else:
+        rr = solve_replicas(cluster, workload, runtime, replicas, micro_batch, use_all_nodes,
+                            solver)
+        if rr is None:
+            raise NoFitError(shortfall_message(cluster, workload, runtime))
+        res, wl = rr.result, rr.replicas[0].workload
+        reps = rr.replicas if len(rr.replicas) > 1 else None
+        res.extra["serving"] = rr.replicas[0].serving
+    if res is None or res.stages is None:
+        raise NoFitError(shortfall_message(cluster, workload, runtime))
+    if reps:
+        pred = _merged_prediction(reps)
+    else:
+        pred = predict(cluster, res.stages, wl, runtime).to_dict()
+    pred["derived_from"] = "measured cost tables" + (
+        " (some nodes roofline-estimated)" if pred["estimated"] else "")
+    return Plan(model=cluster.model_info(), stages=list(res.stages), predicted=pred,
+                runtime=runtime, objective="throughput",
+                workload={**wl.to_dict(), "streams": workload.streams},
+                solver=res.to_dict(), baselines=serving_baselines(cluster, workload, runtime),
+                cluster_file=cluster_file, nodes=node_entries(cluster),
+                serving=res.extra["serving"].to_dict(),
+                replicas=[r.to_dict() for r in reps] if reps else None)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,12 @@ MEASURED_SPLIT = F.Obj({"stages": F.List(_STAGE, nonempty=True),
                         "runtime": F.Str(choices=RUNTIMES), "pattern": F.Str(),
                         "workload": F.Obj({"prompt_tokens": F.Int(gt=0),
                                            "context_tokens": F.Int(gt=0),
-                                           "streams": F.Int(gt=0)}),
+                                           "streams": F.Int(gt=0), "batch": F.Int(gt=0)}),
                         "measured": F.Obj({"tpot_s": F.Opt(F.Num(gt=0)),
                                            "ttft_s": F.Opt(F.Num(gt=0)),
                                            "throughput_tps": F.Opt(F.Num(gt=0))}),
+                        "serving": F.Obj({"pattern": F.Str(), "micro_batch": F.Int(gt=0),
+                                          "max_batch": F.Int(gt=0)}),
                         "predicted_before": F.ANY},
                        required=("stages", "runtime", "workload", "measured"))
 DOC = F.Obj({"format": F.Str(), "version": F.Int(), "created": F.Str(),
@@ -210,13 +213,10 @@ def stage_seconds(cluster, stages, s: int, phase: str, x: int, batch: int,
 
 
 def _row_seconds(t, row, phase: str, x: int, batch: int) -> float:
-    if phase == "prefill":
-        return t.prefill_time(row, x)
-    try:
-        from profiler.costtable import decode_seconds  # cost table v2 (batch grid)
-    except ImportError:
-        return t.decode_time(row, x)
-    return decode_seconds(t, row, x, batch)
+    """One row's predicted seconds, exactly as the cost model charges it (its batching)."""
+    from graphsplit.batching import decode_seconds
+
+    return t.prefill_time(row, x) if phase == "prefill" else decode_seconds(t, row, x, batch)
 
 
 def measured_entries(cluster, stages, ranks: list[dict[str, Any]], protocol: str,
@@ -331,9 +331,14 @@ def keep_measured_split(plan, cluster, workload, runtime: str, objective: str):
                       f"measured split's measured {have:.6g} {unit}"
                       + (" (the same split)" if same else ": the re-planned split is kept"))
     plan.stages = stages
-    pred = predict(cluster, stages, workload, runtime).to_dict()
+    wl = replace(workload, batch=min(int(ms["workload"].get("batch", 1)), workload.streams))
+    pred = predict(cluster, stages, wl, runtime).to_dict()
     pred["derived_from"] = plan.predicted.get("derived_from", "measured cost tables")
     plan.predicted = pred
+    plan.workload = {**plan.workload, "batch": wl.batch}
+    plan.replicas = None  # the measured split is one pipeline
+    if ms.get("serving"):
+        plan.serving = dict(ms["serving"])
     why = (f"kept the measured split: the calibrated re-plan predicted {new:.6g} {unit} "
            f"({objective}), not better than the measured split's measured {have:.6g} {unit}")
     plan.solver = dict(plan.solver, kept_measured=True, message=why)

@@ -5,12 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from profiler import options as o
 from profiler.errors import guard
 
 MAX_TOKENS = 1 << 24  # 16M tokens: beyond any model's context
 MAX_STREAMS = 4096
+
+
+def auto_or_int(hi: int):
+    """`auto` (None: the solver chooses) or a whole number 1..hi."""
+    inner = o.positive_int(hi)
+
+    def parse(text: str):
+        if str(text).strip() == "auto":
+            return None
+        try:
+            return inner(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e}, or auto") from None
+
+    return o._typed("int", parse, f"auto_or_int_1_{hi}", lo=1, hi=hi)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-tokens", type=o.positive_int(MAX_TOKENS), default=1024,
                    metavar="C")
     p.add_argument("--streams", type=o.positive_int(MAX_STREAMS), default=1, metavar="B")
+    p.add_argument("--replicas", type=auto_or_int(MAX_STREAMS), default=1, metavar="auto|K",
+                   help="throughput: split the nodes into K independent pipelines (auto: the "
+                   "solver chooses K), each serving a share of the streams (default 1)")
+    p.add_argument("--micro-batch", type=auto_or_int(MAX_STREAMS), default=None,
+                   metavar="auto|M", help="throughput, --runtime mlx-pipeline: streams per "
+                   "micro-batch (default auto: the solver chooses)")
     p.add_argument("--use-all-nodes", action="store_true",
                    help="every node gets at least one layer (as current exo does)")
     p.add_argument("--solver", default="auto",
@@ -57,17 +79,24 @@ def main(argv: list[str] | None = None) -> int:
             check_output(out, f"{opt} {out}")
     workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
                         streams=args.streams)
+    _check_serving_options(args)
     cluster = load_cluster(args.cluster, calibration=not args.no_calibration)
     kept = None
-    if args.layers is not None:  # a manual split, predicted beside the optimum
+    if args.objective == "throughput" and args.layers is None:
+        from graphsplit.api import make_throughput_plan
+        plan = make_throughput_plan(cluster, workload, args.runtime, args.use_all_nodes,
+                                    args.solver, args.cluster, args.micro_batch, args.replicas)
+    elif args.layers is not None:  # a manual split, predicted beside the optimum
         plan = make_manual_plan(cluster, args.layers, args.objective, workload, args.runtime,
                                 args.use_all_nodes, args.solver, cluster_file=args.cluster)
     else:
         plan = make_plan(cluster, args.objective, workload, args.runtime, args.use_all_nodes,
                          args.solver, cluster_file=args.cluster)
+    if args.layers is None:  # never re-plan worse than a calibration's measured split
         from graphsplit.calibration import keep_measured_split
         plan, kept = keep_measured_split(plan, cluster, workload, args.runtime, args.objective)
-    plan.predicted["extrapolated"] = extrapolation_notes(cluster, workload)
+    plan.predicted["extrapolated"] = extrapolation_notes(
+        cluster, replace(workload, batch=int(plan.workload.get("batch", 1))))
     if args.simulate:
         from graphsplit.simulate import simulate
         sim = simulate(cluster, plan.stages, workload, args.runtime)
@@ -99,6 +128,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
+
+
+def _check_serving_options(args) -> None:
+    """--replicas and --micro-batch are choices of the throughput objective."""
+    from graphsplit.batching import check_micro_batch
+    from profiler.errors import UserError
+    for opt, v, default in (("--replicas", args.replicas, 1), ("--micro-batch",
+                                                                 args.micro_batch, None)):
+        if v != default and args.objective != "throughput":
+            raise UserError(f"{opt} applies to --objective throughput (many streams), not "
+                            f"{args.objective}; add --objective throughput or drop {opt}")
+        if v != default and args.layers is not None:
+            raise UserError(f"{opt} chooses the split; a manual --layers split is one "
+                            f"pipeline: drop {opt} or --layers")
+    check_micro_batch(args.runtime, args.streams, args.micro_batch)
+    if args.replicas is not None and args.replicas > args.streams:
+        raise UserError(f"--replicas {args.replicas} is more than --streams {args.streams}; "
+                        "each replica serves at least one stream")
 
 
 def _main_pipe_safe(argv: list[str] | None = None) -> int:

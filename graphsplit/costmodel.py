@@ -53,6 +53,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from graphsplit.batching import decode_seconds, served_streams
 from graphsplit.plan import RUNTIMES, Stage, check_stages
 from profiler.errors import UserError
 
@@ -68,14 +69,23 @@ class Workload:
     sampling_s: float = 0.0  # extra per-token time on the last stage (the head row is measured)
     prefill_chunks: int = 1
     token_bytes: int = 4  # the sampled token id sent back to the first node
+    batch: int = 1  # streams crossing a stage together in one decode step (graphsplit.batching)
 
     def __post_init__(self):
-        for k in ("prompt_tokens", "context_tokens", "streams", "prefill_chunks"):
+        for k in ("prompt_tokens", "context_tokens", "streams", "prefill_chunks", "batch"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"workload: {k} is {v!r}; it must be a positive integer")
         if self.sampling_s < 0:
             raise UserError("workload: sampling_s must be >= 0")
+        if self.batch > self.streams:
+            raise UserError(f"workload: batch {self.batch} is larger than streams "
+                            f"{self.streams}; a decode batch holds at most every stream")
+
+    @property
+    def micro_batches(self) -> int:
+        """M = ceil(streams / batch): the batches that share the pipeline (ring runtimes)."""
+        return -(-self.streams // self.batch)
 
     @property
     def kv_tokens(self) -> int:
@@ -100,13 +110,15 @@ class Pass:
     metric "decode" (block times at `context` KV tokens) or "prefill" (block times at `tokens`
     prompt tokens); `tokens` also sets the bytes per transfer (tokens x activation bytes);
     `count` how many such passes; `gather`: the last rank's hidden state is all-gathered back
-    (exo-current's decode), which charges every cut its backward hop.
+    (exo-current's decode), which charges every cut its backward hop; `batch`: streams decoded
+    together (block times at that batch, `batch` x the bytes on every transfer).
     """
     metric: str
     tokens: int
     context: int
     count: int = 1
     gather: bool = False
+    batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -121,18 +133,20 @@ class Protocol:
     def block_time(self, table, row) -> float:
         """Compute of one row (block, embedding or head) summed over the passes."""
         return sum(p.count * (table.prefill_time(row, p.tokens) if p.metric == "prefill"
-                              else table.decode_time(row, p.context)) for p in self.passes)
+                              else decode_seconds(table, row, p.context, p.batch))
+                   for p in self.passes)
 
     def head_time(self, table, sampling_s: float) -> float:
         return sum(p.count * ((table.prefill_time(table.head, p.tokens) if p.metric == "prefill"
-                               else table.decode_time(table.head, p.context)) + sampling_s)
+                               else decode_seconds(table, table.head, p.context, p.batch))
+                              + sampling_s)
                    for p in self.passes)
 
     def cut_time(self, fwd, back, nbytes_per_token: float) -> float:
         """Transfers over one cut (fwd: this stage -> next, back: next -> this), all passes."""
         t = 0.0
         for p in self.passes:
-            x = p.tokens * nbytes_per_token
+            x = p.tokens * p.batch * nbytes_per_token
             one = fwd.time(x) + self.message_overhead_s
             if p.gather:
                 one += back.time(x)
@@ -142,7 +156,7 @@ class Protocol:
     def closure_time(self, link, token_bytes: int) -> float:
         if not self.token_closure:
             return 0.0
-        return sum(p.count * (link.time(token_bytes) + self.message_overhead_s)
+        return sum(p.count * (link.time(token_bytes * p.batch) + self.message_overhead_s)
                    for p in self.passes)
 
 
@@ -157,15 +171,15 @@ def protocol(cluster, runtime: str, metric: str, workload: "Workload") -> Protoc
     """The passes a runtime runs for one decode token (metric "decode") or up to the first
     token (metric "prefill"). Read from the runtimes' source (see the module docstring)."""
     check_runtime(runtime)
-    P, C = workload.prompt_tokens, workload.context_tokens
+    P, C, b = workload.prompt_tokens, workload.context_tokens, workload.batch
     if runtime == "exo-current":
         if metric == "decode":
-            passes = (Pass("decode", 1, C, 1, gather=True),)
+            passes = (Pass("decode", 1, C, 1, gather=True, batch=b),)
         else:  # prompt[:-1] (no gather), prompt[-1] (no gather), trim 2, then 2 decode steps
             passes = (Pass("prefill", max(P - 1, 1), P), Pass("decode", 1, P, 1),
                       Pass("decode", 1, P, 2, gather=True))
         return Protocol(runtime, passes, head_on_every_rank=True, token_closure=False)
-    one = (Pass("decode", 1, C),) if metric == "decode" else (Pass("prefill", P, P),)
+    one = (Pass("decode", 1, C, batch=b),) if metric == "decode" else (Pass("prefill", P, P),)
     m = message_overhead_s(cluster, runtime) if runtime == "exo-legacy" else 0.0
     return Protocol(runtime, one, head_on_every_rank=False, token_closure=True,
                     message_overhead_s=m)
@@ -227,7 +241,8 @@ def stage_memory(node, start: int, end: int, workload: Workload, runtime: str,
     rows = [t.row(f"layers.{i}") for i in range(start, end)]
     run = rows + ([t.embed] if first else []) + ([t.head] if last else [])
     weights = sum(r.weight_bytes for r in rows)
-    kv = workload.kv_tokens * workload.streams * sum(r.kv_bytes_per_token for r in rows)
+    kv = workload.kv_tokens * served_streams(runtime, workload.streams) * sum(
+        r.kv_bytes_per_token for r in rows)
     buffers = max((max(0, r.peak_memory_bytes - r.weight_bytes) for r in run), default=0)
     return int(weights + kv + buffers + resident_bytes(t, runtime, first, last))
 
@@ -251,6 +266,10 @@ class Prediction:
     head_pace_s: float = 0.0  # exo-current: max over ranks of the head (every rank runs it)
     gather_s: float = 0.0  # exo-current: the all-gather's backward hops per decode token
     message_overhead_s: float = 0.0  # exo-legacy: measured overhead added to every message
+    decode_batch: int = 1  # streams per decode step crossing the stages (graphsplit.batching)
+    micro_batches: int = 1  # M: batches sharing the pipeline, ceil(served streams / batch)
+    served_streams: int = 1  # streams decoding at once (exo-current: at most its batch cap)
+    cycle_s: float = 0.0  # one decode step of every served stream: max(tpot, M x bottleneck)
 
     @property
     def fits(self) -> bool:
@@ -277,8 +296,8 @@ def predict(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
     ttft, pcomp, pout, _ = protocol_time(cluster, stages, workload, runtime, "prefill")
     if runtime == "exo-current":
         bott = tpot  # the all-gather is a barrier every step: no two steps overlap
-        gather = sum(cluster.link(b.node, a.node).time(
-            cluster.node(a.node).table.row(f"layers.{a.end_layer - 1}").activation_bytes_per_token)
+        gather = sum(cluster.link(b.node, a.node).time(workload.batch * cluster.node(
+            a.node).table.row(f"layers.{a.end_layer - 1}").activation_bytes_per_token)
             for a, b in zip(stages, stages[1:]))
     else:
         bott = max(c + o for c, o in zip(comp, out))
@@ -302,7 +321,11 @@ def predict(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
         bw = t.device.memory_bandwidth_gbs * 1e9
         wb = sum(r.weight_bytes for r in run)
         roof += wb / bw if bw > 0 else float("inf")
-    thr = min(workload.streams / tpot, 1.0 / bott) if tpot > 0 else float("inf")
+    served = served_streams(runtime, workload.streams)
+    M = -(-served // min(workload.batch, served))
+    # B streams in M batches: cycle = max(tpot, M x bottleneck), throughput = served / cycle
+    # (written so that M = served, batch 1, is exactly min(B / tpot, 1 / bottleneck))
+    thr = min(served / tpot, (served / M) / bott) if tpot > 0 else float("inf")
     short = {n: mem[n] - cap[n] for n in mem if mem[n] > cap[n]}
     names = [st.node for st in stages]
     return Prediction(tpot_s=tpot, ttft_s=ttft, throughput_tps=thr, bottleneck_s=bott,
@@ -312,7 +335,9 @@ def predict(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
                       estimated=est, shortfalls=short, protocol=runtime, head_pace_s=pace,
                       gather_s=gather,
                       message_overhead_s=protocol(cluster, runtime, "decode",
-                                                  workload).message_overhead_s)
+                                                  workload).message_overhead_s,
+                      decode_batch=workload.batch, micro_batches=M, served_streams=served,
+                      cycle_s=max(tpot, M * bott))
 
 
 def _chunked_ttft(cluster, stages, workload: Workload, runtime: str) -> float:
@@ -343,13 +368,15 @@ def _chunked_ttft(cluster, stages, workload: Workload, runtime: str) -> float:
 
 
 def objective_value(pred: Prediction, objective: str, workload: Workload) -> float:
-    """The scalar a solver minimises: tpot, ttft, or 1 / throughput (= max(tpot / B, T_max))."""
+    """The scalar a solver minimises: tpot, ttft, or 1 / throughput
+    (= max(tpot / M, T_max) x M / served, M the micro-batches: max(tpot / B, T_max) at batch 1)."""
     if objective == "latency":
         return pred.tpot_s
     if objective == "ttft":
         return pred.ttft_s
     if objective == "throughput":
-        return max(pred.tpot_s / workload.streams, pred.bottleneck_s)
+        M = pred.micro_batches
+        return max(pred.tpot_s / M, pred.bottleneck_s) * (M / pred.served_streams)
     raise UserError(f"objective {objective!r} is not one of latency, ttft, throughput")
 
 
@@ -441,7 +468,8 @@ class ChainCosts:
                        dtype=float)
         wpre = np.concatenate([[0.0], np.cumsum(w)])
         kvpre = np.concatenate([[0.0], np.cumsum(kv)])
-        mem = (wpre[None, :] - wpre[:, None]) + wl.kv_tokens * wl.streams * (
+        mem = (wpre[None, :] - wpre[:, None]) + wl.kv_tokens * served_streams(
+            runtime, wl.streams) * (
             kvpre[None, :] - kvpre[:, None])
         # range max of buffers: bm[b, c] = max(buf[b:c])
         bm = np.zeros((L + 1, L + 1))
@@ -484,4 +512,5 @@ def extrapolation_notes(cluster, workload: Workload) -> list[str]:
                 notes.append(f"{node.id}: {what} {value} tokens is outside the measured grid "
                              f"{grid[0]}..{grid[-1]}: extrapolated (profile with {flag} "
                              f"covering {value} to measure it)")
-    return notes
+    from graphsplit.batching import batch_notes
+    return notes + batch_notes(cluster, workload)

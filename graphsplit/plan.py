@@ -19,8 +19,16 @@ Format "mlx-split/plan", version 1::
       "baselines": {"exo-legacy": {"stages": [...], "predicted": {...}},
                     "exo-current": {...}, "even": {...}},
       "cluster_file": "cluster.json" | null,   # for re-planning when nodes change
-      "nodes": {"studio": {"memory_bytes": ..., "estimated": false, "profile": "..."}, ...}
+      "nodes": {"studio": {"memory_bytes": ..., "estimated": false, "profile": "..."}, ...},
+      # throughput plans (graphsplit.batching, graphsplit.replicas):
+      "serving": {"pattern": "batch-through" | "micro-batch", "micro_batch": 2,
+                  "max_batch": 8, "why": "the runtime source the pattern comes from"},
+      "replicas": [{"stages": [...], "streams": 5, "serving": {...}, "predicted": {...}}, ...]
     }
+
+`replicas` is present only with k > 1 independent pipelines: the top-level `stages` are
+replicas[0]'s, every node is in at most one replica, the streams sum to workload.streams and
+the top-level `predicted` sums the replicas' throughput.
 
 Stages are in execution order; layer ranges are HALF-OPEN over transformer blocks
 [start_layer, end_layer), contiguous, covering 0..n_layers. The first stage also runs the
@@ -71,6 +79,8 @@ class Plan:
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     cluster_file: str | None = None
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    serving: dict[str, Any] | None = None  # how the streams are batched (throughput plans)
+    replicas: list[dict[str, Any]] | None = None  # k > 1 independent pipelines
 
     @property
     def n_layers(self) -> int:
@@ -90,6 +100,8 @@ class Plan:
             "baselines": self.baselines,
             "cluster_file": self.cluster_file,
             "nodes": self.nodes,
+            **({"serving": self.serving} if self.serving else {}),
+            **({"replicas": self.replicas} if self.replicas else {}),
         }
 
 
@@ -113,13 +125,22 @@ PREDICTED = F.Obj({
     "stage_prefill_s": _SECONDS_BY_NODE, "estimated": F.Bool(), "fits": F.Bool(),
     "shortfalls": F.Map(F.BYTES), "derived_from": F.Str(), "extrapolated": F.List(F.Str()),
     "simulated": SIMULATED, "protocol": F.Str(choices=RUNTIMES), "head_pace_s": F.SECONDS,
-    "gather_s": F.SECONDS, "message_overhead_s": F.SECONDS,
+    "gather_s": F.SECONDS, "message_overhead_s": F.SECONDS, "decode_batch": F.Int(gt=0),
+    "micro_batches": F.Int(gt=0), "served_streams": F.Int(gt=0), "cycle_s": F.SECONDS,
     "pareto": F.List(F.Obj({"stages": F.List(STAGE), "tpot_s": F.SECONDS,
                             "bottleneck_s": F.SECONDS, "throughput_tps": F.Num(ge=0)}))},
     name="an object of predictions")
 WORKLOAD = F.Obj({"prompt_tokens": F.Int(gt=0), "context_tokens": F.Int(gt=0),
                   "streams": F.Int(gt=0), "sampling_s": F.SECONDS,
-                  "prefill_chunks": F.Int(gt=0), "token_bytes": F.Int(gt=0)})
+                  "prefill_chunks": F.Int(gt=0), "token_bytes": F.Int(gt=0),
+                  "batch": F.Int(gt=0)})
+SERVING = F.Obj({"pattern": F.Str(choices=("batch-through", "micro-batch")),
+                 "micro_batch": F.Int(gt=0), "max_batch": F.Int(gt=0), "why": F.Str()},
+                required=("pattern", "micro_batch"),
+                name="an object {pattern, micro_batch, max_batch, why}")
+REPLICA = F.Obj({"stages": F.List(STAGE, nonempty=True), "streams": F.Int(gt=0),
+                 "serving": SERVING, "predicted": PREDICTED},
+                required=("stages", "streams"), name="an object {stages, streams, predicted}")
 SOLVER = F.Obj({"name": F.Str(), "optimal": F.Bool(), "status": F.Int(), "message": F.Str(),
                 "solve_s": F.SECONDS, "objective_value": F.Opt(F.Num()),
                 "work": F.Opt(F.Int(ge=0)), "manual": F.Bool(), "layers": F.Str()})
@@ -135,7 +156,8 @@ PLAN = F.Obj({
     "runtime": F.Str(choices=RUNTIMES), "objective": F.Str(choices=OBJECTIVES),
     "workload": WORKLOAD, "stages": F.List(STAGE, nonempty=True), "predicted": PREDICTED,
     "solver": SOLVER, "baselines": F.Map(BASELINE), "cluster_file": F.Opt(F.Str()),
-    "nodes": F.Map(NODE_ENTRY)}, required=("model", "stages"))
+    "nodes": F.Map(NODE_ENTRY), "serving": SERVING,
+    "replicas": F.List(REPLICA, nonempty=True)}, required=("model", "stages"))
 
 
 def check_stages(stages: list[Stage], n_layers: int, source: str = "plan") -> None:
@@ -198,6 +220,9 @@ def plan_from_dict(data: Any, source: str = "<dict>") -> Plan:
             st = stages_from_json(b["stages"], source)
             check_stages(st, n_layers, f"{source}: baselines.{name}")
             _check_known_nodes(st, nodes, f"baselines.{name}.stages", source)
+    reps = data.get("replicas")
+    if reps:
+        _check_replicas(reps, stages, data.get("workload") or {}, n_layers, nodes, source)
     return Plan(
         model=data["model"],
         stages=stages,
@@ -209,7 +234,33 @@ def plan_from_dict(data: Any, source: str = "<dict>") -> Plan:
         baselines=data.get("baselines", {}),
         cluster_file=data.get("cluster_file"),
         nodes=nodes,
+        serving=data.get("serving"),
+        replicas=reps or None,
     )
+
+
+def _check_replicas(reps: list, stages: list[Stage], workload: dict, n_layers: int,
+                    nodes: dict, source: str) -> None:
+    """Replicas: each a valid split, no node in two, the top-level stages replicas[0]'s, the
+    streams summing to the workload's."""
+    seen: dict[str, int] = {}
+    for j, r in enumerate(reps):
+        st = stages_from_json(r["stages"], source)
+        check_stages(st, n_layers, f"{source}: replicas[{j}]")
+        _check_known_nodes(st, nodes, f"replicas[{j}].stages", source)
+        for s in st:
+            if s.node in seen:
+                raise PlanError(f"{source}: replicas[{j}]: node {s.node!r} is also in "
+                                f"replicas[{seen[s.node]}]; a node serves one replica")
+            seen[s.node] = j
+        if j == 0 and st != stages:
+            raise PlanError(f"{source}: stages differ from replicas[0].stages; the top-level "
+                            "stages are the first replica's: write the plan again with "
+                            "split-model")
+    total = sum(r["streams"] for r in reps)
+    if workload.get("streams") is not None and total != workload["streams"]:
+        raise PlanError(f"{source}: replicas serve {total} stream(s) but workload.streams is "
+                        f"{workload['streams']}; they must add up")
 
 
 def _check_known_nodes(stages: list[Stage], nodes: dict, where: str, source: str) -> None:

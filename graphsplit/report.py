@@ -33,6 +33,35 @@ def _solver_lines(plan: Plan) -> list[str]:
             f" ({sv.get('message')}), {sv.get('solve_s', 0):.3f} s"]
 
 
+def serving_lines(plan: Plan) -> list[str]:
+    """How the streams are served: pattern, micro-batch, replicas (derived, say so)."""
+    sv, p = plan.serving, plan.predicted
+    k = len(plan.replicas or []) or 1
+    if sv["pattern"] == "batch-through":
+        how = (f"one batch of {sv['micro_batch']} stream(s) crosses every stage in turn, no "
+               f"overlap (runtime cap {sv.get('max_batch')})")
+    else:
+        how = (f"micro-batches of {sv['micro_batch']} stream(s), {p.get('micro_batches')} in "
+               "the ring at once")
+    return [f"serving: {sv['pattern']}: {how}; replicas {k}; predicted cycle "
+            f"{_ms(p.get('cycle_s'))} ms, {p['throughput_tps']:.2f} tok/s",
+            f"         ({sv.get('why', '')})"]
+
+
+def replica_lines(plan: Plan) -> list[str]:
+    """One table row per replica (its nodes, streams, micro-batch, predicted tok/s)."""
+    if not plan.replicas:
+        return []
+    out = ["", f"{'replica':>7}  {'streams':>7} {'batch':>5} {'cycle ms':>9} {'tok/s':>8}  stages"]
+    for j, r in enumerate(plan.replicas):
+        q = r["predicted"]
+        st = " ".join(f"{s['node']}[{s['start_layer']}:{s['end_layer']}]" for s in r["stages"])
+        out.append(f"{j + 1:>7}  {r['streams']:>7} {q['decode_batch']:>5} "
+                   f"{_ms(q['cycle_s']):>9} {q['throughput_tps']:>8.2f}  {st}")
+    out.append(f"{'':>7}  (stage rows above: replica 1; tok/s of the plan = the sum)")
+    return out
+
+
 def render(plan: Plan) -> str:
     p = plan.predicted
     w = plan.workload
@@ -49,6 +78,8 @@ def render(plan: Plan) -> str:
         f"{'stage':>5}  {'node':<16} {'layers':<10} {'n':>4} {'decode ms':>10} {'link ms':>8} "
         f"{'prefill ms':>11}  {'memory GiB used / usable':>25}",
     ]
+    if plan.serving:
+        lines[3:3] = serving_lines(plan)
     for i, s in enumerate(plan.stages):
         n = s.node
         name = n + ("*" if n in est else "")
@@ -58,9 +89,12 @@ def render(plan: Plan) -> str:
             f"{s.end_layer - s.start_layer:>4} {_ms(p['stage_compute_s'][n]):>10} "
             f"{_ms(p['stage_link_s'][n]):>8} {_ms(p['stage_prefill_s'][n]):>11}  "
             f"{_gib(used) + ' / ' + _gib(cap):>25}")
+    lines += replica_lines(plan)
     manual = bool(plan.solver.get("manual"))
     ours = "manual" if manual else "ours"
-    unused = [n for n in plan.nodes if n not in {s.node for s in plan.stages}]
+    used = {s.node for s in plan.stages} | {s["node"] for r in plan.replicas or []
+                                             for s in r["stages"]}
+    unused = [n for n in plan.nodes if n not in used]
     if unused:
         why = "not in --layers" if manual else "faster without them"
         lines.append(f"       unused: {', '.join(unused)} ({why})")

@@ -28,6 +28,11 @@ class SplitResult:
     solve_s: float = 0.0
     nit: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # INTERFACES I7 (helper `scale` owns these; added minimally here in the same shape):
+    # "optimal-all-orders-subsets" | "optimal-given-order" | "bound"
+    proven: str = ""
+    lower_bound: float | None = None
+    gap: float | None = None
 
     @property
     def success(self) -> bool:
@@ -36,4 +41,5 @@ class SplitResult:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.solver, "optimal": self.optimal, "status": self.status,
                 "message": self.message, "solve_s": round(self.solve_s, 6),
-                "objective_value": self.fun, "work": self.nit}
+                "objective_value": self.fun, "work": self.nit, "proven": self.proven,
+                "lower_bound": self.lower_bound, "gap": self.gap}

@@ -717,7 +717,7 @@ def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, order: Sequen
     cluster, workload, runtime = cc.cluster, cc.workload, cc.runtime
     ids = cc.ids
     idx_order = None if order is None else list(range(len(ids)))
-    B = workload.streams
+    B = workload.micro_batches  # M = ceil(B / batch) batches share the ring (graphsplit.batching)
     work_total = [0]
 
     def dp(cap=INF, bound=INF):

@@ -31,10 +31,15 @@ def _stages(stages) -> list[dict[str, Any]]:
             for s in stages]
 
 
+def run_batch(res) -> int:
+    """Streams per decode step of a run: the micro-batch, or batch-through's whole batch."""
+    return res.micro_batch if res.pattern == "micro-batch" else min(res.streams, res.max_batch)
+
+
 def calibrate(cluster_file: str, res, runtime: str, objective: str) -> dict[str, Any]:
     """Write the calibration of run `res` (a ServeResult) and re-plan; returns the report."""
     from exo_bridge.runner.run import serve_prediction
-    from graphsplit.api import make_plan
+    from graphsplit.api import make_plan, make_throughput_plan
     from graphsplit.calibration import keep_measured_split, measured_entries, write_for_run
     from graphsplit.cluster import load_cluster
     from graphsplit.costmodel import Workload
@@ -47,14 +52,20 @@ def calibrate(cluster_file: str, res, runtime: str, objective: str) -> dict[str,
     before = serve_prediction(raw, res.stages, *args)
     m = res.measured()
     ms = {"stages": _stages(res.stages), "runtime": runtime, "pattern": res.pattern,
-          "workload": {"prompt_tokens": P, "context_tokens": ctx, "streams": B},
+          "workload": {"prompt_tokens": P, "context_tokens": ctx, "streams": B,
+                       "batch": run_batch(res)},
+          "serving": {"pattern": res.pattern, "micro_batch": res.micro_batch,
+                      "max_batch": res.max_batch},
           "measured": {k: m.get(k) for k in KEYS}, "predicted_before": _pick(before)}
     entries = measured_entries(raw, res.stages, res.ranks, res.protocol, P, ctx, now)
     paths = write_for_run(raw, res.stages, entries, ms, now)
     cal = load_cluster(cluster_file)  # as split-model loads it: the calibration applied
     after = serve_prediction(cal, res.stages, *args)
     wl = Workload(prompt_tokens=P, context_tokens=ctx, streams=B)
-    plan = make_plan(cal, objective, wl, runtime, False, cluster_file=cluster_file)
+    if objective == "throughput":
+        plan = make_throughput_plan(cal, wl, runtime, False, cluster_file=cluster_file)
+    else:
+        plan = make_plan(cal, objective, wl, runtime, False, cluster_file=cluster_file)
     plan, note = keep_measured_split(plan, cal, wl, runtime, objective)
     replan_pred = serve_prediction(cal, plan.stages, *args)
     return {"files": [str(p) for p in paths], "entries": entries, "objective": objective,

@@ -468,22 +468,28 @@ def serve_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int,
 def serve_prediction(cluster, stages: list[Stage], prompt_tokens: int, max_tokens: int,
                      streams: int, runtime: str, pattern: str, micro_batch: int,
                      max_batch: int) -> dict[str, Any]:
-    """The cost model's numbers for this multi-stream run (graphsplit.costmodel.predict at
-    the run's workload: prompt P, mean decode context P + N // 2, B streams), with `source`
-    saying which model gave them. Per-stream TPOT = B / aggregate tokens/s (derived)."""
+    """The cost model's numbers for this multi-stream run: graphsplit.costmodel.predict at the
+    run's workload (prompt P, mean decode context P + N // 2, B streams, decode batch = the
+    micro-batch, or batch-through's min(B, max batch)), with `source` saying which model.
+    Per-stream TPOT = the predicted cycle (one decode step of every served stream)."""
+    from graphsplit.batching import PATTERN
     from graphsplit.costmodel import Workload, predict
 
+    batch = micro_batch if pattern == "micro-batch" else min(streams, max_batch)
     wl = Workload(prompt_tokens=prompt_tokens, context_tokens=prompt_tokens + max_tokens // 2,
-                  streams=streams)
+                  streams=streams, batch=batch)
     p = predict(cluster, stages, wl, runtime).to_dict()
-    tps = p.get("throughput_tps")
-    return {"throughput_tps": tps, "tpot_s": (streams / tps) if tps else None,
-            "ttft_s": p.get("ttft_s"), "single_stream_tpot_s": p.get("tpot_s"),
-            "bottleneck_s": p.get("bottleneck_s"), "stage_compute_s": p.get("stage_compute_s"),
-            "source": (f"graphsplit.costmodel.predict({runtime}, {streams} streams): "
-                       "min(B / tpot, 1 / bottleneck) from batch-1 decode rows; it does not "
-                       f"model the {pattern} pattern's batching (servemodel's batching is not "
-                       "merged on this branch)")}
+    src = (f"graphsplit.costmodel.predict({runtime}, B={streams}, decode batch {batch}: "
+           f"{PATTERN[runtime]} model; ttft = one prompt alone)")
+    if pattern != PATTERN[runtime]:
+        src += f"; note: this run's pattern is {pattern}"
+    if pattern == "batch-through" and streams > max_batch and runtime != "exo-current":
+        src += (f"; the model overlaps the {-(-streams // max_batch)} batches, the run "
+                "does not (waves)")
+    return {"throughput_tps": p.get("throughput_tps"), "tpot_s": p.get("cycle_s"),
+            "ttft_s": p.get("ttft_s"), "batch": batch,
+            "micro_batches": p.get("micro_batches"), "bottleneck_s": p.get("bottleneck_s"),
+            "stage_compute_s": p.get("stage_compute_s"), "source": src}
 
 
 def measure_message_overhead(hidden: int, repeats: int = 50, dtype: str = "float32", *,
