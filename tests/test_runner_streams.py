@@ -18,7 +18,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from exo_bridge.runner.run import serve_stages, model_spec  # noqa: E402
-from exo_bridge.runner.streams import stream_prompts, waves  # noqa: E402
+from exo_bridge.runner.streams import steady_decode, stream_prompts, waves  # noqa: E402
 from graphsplit.plan import Stage  # noqa: E402
 from tests.test_runner import TINY, make_tiny_dir, reference_tokens  # noqa: E402
 
@@ -40,6 +40,12 @@ def test_schedule_shapes():
     assert waves(5, "micro-batch", 2, 8) == [[[0, 1], [2, 3], [4]]]
     assert waves(5, "batch-through", 2, 2) == [[[0, 1]], [[2, 3]], [[4]]]
     assert waves(3, "batch-through", 1, 8) == [[[0, 1, 2]]]
+    # steady decoding of two staggered micro-batches, one token per second each: exactly 2/s
+    # (the first stream's wait for the second one's prefill is not counted)
+    times = [[1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 3.5, 4.5]]
+    assert steady_decode(times, [[[0], [1]]]) == (5, 2.5)
+    assert steady_decode([[0.0, 9.0], [1.0, 2.0]], [[[0], [1]]]) == (1, 1.0)
+    assert steady_decode([[5.0, 6.0], [7.0, 8.0]], [[[0]], [[1]]]) == (2, 2.0)  # two waves
     ps = stream_prompts(256, PROMPT, 4)
     assert len({tuple(p) for p in ps}) == 4 and all(len(p) == PROMPT for p in ps)
 

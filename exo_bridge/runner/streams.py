@@ -23,9 +23,10 @@ generation of its prompt (tests/test_runner_streams.py checks it against one pro
 
 Measured (rank 0's clock, from the barrier that starts the run; every stream is submitted at
 that instant): per stream the arrival time of each token, hence TTFT (first arrival) and TPOT
-((last - first) / (n - 1)); aggregate decode tokens/s = B (N - 1) decode tokens / the time the
-batches were decoding (per batch: last arrival - first arrival, summed over the waves); and
-end-to-end tokens/s = B N / the last arrival. Per rank: the compute of every pass (input
+((last - first) / (n - 1)); aggregate decode tokens/s over steady decoding (`steady_decode`:
+per wave, the tokens arriving after every stream has its first token and before the first one
+ends, over that time: the rate the cost model's throughput is); and end-to-end tokens/s = B N /
+the last arrival. Per rank: the compute of every pass (input
 available -> output evaluated) with its phase and batch size, for `--calibrate`.
 """
 
@@ -227,12 +228,7 @@ class ServeResult:
         """TTFT / TPOT per stream, their medians and spreads, and the aggregate rates."""
         ttft = [t[0] for t in self.times_s]
         tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in self.times_s if len(t) > 1]
-        busy = 0.0  # decoding time, wave by wave
-        for wave in self.schedule:
-            members = [i for mb in wave for i in mb]
-            busy += max(self.times_s[i][-1] for i in members) - \
-                min(self.times_s[i][0] for i in members)
-        n_decode = sum(len(t) - 1 for t in self.times_s)
+        n_decode, busy = steady_decode(self.times_s, self.schedule)
         end = max(t[-1] for t in self.times_s)
         med = _median(tpot)
         return {
@@ -259,6 +255,27 @@ class ServeResult:
         d["measured"] = self.measured()
         d["error_pct"] = self.errors_pct()
         return d
+
+
+def steady_decode(times_s: list[list[float]], schedule) -> tuple[int, float]:
+    """(tokens, seconds) of steady decoding, wave by wave: from the instant every stream of
+    the wave has its first token (T0: later micro-batches' prefills are over) to the first
+    instant one of them has its last (T1: none has drained yet), the tokens arriving in
+    (T0, T1]. Between two arrivals of a periodic schedule this is exactly its rate. A wave too
+    short to have such a window (N too small for its micro-batches) counts from its first
+    arrival to its last instead."""
+    tokens, busy = 0, 0.0
+    for wave in schedule:
+        members = [i for mb in wave for i in mb]
+        t0 = max(times_s[i][0] for i in members)
+        t1 = min(times_s[i][-1] for i in members)
+        n = sum(1 for i in members for x in times_s[i] if t0 < x <= t1)
+        if t1 <= t0 or n == 0:
+            t0 = min(times_s[i][0] for i in members)
+            t1 = max(times_s[i][-1] for i in members)
+            n = sum(len(times_s[i]) - 1 for i in members)
+        tokens, busy = tokens + n, busy + (t1 - t0)
+    return tokens, busy
 
 
 def stage_pass_times(rank: dict[str, Any], phase: str) -> dict[int, list[float]]:
