@@ -56,6 +56,7 @@ def test_schedule_shapes():
     ("micro-batch", "exo-legacy", 4, 2, 8, [("a", 0, 2), ("b", 2, 4)]),
     ("batch-through", "ring", 3, 1, 2, [("a", 0, 1), ("b", 1, 4)]),
     ("batch-through", "exo-current", 4, 1, 8, [("a", 0, 1), ("b", 1, 3), ("c", 3, 4)]),
+    ("micro-batch", "ring", 3, 2, 8, [("a", 0, 4)]),  # one rank: samples its own tokens
 ])
 def test_every_stream_gets_the_single_stream_tokens(tiny, want, pattern, protocol, streams,
                                                     m, max_batch, stages):

@@ -39,7 +39,7 @@ from typing import Any
 
 from exo_bridge.runner.stage_worker import RESULT_TAG, encode_job
 from exo_bridge.runner.streams import (DEFAULT_MAX_BATCH, PATTERNS, ServeResult,
-                                       stream_prompts)
+                                       ms_text, pct_errors, pct_text, stream_prompts)
 from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
 from profiler import fields as F
@@ -78,12 +78,8 @@ class RunResult:
 
     def errors_pct(self) -> dict[str, float | None]:
         """(measured - predicted) / predicted in percent, for tpot, ttft and tokens/s."""
-        pairs = {"tpot_s": self.tpot_s, "ttft_s": self.ttft_s, "throughput_tps": self.tokens_per_s}
-        out: dict[str, float | None] = {}
-        for k, m in pairs.items():
-            p = self.predicted.get(k)
-            out[k] = (100.0 * (m - p) / p) if (m is not None and p) else None
-        return out
+        return pct_errors({"tpot_s": self.tpot_s, "ttft_s": self.ttft_s,
+                           "throughput_tps": self.tokens_per_s}, self.predicted)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -553,12 +549,7 @@ def _hostfile_is_local(path: str) -> bool:
 # ---------------------------------------------------------------------------------- report
 
 
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{1000 * x:.1f}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.1f}%"
+_ms, _pct = ms_text, pct_text  # "-" for None; milliseconds with one decimal; signed percent
 
 
 def format_table(results: list[RunResult]) -> str:

@@ -19,6 +19,8 @@ What a rank does:
    closure, a neighbour in the ring). Every send / recv goes to a ring neighbour.
 3. Warm-up (short prefill + a few decode steps, caches then reset), a barrier (`all_sum`), then
    the measured run: prefill of the prompt and greedy decoding of `max_tokens` tokens.
+   With `"serve": true` in the job, B streams instead, under a runtime batching pattern
+   (batch-through or micro-batch; exo_bridge.runner.streams drives `Stage.advance`).
 4. Prints one line `EXO_BRIDGE_RESULT {json}` on stdout: rank 0 the tokens and the token
    arrival times, every rank its per-step compute times (time from input available to output
    evaluated, so waiting on the network is excluded) for diagnosing prediction errors.

@@ -32,7 +32,6 @@ available -> output evaluated) with its phase and batch size, for `--calibrate`.
 
 from __future__ import annotations
 
-import math
 import random
 import statistics
 import time
@@ -202,6 +201,16 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def pct_errors(measured: dict[str, float | None],
+               predicted: dict[str, Any]) -> dict[str, float | None]:
+    """(measured - predicted) / predicted in percent, per key (None where either is missing)."""
+    out: dict[str, float | None] = {}
+    for k, x in measured.items():
+        p = predicted.get(k)
+        out[k] = (100.0 * (x - p) / p) if (x is not None and p) else None
+    return out
+
+
 @dataclass
 class ServeResult:
     """One multi-stream run, measured (rank 0's clock), beside the prediction."""
@@ -243,11 +252,8 @@ class ServeResult:
 
     def errors_pct(self) -> dict[str, float | None]:
         m = self.measured()
-        out: dict[str, float | None] = {}
-        for k in ("throughput_tps", "tpot_s", "ttft_s"):
-            p, x = self.predicted.get(k), m.get(k)
-            out[k] = (100.0 * (x - p) / p) if (x is not None and p) else None
-        return out
+        return pct_errors({k: m.get(k) for k in ("throughput_tps", "tpot_s", "ttft_s")},
+                          self.predicted)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -278,29 +284,14 @@ def steady_decode(times_s: list[list[float]], schedule) -> tuple[int, float]:
     return tokens, busy
 
 
-def stage_pass_times(rank: dict[str, Any], phase: str) -> dict[int, list[float]]:
-    """A rank's compute seconds of every pass of `phase`, by batch size (measured)."""
-    out: dict[int, list[float]] = {}
-    for ph, b, c, _ in rank.get("passes") or []:
-        if ph == phase:
-            out.setdefault(int(b), []).append(float(c))
-    return out
-
-
-def spread(xs: list[float]) -> float:
-    """(max - min) / median of measured repeats (0 for one)."""
-    m = statistics.median(xs)
-    return (max(xs) - min(xs)) / m if m > 0 and len(xs) > 1 else 0.0
-
-
 # --------------------------------------------------------------------------------- report
 
 
-def _ms(x) -> str:
+def ms_text(x) -> str:
     return "-" if x is None else f"{1e3 * x:.1f}"
 
 
-def _pct(x) -> str:
+def pct_text(x) -> str:
     return "-" if x is None else f"{x:+.1f}%"
 
 
@@ -318,10 +309,10 @@ def table_rows(results: list[ServeResult]) -> tuple[list[str], list[list[str]]]:
         mb = r.micro_batch if r.pattern == "micro-batch" else min(r.streams, r.max_batch)
         rows.append([r.label, st, f"{r.pattern}@{r.protocol}", str(r.streams), str(mb),
                      _f(m["throughput_tps"]), _f(p.get("throughput_tps")),
-                     _pct(e["throughput_tps"]), _ms(m["tpot_s"]),
+                     pct_text(e["throughput_tps"]), ms_text(m["tpot_s"]),
                      "-" if m["tpot_spread"] is None else f"{100 * m['tpot_spread']:.0f}%",
-                     _ms(p.get("tpot_s")), _pct(e["tpot_s"]), _ms(m["ttft_s"]),
-                     _ms(p.get("ttft_s")), _pct(e["ttft_s"])])
+                     ms_text(p.get("tpot_s")), pct_text(e["tpot_s"]), ms_text(m["ttft_s"]),
+                     ms_text(p.get("ttft_s")), pct_text(e["ttft_s"])])
     return head, rows
 
 
@@ -339,11 +330,3 @@ def print_table(results: list[ServeResult], title: str, caption: str = "") -> No
         t.add_row(*row)
     width = sum(max(len(h), *(len(r[i]) for r in rows)) + 3 for i, h in enumerate(head))
     Console(width=max(100, width + 4)).print(t)
-
-
-def predicted_label(pred: dict[str, Any]) -> str:
-    return pred.get("source", "")
-
-
-def micro_batches(streams: int, m: int) -> int:
-    return math.ceil(streams / m)
