@@ -163,6 +163,22 @@ def summarise(results: list) -> dict:
                               else min(r.streams, r.max_batch)) for r in results)}
 
 
+def stage_breakdown(results: list) -> str:
+    """Per stage: measured median decode compute / predicted (ms), m, for the error analysis
+    (compute above its row: the node got less CPU than profiled; below: batching gained more
+    than the table charges)."""
+    import statistics
+
+    parts = []
+    for r in results:
+        pc = r.predicted.get("stage_compute_s") or {}
+        for st, rk in zip(r.stages, r.ranks):
+            dec = [c for ph, _, c, _ in rk["passes"] if ph == "decode"]
+            parts.append(f"{st.node} {1e3 * statistics.median(dec):.0f}/"
+                         f"{1e3 * pc.get(st.node, 0.0):.0f}")
+    return " | ".join(parts)
+
+
 def print_report(rows: list[dict], loadavg: tuple) -> list[str]:
     from rich.console import Console
     from rich.table import Table
@@ -202,6 +218,9 @@ def print_report(rows: list[dict], loadavg: tuple) -> list[str]:
                              f"than {r['label']} ({r['pred_tps']:.2f}); measured "
                              f"{o['meas_tps']:.2f} vs {r['meas_tps']:.2f}: "
                              + ("agrees" if ok else "DISAGREES"))
+    print("per stage, decode compute measured / predicted ms (median over the steps):")
+    for r in rows:
+        print(f"  B={r['B']} {r['pattern']} {r['label']}: {r['breakdown']}")
     out = sum(1 for r in rows if abs(r["meas_tps"] / r["pred_tps"] - 1) > TOLERANCE)
     lines.append(f"{len(rows) - out} of {len(rows)} rows within {TOLERANCE:.0%}; {out} outside")
     for ln in lines:
@@ -266,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:
                         log(f"  failed: {e}")
                         continue
-                    row = {"B": B, "pattern": pattern, "label": label, **summarise(res)}
+                    row = {"B": B, "pattern": pattern, "label": label, **summarise(res),
+                           "breakdown": stage_breakdown(res)}
                     rows.append(row)
                     record.append({**row, "runs": [r.to_dict() for r in res]})
                     log(f"  measured {row['meas_tps']:.2f} tok/s, predicted "

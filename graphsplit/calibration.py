@@ -156,14 +156,16 @@ def apply(table, doc: dict[str, Any], source: str):
                 row.prefill_s = [x * r for x in row.prefill_s]
                 continue
             cols = getattr(row, "decode_batch_s", None)
-            if grid and cols:
+            if len(grid) > 1 and cols:
                 idx = _batch_columns(grid, batch)
                 row.decode_batch_s = [[x * r if j in idx else x for j, x in enumerate(c)]
                                       for c in cols]
                 if 0 in idx and grid[0] == 1:
                     row.decode_s = [x * r for x in row.decode_s]
-            elif batch == 1 or not grid:  # a table without a batch grid: one decode level
+            else:  # a table without a batch grid (version 1): one decode level
                 row.decode_s = [x * r for x in row.decode_s]
+                if cols:  # (a reader that fills the batch-1 column: keep it equal)
+                    row.decode_batch_s = [[x * r for x in c] for c in cols]
     t.method = dict(t.method, calibration={
         "file": source, "kind": "measured",
         "ratios": {f"{ph}@batch{b}": round(r, 6) for (ph, b), r in sorted(ratios.items())}})

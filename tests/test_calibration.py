@@ -55,6 +55,15 @@ def test_apply_scales_every_row_in_the_measured_phase_only():
     assert c.method["calibration"]["kind"] == "measured"
 
 
+def test_a_table_without_batch_grid_takes_any_batch_on_its_one_level():
+    """Version 1 (no batch grid, read as decode_batch = [1]): the cost model charges batch b
+    as b x decode_s, so a batch-4 measurement scales decode_s itself."""
+    t = make_table("a", 2, decode_s=0.001)
+    t.decode_batch = [1]
+    c = C.apply(t, doc([entry("a", "decode", 4, 3.0)]), "f")
+    assert c.rows[1].decode_s == pytest.approx([3 * x for x in t.rows[1].decode_s])
+
+
 def test_batch_grid_scales_the_columns_the_batch_interpolates_between():
     """A version-2 table (decode_batch grid, rows' decode_batch_s): a batch-3 measurement
     scales the batch-2 and batch-4 columns (so the value at 3 is the measured one), batch 1
