@@ -11,7 +11,6 @@ from graphsplit.result import SplitResult
 from profiler.errors import UserError
 
 SOLVERS = ("auto", "bitmask", "fixed-order", "milp", "brute")
-BITMASK_MAX_NODES = 12
 
 
 class NoFitError(UserError):
@@ -47,7 +46,12 @@ def _kv_options(workload: Workload) -> str:
 def solve(cluster, objective: str = "latency", workload: Workload = Workload(),
           runtime: str = "exo-current", use_all_nodes: bool = False,
           solver: str = "auto") -> SplitResult:
-    """Run one solver on the chain model of `cluster`."""
+    """Run one solver on the chain model of `cluster`.
+
+    "auto" is the exact program over node types (solve_dp.solve_bitmask): optimal over all
+    orders and subsets whatever the cluster size while the types fit its budget, else the best
+    plan found with a proven lower bound; never the file's node order. "fixed-order" and
+    "milp" are optimal for the file's order only; the result's `proven` says which."""
     from graphsplit import solve_dp
     if objective not in OBJECTIVES:
         raise UserError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
@@ -57,9 +61,7 @@ def solve(cluster, objective: str = "latency", workload: Workload = Workload(),
     if use_all_nodes and len(cluster.nodes) > cluster.n_layers:
         raise UserError(f"--use-all-nodes: {len(cluster.nodes)} nodes cannot each get one of "
                         f"{cluster.n_layers} layers")
-    if solver == "auto":
-        solver = "bitmask" if len(cluster.nodes) <= BITMASK_MAX_NODES else "fixed-order"
-    if solver == "bitmask":
+    if solver in ("auto", "bitmask"):
         return solve_dp.solve_bitmask(cluster, objective, workload, runtime, use_all_nodes)
     if solver == "fixed-order":
         return solve_dp.solve_fixed_order(cluster, objective, workload, runtime, use_all_nodes)

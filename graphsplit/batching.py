@@ -100,31 +100,24 @@ def served_streams(runtime: str, streams: int) -> int:
 
 
 def decode_seconds(table, row, context: float, batch: int = 1) -> float:
-    """Seconds of one decode step of `batch` streams through `row` (INTERFACES I1).
-
-    profiler.costtable.decode_seconds when the profiler has it; otherwise (a profiler without
-    batch grids) the table's own batch grid when it carries one, else batch x the batch-1
-    time (extrapolated: `batch_notes` says so)."""
+    """Seconds of one decode step of `batch` streams through `row`: the cost table's accessor
+    (profiler.costtable.decode_seconds, INTERFACES I1: piecewise-linear in batch, linear
+    beyond the grid, b x the batch-1 time for a table without a batch grid), memoised."""
     if batch == 1:
         return table.decode_time(row, context)
-    acc = getattr(_ct, "decode_seconds", None)
-    if acc is not None:
-        return acc(table, row, context, batch)
-    grid = list(getattr(table, "decode_batch", None) or [1])
-    cols = getattr(row, "decode_batch_s", None)
-    if len(grid) < 2 or not cols:
-        return batch * table.decode_time(row, context)
-    at = [_ct.interpolate(table.decode_context, [c[j] for c in cols], context, False)
-          for j in range(len(grid))]
-    return _ct.interpolate(grid, at, batch, through_origin=False)
+    key = (id(table), id(row), context, batch)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is row:  # the row itself kept: its id is not reused
+        return hit[1]
+    if len(_MEMO) > 200_000:
+        _MEMO.clear()
+    v = _ct.decode_seconds(table, row, context, batch)
+    _MEMO[key] = (row, v)
+    return v
 
 
-def batch_grid(table) -> list[int]:
-    """The batch sizes a table measured ([1] for a table without a batch grid)."""
-    acc = getattr(_ct, "batch_grid", None)
-    if acc is not None:
-        return list(acc(table))
-    return list(getattr(table, "decode_batch", None) or [1])
+_MEMO: dict[tuple, tuple] = {}  # the solvers ask for the same few (row, context, batch) often
+batch_grid = _ct.batch_grid
 
 
 def batch_notes(cluster, workload) -> list[str]:
@@ -138,8 +131,8 @@ def batch_notes(cluster, workload) -> list[str]:
         if b > grid[-1]:
             what = ("no batch grid (a version-1 table): charged linearly from batch 1"
                     if grid == [1] else f"beyond the measured batch grid {grid[0]}..{grid[-1]}")
-            notes.append(f"{node.id}: decode batch {b} is {what}: extrapolated (profile with "
-                         f"a batch grid covering {b} to measure it)")
+            notes.append(f"{node.id}: decode batch {b} is {what}: extrapolated (profile "
+                         f"with --decode-batch covering {b} to measure it)")
     return notes
 
 
@@ -167,7 +160,11 @@ def serving_for(runtime: str, streams: int, micro_batch: int = 1) -> Serving:
         m = 1
     else:
         m = micro_batch
-    return Serving(PATTERN[runtime], m, cap, WHY[runtime])
+    why = WHY[runtime]
+    if runtime == "exo-legacy" and streams > LEGACY_MAX_CACHES:
+        why += (f"; beware: it keeps {LEGACY_MAX_CACHES} request caches per node "
+                "(poll_state(max_caches=2)), so a 4th concurrent stream evicts another's cache")
+    return Serving(PATTERN[runtime], m, cap, why)
 
 
 def check_micro_batch(runtime: str, streams: int, micro_batch: int | None) -> None:
@@ -227,14 +224,16 @@ def micro_batch_candidates(cluster, workload, runtime: str, micro_batch: int | N
 
 
 def solve_serving(cluster, workload, runtime: str, micro_batch: int | None = None,
-                  use_all_nodes: bool = False, solver: str = "auto"):
+                  use_all_nodes: bool = False, solver: str = "auto", seeds=()):
     """The throughput-optimal split AND micro-batch for B streams under `runtime`'s pattern.
 
     Problem: min over m and plans of 1 / throughput (module docstring). Method: the inner
     exact solver per candidate m, candidates in increasing order of a lower bound, stopped
     when the bound reaches the incumbent. Complexity: at most B inner solves (one when the
-    runtime fixes m or `micro_batch` is given), usually a few. Returns (SplitResult with
-    fun = 1 / throughput and extra["serving"], the workload with its batch set).
+    runtime fixes m or `micro_batch` is given), usually a few. `seeds`: splits (e.g. the
+    answer for one stream fewer) evaluated at every m first, a cheap first incumbent that only
+    prunes. Returns (SplitResult with fun = 1 / throughput and extra["serving"], the workload
+    with its batch set).
     """
     from graphsplit.api import solve
     from graphsplit.result import SplitResult
@@ -246,8 +245,17 @@ def solve_serving(cluster, workload, runtime: str, micro_batch: int | None = Non
                         "with --streams above 1 use --solver auto, bitmask or fixed-order")
     best = (math.inf, None, None, None)  # (1 / throughput, m, result, workload)
     work, tried, last = 0, 0, None
-    for lb, m in micro_batch_candidates(cluster, workload, runtime, micro_batch):
-        if lb >= best[0]:
+    cands = micro_batch_candidates(cluster, workload, runtime, micro_batch)
+    bar = math.inf  # the seeds' best value: prunes the search; a seed is never returned
+    for st in seeds:
+        for _, m in cands:
+            p = predict_or_none(cluster, st, replace(workload, batch=m), runtime)
+            if p is not None:
+                bar = min(bar, p)
+    for lb, m in cands:
+        # a candidate whose bound exceeds a seed's value cannot hold the optimum; one at or
+        # below it is solved (so the optimum, maybe the seed's own value, is always found)
+        if lb >= best[0] or lb > bar * (1 + 1e-9):
             break
         wl = replace(workload, batch=m)
         r = solve(cluster, "throughput", wl, runtime, use_all_nodes, solver)
@@ -269,8 +277,10 @@ def solve_serving(cluster, workload, runtime: str, micro_batch: int | None = Non
     chosen = "given" if micro_batch or runtime != "mlx-pipeline" else \
         f"best of {tried} micro-batch size(s) tried, the rest bounded out"
     proven = proven_label(r)
+    inner = r.message.replace(f"for {wl.micro_batches} stream(s)",
+                              f"for {wl.micro_batches} micro-batch(es) in the ring")
     res = SplitResult(r.stages, inv, r.optimal, r.status,
-                      f"{r.message}; {what}, {chosen}", r.solver, time.perf_counter() - t0,
+                      f"{inner}; {what}, {chosen}", r.solver, time.perf_counter() - t0,
                       work, {**r.extra, "serving": serving}, proven=proven,
                       lower_bound=inv if proven != "bound" else None,
                       gap=0.0 if proven != "bound" else None)
@@ -285,6 +295,13 @@ def proven_label(r) -> str:
         return "bound"
     return "optimal-given-order" if r.solver.startswith("fixed-order") else \
         "optimal-all-orders-subsets"
+
+
+def predict_or_none(cluster, stages, workload, runtime: str) -> float | None:
+    """1 / throughput of a plan when it fits, else None."""
+    from graphsplit.costmodel import objective_value, predict
+    p = predict(cluster, stages, workload, runtime)
+    return objective_value(p, "throughput", workload) if p.fits else None
 
 
 def best_micro_batch(cluster, stages, workload, runtime: str):

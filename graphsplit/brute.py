@@ -13,7 +13,7 @@ from typing import Sequence
 
 from graphsplit.costmodel import Workload, objective_value, predict
 from graphsplit.plan import Stage
-from graphsplit.result import SplitResult
+from graphsplit.result import ALL_ORDERS, GIVEN_ORDER, SplitResult
 
 
 def all_plans(ids: Sequence[str], n_layers: int, use_all_nodes: bool = False,
@@ -34,7 +34,8 @@ def all_plans(ids: Sequence[str], n_layers: int, use_all_nodes: bool = False,
 def brute_force(cluster, objective: str = "latency", workload: Workload = Workload(),
                 runtime: str = "exo-current", use_all_nodes: bool = False,
                 fixed_order: bool = False) -> SplitResult:
-    """Exhaustive minimum of the objective over feasible plans (pareto: the frontier in extra)."""
+    """Exhaustive minimum of the objective over feasible plans (pareto: the frontier in extra):
+    over every order and subset, or with fixed_order over subsequences of the node order."""
     t0 = time.perf_counter()
     best, best_stages, n = float("inf"), None, 0
     points = []
@@ -62,8 +63,9 @@ def brute_force(cluster, objective: str = "latency", workload: Workload = Worklo
                 front.append((s, m, st))
         extra["frontier"] = [{"tpot_s": s, "bottleneck_s": m, "stages": st}
                              for s, m, st in front]
+    proven = GIVEN_ORDER if fixed_order else ALL_ORDERS
     if best_stages is None:
         return SplitResult(None, float("inf"), True, 2, "infeasible", "brute-force",
-                           time.perf_counter() - t0, n, extra)
+                           time.perf_counter() - t0, n, extra, proven=proven)
     return SplitResult(best_stages, best, True, 0, f"exhaustive over {n} plans", "brute-force",
-                       time.perf_counter() - t0, n, extra)
+                       time.perf_counter() - t0, n, extra, proven=proven)

@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"ttft {s['ttft_s'] * 1e3:.2f} ms, tpot {s['tpot_s'] * 1e3:.2f} ms, "
                   f"{s['throughput_tps']:.2f} tok/s; utilisation "
                   + ", ".join(f"{n} {u:.0%}" for n, u in s["utilisation"].items()))
+            if int(plan.workload.get("batch", 1)) > 1:
+                print("note: the simulator replays one stream per decode step (batch 1); the "
+                      "plan's prediction batches them (see serving)")
         if args.out:
             print(f"\nplan written to {args.out}")
         if args.plot:

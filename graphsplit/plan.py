@@ -141,7 +141,11 @@ SERVING = F.Obj({"pattern": F.Str(choices=("batch-through", "micro-batch")),
 REPLICA = F.Obj({"stages": F.List(STAGE, nonempty=True), "streams": F.Int(gt=0),
                  "serving": SERVING, "predicted": PREDICTED},
                 required=("stages", "streams"), name="an object {stages, streams, predicted}")
+# what a solver proved (graphsplit.result.SplitResult.proven)
+PROVEN = ("optimal-all-orders-subsets", "optimal-given-order", "bound")
 SOLVER = F.Obj({"name": F.Str(), "optimal": F.Bool(), "status": F.Int(), "message": F.Str(),
+                "proven": F.Str(choices=PROVEN), "lower_bound": F.Opt(F.Num()),
+                "gap": F.Opt(F.Num(ge=0)),
                 "solve_s": F.SECONDS, "objective_value": F.Opt(F.Num()),
                 "work": F.Opt(F.Int(ge=0)), "manual": F.Bool(), "layers": F.Str()})
 BASELINE = F.Obj({"stages": F.List(STAGE), "predicted": PREDICTED, "error": F.Str()},

@@ -22,7 +22,8 @@ Method (bound), beyond that size: k = 1..D replicas of nodes dealt in speed orde
 fastest first), each solved exactly and the streams shared optimally; the best is returned with
 an upper bound on any plan's throughput, sum_d 1 / (L x c_d), c_d node d's cheapest per-token
 block time over the batches it could run (each token needs all L blocks once; node d spends at
-least c_d per block-token), and the gap to it.
+least c_d per block-token) and B / L_1 (a stream's token needs every block in turn, at least
+L_1, the fastest node's batch-1 time per block summed), and the gap to it.
 
 Complexity: (distinct sets x B) inner solves + Bell(D) x k B^2 for the partitions.
 Reference: set partitions enumerated by restricted growth strings (Knuth, TAOCP 7.2.1.5).
@@ -42,7 +43,7 @@ from graphsplit.plan import Stage
 from graphsplit.result import SplitResult
 from profiler.errors import UserError
 
-MAX_SOLVES = 600  # exact search: distinct node sets x B inner solves at most
+MAX_SOLVES = 200  # exact search: distinct node sets x B inner solves at most
 EXACT_MAX_NODES = 10  # and Bell(10) = 115,975 set partitions
 
 
@@ -84,8 +85,7 @@ def node_classes(cluster) -> dict[str, int]:
 
     def same(u: str, v: str) -> bool:
         nu, nv = cluster.node(u), cluster.node(v)
-        if (nu.table is not nv.table and nu.table.to_dict() | {"created": ""}
-                != nv.table.to_dict() | {"created": ""}):
+        if nu.table is not nv.table and _costs(nu.table) != _costs(nv.table):
             return False
         if nu.memory_bytes != nv.memory_bytes or cluster.link(u, v) != cluster.link(v, u):
             return False
@@ -103,6 +103,16 @@ def node_classes(cluster) -> dict[str, int]:
             cls[u] = len(reps)
             reps.append(u)
     return cls
+
+
+def _costs(table) -> tuple:
+    """Everything of a table the cost model reads (not the host's name): rows with every
+    measured field (batch grids included), the grids, the model, the device's numbers."""
+    d = table.device
+    return (repr([sorted(vars(r).items()) for r in table.rows]), table.prefill_tokens,
+            table.decode_context, repr(getattr(table, "decode_batch", None)),
+            repr(table.model), d.memory_bandwidth_gbs, d.matmul_tflops,
+            d.memory_usable_bytes, d.memory_total_bytes)
 
 
 def set_partitions(items: Sequence[str]) -> Iterator[list[list[str]]]:
@@ -164,7 +174,8 @@ class _Table:
         for b in range(1, self.workload.streams + 1):
             wl = replace(self.workload, streams=b, batch=1)
             mb = min(self.micro_batch, b) if self.micro_batch else None
-            r, wl = solve_serving(sub, wl, self.runtime, mb, self.use_all, self.solver)
+            seeds = [out[-1][1].stages] if out[-1] else []  # b - 1's plan: a first incumbent
+            r, wl = solve_serving(sub, wl, self.runtime, mb, self.use_all, self.solver, seeds)
             self.solves += 1
             if r is None or r.stages is None:
                 out += [None] * (self.workload.streams + 1 - len(out))
@@ -226,8 +237,10 @@ def _relabel(stages: list[Stage], mapping: dict[str, str]) -> list[Stage]:
 
 
 def throughput_upper_bound(cluster, workload: Workload, runtime: str) -> float:
-    """sum_d 1 / (L c_d): no plan, with any replicas, exceeds it (module docstring)."""
-    from graphsplit.batching import decode_seconds
+    """min(sum_d 1 / (L c_d), B / L_1): no plan, with any replicas, exceeds it (module
+    docstring; L_1 the fastest node's batch-1 time per block summed: a stream's token needs
+    every block in turn, so it comes at most once per L_1)."""
+    from graphsplit.batching import _fastest_sum, decode_seconds
     cap = max_batch(runtime) or workload.streams
     top = min(cap, workload.streams)
     C = workload.context_tokens
@@ -238,7 +251,8 @@ def throughput_upper_bound(cluster, workload: Workload, runtime: str) -> float:
         c = min(decode_seconds(t, t.row(f"layers.{i}"), C, b) / b
                 for i in range(cluster.n_layers) for b in bs)
         total += math.inf if c <= 0 else 1.0 / (cluster.n_layers * c)
-    return total
+    l1 = _fastest_sum(cluster, replace(workload, batch=1), runtime)
+    return min(total, workload.streams / l1 if l1 > 0 else math.inf)
 
 
 def solve_replicas(cluster, workload: Workload, runtime: str, replicas: int | None = None,

@@ -20,16 +20,29 @@ def _ratio(base: float, ours: float, higher_is_better: bool) -> str:
     return f"{r:.2f}x"
 
 
+def proven_text(sv: dict) -> str:
+    """What a plan's solver entry proves, in words (graphsplit.result.LABELS); a plan written
+    before the labels existed says only optimal or not, which this reports as such."""
+    from graphsplit.result import BOUND, LABELS
+    proven = sv.get("proven")
+    if proven not in LABELS:
+        return "proven optimal (scope not recorded)" if sv.get("optimal") else LABELS[BOUND]
+    text = LABELS[proven]
+    if proven == BOUND:
+        lb, gap = sv.get("lower_bound"), sv.get("gap")
+        text += (f", proven lower bound {lb:.6g} (objective units), gap {gap:.2%}"
+                 if lb is not None and gap is not None else ", no lower bound proven")
+    return f"{text} [{proven}]"
+
+
 def _solver_lines(plan: Plan) -> list[str]:
     sv = plan.solver
     if sv.get("manual"):
         opt = (plan.baselines.get("optimal") or {}).get("solver") or {}
-        best = (f"the optimum (row 'optimal') by solver {opt.get('name')}, "
-                f"{'proven optimal' if opt.get('optimal') else 'NOT proven optimal'}"
+        best = (f"the optimum (row 'optimal') by solver {opt.get('name')}, {proven_text(opt)}"
                 if opt else "no optimum: nothing fits")
         return [f"manual split --layers {sv.get('layers')} (execution order as written); {best}"]
-    return [f"solver {sv.get('name')}: "
-            f"{'proven optimal' if sv.get('optimal') else 'NOT proven optimal'}"
+    return [f"solver {sv.get('name')}: {proven_text(sv)}"
             f" ({sv.get('message')}), {sv.get('solve_s', 0):.3f} s"]
 
 

@@ -54,10 +54,14 @@ import numpy as np
 
 from graphsplit.costmodel import ChainCosts, Workload, predict
 from graphsplit.plan import Stage
-from graphsplit.result import SplitResult
+from graphsplit.result import ALL_ORDERS, BOUND, GIVEN_ORDER, SplitResult
+from graphsplit.solve_types import TypedCosts, padded, as_typed, coarsen, typed_costs
 
 INF = np.inf
 MAX_PARETO_POINTS = 200
+# the exact program's size limit (count-vector states x types; 16 distinct nodes: 2^16 x 16);
+# beyond, the best plan found with a proven lower bound (deterministic: no time limit)
+MAX_KEYS = 1 << 20
 REL = 1e-9  # relative tolerance: sums of the same times in another order differ by rounding
 
 
@@ -179,10 +183,12 @@ def _range_lo(cc: ChainCosts, cap: float) -> np.ndarray:
     return lo
 
 
-def _set_lower_bound(cc: ChainCosts, cap: float) -> np.ndarray:
+def _set_lower_bound(cc, cap: float, cnt: np.ndarray | None = None, fill=None) -> np.ndarray:
     """lbt[A, b]: a lower bound on the sum of the stage times of blocks b..L-1 when only the
-    nodes of the set A (a bitmask) may run them (a state (mask, d, b) can use d and the nodes
-    outside mask).
+    nodes of the set A may run them (a state (mask, d, b) can use d and the nodes outside
+    mask). A is a state of the count-vector space (solve_types.StateSpace; with one node per
+    type, the bitmask of the set); `cnt`: only these count vectors (rows), in that order;
+    `fill`: _fill_params(cc, cap), when already computed.
 
     Valid because every completion puts the blocks b..L-1 on distinct nodes of A in contiguous
     ranges: node n runs at most cap_n blocks (the longest range that fits its memory and, with a
@@ -191,42 +197,69 @@ def _set_lower_bound(cc: ChainCosts, cap: float) -> np.ndarray:
     of L - b blocks (fastest nodes first, up to their caps) is therefore a lower bound; inf when
     the caps of A cannot hold L - b blocks. The classical per-block bound (fastest node per block,
     cc.lower_bound) is also valid; the larger of the two is used, shrunk by a relative 1e-9 so
-    rounding never prunes an optimal plan."""
-    D, L = cc.D, cc.L
-    bi, ci = np.arange(L + 1)[:, None], np.arange(L + 1)[None, :]
-    span = np.broadcast_to(ci - bi, (L + 1, L + 1))
-    capn = np.zeros(D)
-    for d in range(D):
-        ok = np.isfinite(cc.comp[d]) & (cc.comp[d] <= cap)
-        capn[d] = span[ok].max() if ok.any() else 0
-    mn = np.diff(cc.prefix, axis=1).min(axis=1) if L else np.zeros(D)
-    order = np.argsort(mn, kind="stable")
-    n_sets = 1 << D
-    sets = np.arange(n_sets)
-    inset = ((sets[:, None] >> order[None, :]) & 1).astype(float)  # (A, i) in speed order
-    caps = inset * capn[order][None, :]
+    rounding never prunes an optimal plan. O(|A| T L) for T types."""
+    tc = as_typed(cc)
+    T, L = tc.D, tc.L
+    cnt = tc.space.cnt if cnt is None else cnt
+    capn, mn, order = fill if fill is not None else _fill_params(tc, cap)
+    n_sets = cnt.shape[0]
+    caps = cnt[:, order] * capn[order][None, :]  # (A, i) in speed order
     cumcap = np.concatenate([np.zeros((n_sets, 1)), np.cumsum(caps, axis=1)], axis=1)
     cumt = np.concatenate([np.zeros((n_sets, 1)), np.cumsum(caps * mn[order][None, :], axis=1)],
                           axis=1)
     r = (L - np.arange(L + 1)).astype(float)  # blocks left at b
-    j = (cumcap[:, None, 1:] < r[None, :, None]).sum(axis=2)  # (A, b): the node that fills r
-    jj = np.minimum(j, D - 1)
-    rows = sets[:, None]
+    j = np.zeros((n_sets, L + 1), dtype=np.int64)  # (A, b): the type that fills r
+    for i in range(T):
+        j += cumcap[:, None, i + 1] < r[None, :]
+    jj = np.minimum(j, T - 1)
+    rows = np.arange(n_sets)[:, None]
     val = cumt[rows, j] + (r[None, :] - cumcap[rows, j]) * mn[order][jj]
-    val = np.where(j >= D, INF, val)
-    inmask = ((sets[:, None] >> np.arange(D)[None, :]) & 1).astype(bool)
-    head = np.where(inmask, cc.t_head[None, :], INF).min(axis=1)  # (A,)
+    val = np.where(j >= T, INF, val)
+    head = np.where(cnt >= 1, tc.t_head[None, :], INF).min(axis=1)  # (A,)
     val = val + head[:, None]
     val[:, L] = 0.0
-    per_block = cc.lower_bound[None, :]
+    per_block = tc.lower_bound[None, :]
     return np.maximum(val * (1 - 1e-9), per_block)
 
 
-def _reverse_lower_bound(cc: ChainCosts, use_all: bool, cap: float) -> np.ndarray:
+def _fill_params(tc, cap: float):
+    """Per type: the most blocks one node can run (memory, cap), its fastest block time, and
+    the types by that time (_set_lower_bound)."""
+    T, L = tc.D, tc.L
+    span = np.arange(L + 1)[None, :] - np.arange(L + 1)[:, None]
+    ok = np.isfinite(tc.comp) & (tc.comp <= cap)  # (T, b, c)
+    capn = np.where(ok, span[None], 0).max(axis=(1, 2)).astype(float)
+    mn = np.diff(tc.prefix, axis=1).min(axis=1) if L else np.zeros(T)
+    return capn, mn, np.argsort(mn, kind="stable")
+
+
+def _hi_windows(tc, cap: float):
+    """Sparse-table query parameters of the reverse bound's windows [b + 1, hi_d(b)] (see
+    _reverse_lower_bound): (level kk, start, right start rs, length ln, levels J)."""
+    L = tc.L
+    cs = np.arange(L + 1)
+    omin = np.where(np.isfinite(tc.out), tc.out, INF).min(axis=(1, 2))  # (d,)
+    omin = np.where(np.isfinite(omin), omin, 0.0)
+    ok = np.isfinite(tc.comp) & (tc.comp + omin[:, None, None] <= cap)  # (d, b, c)
+    ok[:, :, L] = False
+    ok &= cs[None, None, :] > cs[None, :, None]
+    has = ok.any(axis=2)
+    hi = np.where(has, L - np.argmax(ok[:, :, ::-1], axis=2), 0)  # (d, b): last ok c
+    st = cs[None, :] + 1
+    ln = np.where(has, hi - st + 1, 0)
+    kk = np.zeros_like(ln)
+    kk[ln > 0] = np.floor(np.log2(ln[ln > 0])).astype(np.int64)
+    st_c = np.where(ln > 0, st, 0)
+    rs = np.where(ln > 0, hi + 1 - (1 << kk), 0)
+    return kk, st_c, rs, ln, int(kk.max()) + 1
+
+
+def _reverse_lower_bound(cc, use_all: bool, cap: float) -> np.ndarray:
     """H[A, d, b]: a lower bound on the sum of the stage times of blocks b..L-1 when d runs the
     stage that starts at b and the later stages use distinct nodes of A \\ {d} (d in A), every
-    stage <= cap; with use_all, exactly the nodes of A. A reverse bitmask DP over the allowed
-    set, O(2^D D^2 L log L), of a relaxation of the exact program:
+    stage <= cap; with use_all, exactly the nodes of A. A is a count-vector state and d a type
+    (solve_types; with one node per type, A is a bitmask and d a node). A reverse DP over the
+    allowed set, O(S T^2 L log L) for S states, of a relaxation of the exact program:
       * a transition d -> q at cut c (c < L) costs comp[d, b, c] + out[d, q, c] =
         P_d[c] - P_d[b] (+ embedding at b = 0) + out[d, q, c] for every c in (b, hi_d(b)],
         hi_d(b) the LARGEST c < L with comp[d, b, c] finite and <= cap - min_q,c out[d, q, c]:
@@ -235,65 +268,52 @@ def _reverse_lower_bound(cc: ChainCosts, use_all: bool, cap: float) -> np.ndarra
         A when b > 0); H[., ., 0] = 0 (no bound for the first stage).
     Fewer options never lower a minimum, so H <= the real cost-to-go of every state (A = the
     nodes outside the forward mask, plus d); it is shrunk by a relative 1e-9 for rounding."""
-    D, L = cc.D, cc.L
-    full = (1 << D) - 1
-    H = np.full((full + 1, D, L + 1), INF)
+    tc = as_typed(cc)
+    sp, T, L = tc.space, tc.D, tc.L
     if L == 0:
-        return np.zeros((full + 1, D, L + 1))
+        return np.zeros((sp.n_states, T, L + 1))
+    H = np.full((sp.n_states, T, L + 1), INF)
+    kk, st_c, rs, ln, J = _hi_windows(tc, cap)
     cs = np.arange(L + 1)
-    out = cc.out
-    omin = np.where(np.isfinite(out), out, INF).min(axis=(1, 2))  # (d,)
-    omin = np.where(np.isfinite(omin), omin, 0.0)
-    ok = np.isfinite(cc.comp) & (cc.comp + omin[:, None, None] <= cap)  # (d, b, c)
-    ok[:, :, L] = False
-    ok &= cs[None, None, :] > cs[None, :, None]
-    has = ok.any(axis=2)
-    hi = np.where(has, L - np.argmax(ok[:, :, ::-1], axis=2), 0)  # (d, b): last ok c
-    # window [b + 1, hi]: sparse-table query parameters per (d, b)
-    st = cs[None, :] + 1
-    ln = np.where(has, hi - st + 1, 0)
-    kk = np.zeros_like(ln)
-    kk[ln > 0] = np.floor(np.log2(ln[ln > 0])).astype(np.int64)
-    st_c = np.where(ln > 0, st, 0)
-    rs = np.where(ln > 0, hi + 1 - (1 << kk), 0)
-    J = int(kk.max()) + 1
-    emb = np.where(cs == 0, cc.t_embed[:, None], 0.0)  # (d, b)
-    base_b = emb - cc.prefix  # (d, b)
-    close_nd = np.where(np.eye(D, dtype=bool), INF, cc.close)
-    sets = np.arange(full + 1)
-    popc = np.array([bin(m).count("1") for m in sets])
-    dbit = ((sets[:, None] >> np.arange(D)[None, :]) & 1).astype(bool)
-    tlast = cc.comp[:, :, L]  # (d, b)
-    for k in range(1, D + 1):
-        Ak = np.nonzero(popc == k)[0]
-        mem = np.nonzero(dbit[Ak])[1].reshape(len(Ak), k)  # (n, k)
-        n = len(Ak)
-        # final stage on d: closure to the cheapest node outside A
-        if use_all and k > 1:
-            fin = np.full((n, k, L + 1), INF)
-        else:
-            clo = np.where(~dbit[Ak][:, None, :], close_nd[mem], INF).min(axis=2)  # (n, k)
-            fin = tlast[mem] + clo[:, :, None]
-            fin = np.where(fin <= cap, fin, INF)
-        if k > 1:
-            prev = Ak[:, None] ^ (1 << mem)  # (n, k): A \ {d}
-            Hs = H[prev]  # (n, k, q, c)
-            Y = (out[mem] + Hs).min(axis=2)  # (n, k, c)
-            Z = cc.prefix[mem] + Y
-            Z[..., L] = INF
-            mn, _ = _sparse_table(Z, J)
-            mnf = mn.ravel()
-            slab = n * k * (L + 1)
-            rowoff = (np.arange(n * k).reshape(n, k) * (L + 1))[:, :, None]
-            kg = kk[mem]
-            left = mnf.take(kg * slab + rowoff + st_c[mem])
-            right = mnf.take(kg * slab + rowoff + rs[mem])
-            rmq = np.where(ln[mem] > 0, np.minimum(left, right), INF)
-            fin = np.minimum(fin, base_b[mem] + rmq)
-        H[Ak[:, None], mem] = fin
-    H = H * (1 - 1e-9)
+    base_b = np.where(cs == 0, tc.t_embed[:, None], 0.0) - tc.prefix  # (d, b)
+    tlast = tc.comp[:, :, L]  # (d, b)
+    for k in range(1, sp.total + 1):
+        Ak_all, mem_all, _, _ = sp.levels[k]
+        for sl in _chunks(len(Ak_all), mem_all.shape[1] * T * (L + 1)):
+            Ak, mem = Ak_all[sl], mem_all[sl]
+            n, W = mem.shape
+            # final stage on d: closure to the cheapest node outside A
+            if use_all and k > 1:
+                fin = np.full((n, W, L + 1), INF)
+            else:
+                outside = sp.cnt[Ak] < sp.counts[None, :]  # (n, T)
+                clo = np.where(outside[:, None, :], tc.close[mem], INF).min(axis=2)  # (n, W)
+                fin = tlast[mem] + clo[:, :, None]
+                fin = np.where(fin <= cap, fin, INF)
+            if k > 1:
+                prev = Ak[:, None] - sp.radix[mem]  # (n, W): A \ {d}
+                Y = (tc.out[mem] + H[prev]).min(axis=2)  # (n, W, c)
+                Z = tc.prefix[mem] + Y
+                Z[..., L] = INF
+                mn, _ = _sparse_table(Z, J)
+                mnf = mn.ravel()
+                slab = n * W * (L + 1)
+                rowoff = (np.arange(n * W).reshape(n, W) * (L + 1))[:, :, None]
+                kg = kk[mem]
+                left = mnf.take(kg * slab + rowoff + st_c[mem])
+                right = mnf.take(kg * slab + rowoff + rs[mem])
+                rmq = np.where(ln[mem] > 0, np.minimum(left, right), INF)
+                fin = np.minimum(fin, base_b[mem] + rmq)
+            H[Ak[:, None], mem] = fin
+    H *= 1 - 1e-9
     H[:, :, 0] = 0.0
     return H
+
+
+def _chunks(n: int, per_row: int, max_elems: int = 1 << 22):
+    """Slices of range(n), each of at most max_elems / per_row rows (bounds temporaries)."""
+    step = max(1, max_elems // max(per_row, 1))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 def _sparse_table(u: np.ndarray, J: int):
@@ -353,26 +373,12 @@ def _range_queries(cc: ChainCosts, cap: float) -> _RangeQueries:
     return _RangeQueries(capped, lo, lo_c, kk, rs, J, addc, u_off)
 
 
-def _subset_levels(D: int):
-    """dbit[mask, d] and, per subset size k, (masks, their members (n, k), non-members)."""
-    full = (1 << D) - 1
-    popc = np.array([bin(m).count("1") for m in range(full + 1)])
-    dbit = ((np.arange(full + 1)[:, None] >> np.arange(D)[None, :]) & 1).astype(bool)
-    levels = {}
-    for k in range(1, D + 1):
-        Mk = np.nonzero(popc == k)[0]
-        bits = dbit[Mk]
-        levels[k] = (Mk, np.nonzero(bits)[1].reshape(len(Mk), k),
-                     np.nonzero(~bits)[1].reshape(len(Mk), D - k))
-    return dbit, levels
-
-
 def _extend(rq: _RangeQueries, U: np.ndarray, mem: np.ndarray, non: np.ndarray, D: int, L: int):
     """One transition for a batch of states: close the stage of d (a member, value U[n, k, b])
     at c and open q (a non-member) there. Returns, per (state n, q, c), the best value, the
     first block b of the closed stage and the node d that closed it."""
     n, k = mem.shape
-    Q = D - k
+    Q = non.shape[1]
     cs = np.arange(L + 1)
     mn, ix = _sparse_table(U + rq.u_off[mem], rq.J)  # (J, n, k, b)
     mnf, ixf = mn.ravel(), ix.ravel()
@@ -413,154 +419,200 @@ def _extend(rq: _RangeQueries, U: np.ndarray, mem: np.ndarray, non: np.ndarray, 
     return vbest, bbest, dbest
 
 
-def _last_stage_times(cc: ChainCosts, fs, fi, Ms, mem, dbit, cap: float, relax_first: bool):
-    """(n, k, b): the time of d's stage [b, L) as the last one, with its ring closure (to the
-    first node; relax_first: the cheapest closure to another node of the mask, none at k = 1)."""
-    D, L = cc.D, cc.L
-    k = mem.shape[1]
-    close_nd = np.where(np.eye(D, dtype=bool), INF, cc.close)  # (d, f), f != d
-    if relax_first:
-        if k == 1:
-            clo = np.zeros(mem.shape)
-        else:
-            clo = np.where(dbit[Ms][:, None, :], close_nd[mem], INF).min(axis=2)
-        tl = cc.comp[mem, :, L] + clo[:, :, None]
+def _last_stage_times(tc, f, Ms, mem, k: int, cap: float, relax_first: bool):
+    """(n, W, b): the time of d's stage [b, L) as the last one, with its ring closure (none at
+    k = 1: one stage); to the first type f (n,), or with relax_first the cheapest closure to
+    another node of the state (another type, or another node of d's own type)."""
+    L = tc.L
+    if k == 1:
+        clo = np.zeros(mem.shape)
+    elif relax_first:
+        others = tc.space.cnt[Ms][:, None, :] - (mem[:, :, None] == np.arange(tc.D))
+        clo = np.where(others >= 1, tc.close[mem], INF).min(axis=2)  # (n, W)
     else:
-        f = fs[fi][:, None]  # (n, 1): the first node of each state
-        clo = np.where(mem == f, 0.0, cc.close[mem, f])
-        tl = cc.comp[mem, :, L] + clo[:, :, None]
+        clo = tc.close[mem, f[:, None]]
+    tl = tc.comp[mem, :, L] + clo[:, :, None]
     return np.where(tl <= cap, tl, INF) if np.isfinite(cap) else tl
 
 
-def _backtrack(found, BPd, BPb, L: int):
-    j, mask, d, b = found
+@dataclass
+class _Level:
+    """The reached states of one level (total count k) of the forward program: keys (sorted)
+    = first type x n_states + count-vector state (first type 0 when relaxed), V[row, d, b] the
+    min sum of the finished stages with d's stage starting at b, back-pointers BPd (previous
+    type) and BPb (its first block)."""
+    keys: np.ndarray
+    V: np.ndarray
+    BPd: np.ndarray
+    BPb: np.ndarray
+
+
+def _first_level(tc, relax_first: bool) -> _Level:
+    sp, T, L = tc.space, tc.D, tc.L
+    fs = np.arange(T)
+    keys = sp.radix[fs] + (0 if relax_first else fs * sp.n_states)
+    order = np.argsort(keys)
+    V = np.full((T, T, L + 1), INF)
+    V[np.arange(T), fs[order], 0] = 0.0
+    return _Level(keys[order], V, np.full(V.shape, -1, dtype=np.int16),
+                  np.full(V.shape, -1, dtype=np.int32))
+
+
+def _next_level(pieces, T: int, L: int) -> _Level | None:
+    """Merge the extensions of one level (target key, type q, values, back-pointers) into the
+    next level's rows (one per reached key; pads repeat identical entries)."""
+    pieces = [p for p in pieces if p[0].size]
+    if not pieces:
+        return None
+    tk, q, vb, db, bb = (np.concatenate(x) for x in zip(*pieces))
+    keys, inv = np.unique(tk, return_inverse=True)
+    V = np.full((keys.size, T, L + 1), INF)
+    BPd = np.full(V.shape, -1, dtype=np.int16)
+    BPb = np.full(V.shape, -1, dtype=np.int32)
+    V[inv, q], BPd[inv, q], BPb[inv, q] = vb, db, bb
+    return _Level(keys, V, BPd, BPb)
+
+
+def _expand(tc, lvl: _Level, rows: slice, k: int, rq, fill, hrev, use_all: bool, cap: float,
+            relax_first: bool, best: list):
+    """Expand rows of level k: prune by the bounds, record a plan that ends here (in best:
+    [value, (level, key, d, b)]), extend to level k + 1. Returns (states expanded, piece)."""
+    sp, L = tc.space, tc.L
+    keys = lvl.keys[rows]
+    f, Ms = keys // sp.n_states, keys % sp.n_states
+    mem, pad = padded(sp.cnt[Ms] >= 1)
+    U = lvl.V[rows][np.arange(keys.size)[:, None], mem]  # (n, W, b)
+    U[pad] = INF
+    # prune: blocks b.. still go to d and the nodes outside the state
+    avail = (sp.full - Ms)[:, None] + sp.radix[mem]  # (n, W)
+    lbk = _set_lower_bound(tc, cap, sp.cnt[avail.ravel()], fill).reshape(avail.shape + (L + 1,))
+    if hrev is not None:
+        lbk = np.maximum(lbk, hrev[avail, mem])
+    U = np.where(U + lbk < best[0], U, INF)
+    alive = np.nonzero(np.isfinite(U).any(axis=(1, 2)))[0]
+    empty = (np.zeros(0, dtype=np.int64),) * 2 + (np.zeros((0, L + 1)),) + \
+        (np.zeros((0, L + 1), dtype=np.int64),) * 2
+    if not alive.size:
+        return 0, empty
+    keys, f, Ms, mem, U = keys[alive], f[alive], Ms[alive], mem[alive], U[alive]
+    if not use_all or k == sp.total:
+        tot = U + _last_stage_times(tc, f, Ms, mem, k, cap, relax_first)
+        i = int(np.argmin(tot))
+        v = float(tot.flat[i])
+        if v < best[0]:
+            n_, dp_, b = np.unravel_index(i, tot.shape)
+            best[:] = [v, (k, int(keys[n_]), int(mem[n_, dp_]), int(b))]
+    if k == sp.total:
+        return int(alive.size), empty
+    non, _ = padded(sp.cnt[Ms] < sp.counts[None, :])
+    vbest, bbest, dbest = _extend(rq, U, mem, non, tc.D, L)
+    tk = keys[:, None] + sp.radix[non]  # (n, Q)
+    live = np.isfinite(vbest).any(axis=2)
+    return int(alive.size), (tk[live], non[live], vbest[live], dbest[live], bbest[live])
+
+
+def _backtrack(found, levels: list[_Level], radix, n_states: int, L: int):
+    k, key, d, b = found
     path = [(d, b, L)]
-    while not (mask == 1 << d and b == 0):
-        pd, pb = int(BPd[j, mask, d, b]), int(BPb[j, mask, d, b])
-        mask ^= 1 << d
+    while not (key % n_states == radix[d] and b == 0):
+        lvl = levels[k - 1]
+        row = int(np.searchsorted(lvl.keys, key))
+        pd, pb = int(lvl.BPd[row, d, b]), int(lvl.BPb[row, d, b])
+        key -= int(radix[d])
+        k -= 1
         path.append((pd, pb, b))
         d, b = pd, pb
     return list(reversed(path))
 
 
-def _bitmask_dp_vec(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: float = INF,
-                    max_bytes: int = 400 << 20, relax_first: bool = False, hrev=None):
-    """The bitmask program, vectorised over all states of one subset size (same answers as
-    _ring_dp(order=None)). States (f, mask, d, b): first node f, used nodes mask, node d in mask
-    whose stage starts at block b. A stage [b, c) on d costs P_d[c] - P_d[b] (+ embedding at
-    b = 0), so min_b (V[b] + cost) over the admissible suffix b in [lo, c) is a range-minimum
-    query, answered for a whole batch of (mask, d in mask, q not in mask, c) from sparse tables
-    (_range_queries, _extend): O(2^D D^3 L log L) work in O(D) numpy passes per subset size
-    (first nodes batched while the state arrays stay under max_bytes).
+def _bitmask_dp_vec(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
+                    relax_first: bool = False, hrev=None):
+    """The exact program over count vectors of types (solve_types; with one node per type,
+    the bitmask program), vectorised over the reached states of one level (total count).
+    States (f, state, d, b): first type f, types used (count vector), type d whose stage starts
+    at block b. A stage [b, c) on d costs P_d[c] - P_d[b] (+ embedding at b = 0), so min_b
+    (V[b] + cost) over the admissible suffix b in [lo, c) is a range-minimum query, answered for
+    a whole batch of (state, d in state, q not exhausted, c) from sparse tables (_range_queries,
+    _extend): O(S T^3 L log L) work for S states and T types, in O(T) numpy passes per level,
+    batched to bound the temporaries. Only states reached below the bounds are stored (a level
+    at a time, sorted keys), so memory and work follow the pruned search, not S. Returns
+    (value, type path, states expanded); a ChainCosts is read as one type per node, so its
+    paths are node paths.
 
-    relax_first: drop f from the state (a D / 2 times smaller program) and charge the last stage
-    the cheapest ring closure to any node of the mask other than d (the first node is one of
-    them; none for a single-stage plan). Every plan keeps its stages and pays at most its real
-    closure, so the value is a lower bound on the exact one and "no plan below the incumbent" is
-    exact; the plan returned is a real plan (its first node is read from the back-pointers)
-    whose real sum may be larger (see _bitmask_dp)."""
-    D, L = cc.D, cc.L
-    full = (1 << D) - 1
-    rq = _range_queries(cc, cap)
-    dbit, levels = _subset_levels(D)
-    lbt = _set_lower_bound(cc, cap)  # (available-node set, b)
-    best_val, best_path, work = incumbent, None, 0
-    per_f = (full + 1) * D * (L + 1) * 12
-    G = max(1, min(D, max_bytes // max(per_f, 1)))
-    groups = [np.arange(D)] if relax_first else \
-        [np.arange(g0, min(D, g0 + G)) for g0 in range(0, D, G)]
-    for fs in groups:
-        nf = 1 if relax_first else len(fs)
-        V = np.full((nf, full + 1, D, L + 1), INF)
-        BPd = np.full((nf, full + 1, D, L + 1), -1, dtype=np.int8)
-        BPb = np.full((nf, full + 1, D, L + 1), -1, dtype=np.int16)
-        V[0 if relax_first else np.arange(nf), 1 << fs, fs, 0] = 0.0
-        found = None
-        for k in range(1, D + 1):
-            Mk, memk, nonk = levels[k]
-            if relax_first:
-                mi, fi = np.arange(Mk.size), np.zeros(Mk.size, dtype=np.int64)
-            else:
-                mi, fi = np.nonzero(dbit[Mk][:, fs])
-            if mi.size == 0:
-                continue
-            Ms, mem, non = Mk[mi], memk[mi], nonk[mi]
-            U = V[fi[:, None], Ms[:, None], mem]  # (n, k, b)
-            # prune: blocks b.. still go to d and the nodes outside the mask
-            avail = (full ^ Ms)[:, None] | (1 << mem)  # (n, k)
-            lbk = lbt[avail] if hrev is None else np.maximum(lbt[avail], hrev[avail, mem])
-            U = np.where(U + lbk < best_val, U, INF)
-            alive = np.isfinite(U).any(axis=(1, 2))
-            if not alive.any():
-                break
-            fi, Ms, mem, non, U = fi[alive], Ms[alive], mem[alive], non[alive], U[alive]
-            work += Ms.size
-            if not use_all or k == D:
-                tot = U + _last_stage_times(cc, fs, fi, Ms, mem, dbit, cap, relax_first)
-                i = int(np.argmin(tot))
-                v = float(tot.flat[i])
-                if v < best_val:
-                    n_, dp_, b = np.unravel_index(i, tot.shape)
-                    best_val = v
-                    found = (int(fi[n_]), int(Ms[n_]), int(mem[n_, dp_]), int(b))
-            if k == D:
-                break
-            vbest, bbest, dbest = _extend(rq, U, mem, non, D, L)
-            tgt = Ms[:, None] | (1 << non)  # (n, Q)
-            fI = fi[:, None]
-            V[fI, tgt, non] = vbest
-            BPd[fI, tgt, non] = dbest
-            BPb[fI, tgt, non] = bbest
-        if found is not None:
-            best_path = _backtrack(found, BPd, BPb, L)
-    return best_val, best_path, work
+    relax_first: drop f from the state (a T / 2 times smaller program) and charge the last stage
+    the cheapest ring closure to any other node of the state (none for a single-stage plan).
+    Every plan keeps its stages and pays at most its real closure, so the value is a lower
+    bound on the exact one and "no plan below the incumbent" is exact; the plan returned is a
+    real plan (its first type is read from the back-pointers) whose real sum may be larger
+    (see _bitmask_dp)."""
+    tc = as_typed(cc)
+    sp, T, L = tc.space, tc.D, tc.L
+    rq, fill = _range_queries(tc, cap), _fill_params(tc, cap)
+    best, work = [incumbent, None], 0
+    levels = [_first_level(tc, relax_first)]
+    for k in range(1, sp.total + 1):
+        lvl, pieces = levels[-1], []
+        W = int(sp.counts.size)
+        for sl in _chunks(lvl.keys.size, W * W * (L + 1)):
+            n, piece = _expand(tc, lvl, sl, k, rq, fill, hrev, use_all, cap, relax_first, best)
+            work += n
+            pieces.append(piece)
+        nxt = _next_level(pieces, T, L)
+        if nxt is None:
+            break
+        levels.append(nxt)
+    if best[1] is None:
+        return best[0], None, work
+    return best[0], _backtrack(best[1], levels, sp.radix, sp.n_states, L), work
 
 
-def _bitmask_dp(cc: ChainCosts, use_all: bool, cap: float = INF, incumbent: float = INF):
-    """The exact bitmask program, first run without the first node in the state.
+def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
+    """The exact program (types or nodes, see _bitmask_dp_vec), first run without the first
+    type in the state.
 
     The relaxed run (_bitmask_dp_vec(relax_first=True)) charges every plan at most its real cost,
     so (a) no relaxed plan below the incumbent means no real one either, and (b) when the relaxed
-    optimum's closure is the one it was charged (its last node's cheapest closure in the mask is
+    optimum's closure is the one it was charged (its last node's cheapest closure in the state is
     to its actual first node, or it has one stage) its relaxed value is its real value computed
     with the same floating-point operations as the exact program, and no plan is cheaper: it is
-    returned as is. Otherwise the exact program (first node in the state) runs, with the relaxed
+    returned as is. Otherwise the exact program (first type in the state) runs, with the relaxed
     plan's real sum as incumbent when that plan satisfies the cap (the exact program then finds
     it or a cheaper plan). In the throughput search most capped runs end in (a) or (b), which
-    removes the ~D / 2 factor that the first node adds to the state space."""
-    hrev = _reverse_lower_bound(cc, use_all, cap)
-    v, p, w = _bitmask_dp_vec(cc, use_all, cap, incumbent, relax_first=True, hrev=hrev)
-    if p is None:
+    removes the ~T / 2 factor that the first type adds to the state space."""
+    tc = as_typed(cc)
+    hrev = _reverse_lower_bound(tc, use_all, cap)
+    v, p, w = _bitmask_dp_vec(tc, use_all, cap, incumbent, relax_first=True, hrev=hrev)
+    if p is None or len(p) == 1:
         return v, p, w
     f, dl = p[0][0], p[-1][0]
-    if len(p) == 1:
+    others = np.bincount([d for d, _, _ in p], minlength=tc.D)
+    others[dl] -= 1
+    if tc.close[dl, f] == tc.close[dl][others >= 1].min():
         return v, p, w
-    mask = 0
-    for d, _, _ in p:
-        mask |= 1 << d
-    cl = min(cc.close[dl, g] for g in range(cc.D) if mask >> g & 1 and g != dl)
-    if cc.close[dl, f] == cl:
-        return v, p, w
-    ts = _stage_times(cc, p)
+    ts = _stage_times(tc, p)
     if max(ts) <= cap:
         incumbent = min(incumbent, sum(ts) * (1 + 1e-9) + 1e-15)
-    v2, p2, w2 = _bitmask_dp_vec(cc, use_all, cap, incumbent, hrev=hrev)
+    v2, p2, w2 = _bitmask_dp_vec(tc, use_all, cap, incumbent, hrev=hrev)
     return v2, p2, w + w2
 
 
-def _to_stages(cc: ChainCosts, path) -> list[Stage]:
-    return [Stage(cc.ids[d], b, c) for d, b, c in path]
+def _to_stages(costs, path) -> list[Stage]:
+    """Stages of a path over costs (a ChainCosts: node indices; TypedCosts: type indices)."""
+    if isinstance(costs, TypedCosts):
+        costs, path = costs.cc, costs.node_path(path)
+    return [Stage(costs.ids[d], b, c) for d, b, c in path]
 
 
-def _stage_times(cc: ChainCosts, path) -> list[float]:
+def _stage_times(cc, path) -> list[float]:
+    """Stage times of a path (node or type indices; the last stage pays the closure to the
+    first unless it is the only one: two stages of one type run on distinct nodes)."""
     S = len(path)
     ts = []
     for s, (d, b, c) in enumerate(path):
         if s < S - 1:
             ts.append(cc.comp[d, b, c] + cc.out[d, path[s + 1][0], c])
         else:
-            f = path[0][0]
-            ts.append(cc.comp[d, b, c] + (cc.close[d, f] if d != f else 0.0))
+            ts.append(cc.comp[d, b, c] + (cc.close[d, path[0][0]] if S > 1 else 0.0))
     return ts
 
 
@@ -644,22 +696,47 @@ def _throughput_search(cc, dp, val, path, B, D):
 
 
 def _solve(cluster, objective: str, workload: Workload, runtime: str, use_all_nodes: bool,
-           order: Sequence[str] | None, name: str) -> SplitResult:
+           order: Sequence[str] | None, name: str, max_keys: int | None = None) -> SplitResult:
     t0 = time.perf_counter()
     ids = sorted(cluster.ids) if order is None else list(order)
     metric = "prefill" if objective == "ttft" else "decode"
-    cc = ChainCosts(cluster, workload, runtime, metric, ids=ids)
+    cc = chain_costs(cluster, workload, runtime, metric, ids)
+    keys = MAX_KEYS if max_keys is None else max_keys
     if cc.protocol.head_on_every_rank:
-        return _solve_paced(cc, objective, use_all_nodes, order, name, t0)
-    return _solve_cc(cc, objective, use_all_nodes, order, name, t0)
+        return _solve_paced(cc, objective, use_all_nodes, order is not None, name, t0, keys)
+    return _solve_cc(cc, objective, use_all_nodes, order is not None, name, t0, max_keys=keys)
+
+
+_CACHE: dict = {}
+_CACHE_SIZE = 16
+
+
+def chain_costs(cluster, workload: Workload, runtime: str, metric: str,
+                ids: Sequence[str]) -> ChainCosts:
+    """ChainCosts of the cluster, cached: a repeated solve of the same cluster, workload and
+    runtime skips the O(D L^2 + D^2 L) construction. The key holds every input the arrays
+    are derived from (node tables by identity, usable memory, links, runtime measurements);
+    cost tables are not modified in place anywhere in the project (derive_table copies)."""
+    key = (tuple(ids), workload, runtime, metric,
+           tuple((n.id, id(n.table), n.memory_bytes) for n in cluster.nodes),
+           tuple(sorted(cluster.links.items())), cluster.default_link,
+           repr(sorted((cluster.runtimes or {}).items())))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit[0]
+    cc = ChainCosts(cluster, workload, runtime, metric, ids=ids)
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = (cc, [n.table for n in cluster.nodes])  # the tables stay alive: ids unique
+    return cc
 
 
 def _plan_pace(cc: ChainCosts, path) -> float:
     return max(cc.pace[d] for d, _, _ in path)
 
 
-def _solve_paced(cc: ChainCosts, objective: str, use_all_nodes: bool,
-                 order: Sequence[str] | None, name: str, t0: float) -> SplitResult:
+def _solve_paced(cc: ChainCosts, objective: str, use_all_nodes: bool, given_order: bool,
+                 name: str, t0: float, max_keys: int = INF) -> SplitResult:
     """Exact minimum of sum of stage times + max over the plan's nodes of pace (the head that
     every rank runs: exo-current).
 
@@ -668,11 +745,13 @@ def _solve_paced(cc: ChainCosts, objective: str, use_all_nodes: bool,
     S(H) + H at most, and the optimum is min_H S(H) + H (its own max pace is one such H).
     S(H) >= S(max) (fewer nodes never help), so the scan stops once S(max) + H reaches the
     incumbent; every DP run is pruned at the incumbent minus H. At most D extra DP runs.
+    Where the programs only bound S(H) (too many node types), the result is a bound:
+    min over the scanned H of (bound on S(H)) + H, and the incumbent for the others.
     Throughput and Pareto reduce to latency: the all-gather is a barrier every step, so the
     bottleneck is the whole time per token (see graphsplit.costmodel).
     """
     metric_obj = "ttft" if objective == "ttft" else "latency"
-    first = _solve_cc(cc, metric_obj, use_all_nodes, order, name, t0)
+    first = _solve_cc(cc, metric_obj, use_all_nodes, given_order, name, t0, max_keys=max_keys)
     if first.stages is None:
         return first
     idx = {n: i for i, n in enumerate(cc.ids)}
@@ -680,16 +759,18 @@ def _solve_paced(cc: ChainCosts, objective: str, use_all_nodes: bool,
     def path_of(r):
         return [(idx[st.node], st.start_layer, st.end_layer) for st in r.stages]
 
-    base = first.fun
+    base = first.lower_bound
     best_p = path_of(first)
     best = sum(_stage_times(cc, best_p)) + _plan_pace(cc, best_p)
-    work = first.nit
+    work, lbs = first.nit, []
     for H in sorted(set(cc.pace.tolist())):
         if base + H >= best:
             break
-        r = _solve_cc(cc.without_nodes_above(H), metric_obj, use_all_nodes, order, name, t0,
-                      bound=(best - H) * (1 + 1e-9) + 1e-15)
+        r = _solve_cc(cc.without_nodes_above(H), metric_obj, use_all_nodes, given_order, name,
+                      t0, bound=(best - H) * (1 + 1e-9) + 1e-15, max_keys=max_keys)
         work += r.nit
+        if r.proven == BOUND:
+            lbs.append(r.lower_bound + H)
         if r.stages is None:
             continue
         p = path_of(r)
@@ -697,7 +778,8 @@ def _solve_paced(cc: ChainCosts, objective: str, use_all_nodes: bool,
         if v < best:
             best, best_p = v, p
     stages = _to_stages(cc, best_p)
-    where = "all node orders and subsets" if order is None else "the given node order"
+    lb = min(lbs + [best])
+    proven = _label(given_order, best, lb)
     note = "" if objective in ("latency", "ttft") else \
         f" ({objective} = latency under {cc.runtime}: one step in flight)"
     extra = {}
@@ -705,69 +787,146 @@ def _solve_paced(cc: ChainCosts, objective: str, use_all_nodes: bool,
         extra = {"frontier": [{"tpot_s": best, "bottleneck_s": best,
                                "throughput_tps": 1 / best if best > 0 else INF,
                                "stages": stages}]}
-    return SplitResult(stages, best, True, 0,
-                       f"optimal {metric_obj} over {where}, head pace enumerated{note}",
-                       name, time.perf_counter() - t0, work, extra)
+    return SplitResult(stages, best, proven != BOUND, 0 if proven != BOUND else 1,
+                       f"{metric_obj} {_where(proven)}, head pace enumerated{note}",
+                       name, time.perf_counter() - t0, work, extra, proven=proven,
+                       lower_bound=lb)
 
 
-def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, order: Sequence[str] | None,
-              name: str, t0: float, bound: float = INF) -> SplitResult:
+def _label(given_order: bool, fun: float, lower_bound: float) -> str:
+    """What a value with this lower bound proves (equal up to rounding: optimal)."""
+    if lower_bound >= fun * (1 - 1e-9) - 1e-15:
+        return GIVEN_ORDER if given_order else ALL_ORDERS
+    return BOUND
+
+
+def _where(proven: str) -> str:
+    return {ALL_ORDERS: "optimal over all node orders and subsets",
+            GIVEN_ORDER: "optimal over the given node order",
+            BOUND: "best found (a bound, not proven optimal)"}[proven]
+
+
+def _fastest_first(cc: ChainCosts) -> list[int]:
+    """Node indices by total block time, then id: a canonical order for seeds and bounds."""
+    return sorted(range(cc.D), key=lambda d: (cc.prefix[d, -1], d))
+
+
+def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, given_order: bool,
+              name: str, t0: float, bound: float = INF, max_keys: int = INF) -> SplitResult:
     """The DP solvers on prebuilt cost arrays (additive stage times); `bound`: only plans
-    below it are looked for (latency / ttft)."""
-    cluster, workload, runtime = cc.cluster, cc.workload, cc.runtime
-    ids = cc.ids
-    idx_order = None if order is None else list(range(len(ids)))
-    B = workload.micro_batches  # M = ceil(B / batch) batches share the ring (graphsplit.batching)
+    below it are looked for (latency / ttft). given_order: over subsequences of cc.ids (the
+    order); else over every order and subset, exactly on the node types (solve_types) when
+    the program has at most max_keys states x types, else a bound (_solve_bounded)."""
+    if given_order:
+        return _solve_on(cc, objective, use_all_nodes, list(range(cc.D)), name, t0, bound)
+    tc = typed_costs(cc)
+    if tc.n_keys <= max_keys:
+        return _solve_on(tc, objective, use_all_nodes, None, name, t0, bound)
+    return _solve_bounded(cc, tc, objective, use_all_nodes, name, t0, max_keys)
+
+
+def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes: bool,
+                   name: str, t0: float, max_keys: int) -> SplitResult:
+    """More node types than the exact program can hold in max_keys: the fixed-order optimum
+    over the canonical order (fastest first) as the plan, and the exact optimum of the
+    coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs) as a
+    proven lower bound. Deterministic (no time limit), labelled "bound" unless the two meet."""
+    order = _fastest_first(cc)
+    up = _solve_on(cc, objective, use_all_nodes, order, name, t0)
+    if up.stages is None:  # no plan in this order: the relaxation still bounds
+        up = SplitResult(None, INF, False, 1, "", name)
+    rc = coarsen(tc, max_keys)
+    seed = None if up.stages is None else rc.type_path(
+        [(cc.ids.index(s.node), s.start_layer, s.end_layer) for s in up.stages])
+    low = _solve_on(rc, "latency" if objective == "pareto" else objective, use_all_nodes, None,
+                    name, t0, seed_path=seed)
+    lb = low.fun * (1 - 1e-9)  # inf: the relaxation has no plan, so neither has the cluster
+    if up.stages is None:
+        if not np.isfinite(lb):
+            return _infeasible(name, t0, up.nit + low.nit)
+        return SplitResult(None, INF, False, 1, f"no plan found over the canonical order; "
+                           f"a plan may exist (lower bound {lb:.6g})", name,
+                           time.perf_counter() - t0, up.nit + low.nit, proven=BOUND,
+                           lower_bound=lb)
+    proven = _label(False, up.fun, lb)
+    msg = (f"{objective} {_where(proven)}: {tc.D} node types exceed the exact program's "
+           f"{max_keys} states; plan = the optimum for the nodes fastest first, lower bound = "
+           f"the exact optimum over {rc.D} merged groups")
+    return SplitResult(up.stages, up.fun, proven != BOUND, 0 if proven != BOUND else 1, msg,
+                       name, time.perf_counter() - t0, up.nit + low.nit, up.extra,
+                       proven=proven, lower_bound=lb)
+
+
+def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, name: str,
+              t0: float, bound: float = INF, seed_path=None) -> SplitResult:
+    """One objective on one program: sc a ChainCosts with `order` (node indices: fixed-order
+    DP over its subsequences) or a TypedCosts with order None (the count-vector program over
+    every order and subset; exact types: optimal, merged groups: a lower bound)."""
+    cc = sc.cc if isinstance(sc, TypedCosts) else sc
+    B = cc.workload.micro_batches  # M = ceil(B / batch) share the ring (graphsplit.batching)
     work_total = [0]
+    proven = ALL_ORDERS if order is None else GIVEN_ORDER
+    where = _where(proven)
 
     def dp(cap=INF, bound=INF):
         """min sum s.t. every stage <= cap; only plans with sum < bound are looked for."""
         if order is None:
-            v, p, w = _bitmask_dp(cc, use_all_nodes, cap, bound)
+            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound)
         else:
-            v, p, w = _ring_dp(cc, idx_order, use_all_nodes, cap, bound)
+            v, p, w = _ring_dp(sc, order, use_all_nodes, cap, bound)
         work_total[0] += w
         return (v, p) if p is not None else (INF, None)
 
+    def result(path, fun, msg, extra=None):
+        return SplitResult(_to_stages(sc, path) if isinstance(sc, ChainCosts) or sc.exact
+                           else None, fun, True, 0, msg, name, time.perf_counter() - t0,
+                           work_total[0], extra or {}, proven=proven)
+
+    if objective == "throughput" and order is None and cc.D > 2:
+        # a fixed-order optimum (cheap, fastest nodes first) is the first incumbent; the search
+        # needs no min-sum run (see _throughput_search)
+        if seed_path is None:
+            fo = _solve_on(cc, "throughput", use_all_nodes, _fastest_first(cc), "seed", t0)
+            work_total[0] += fo.nit
+            if fo.stages is not None:
+                seed_path = sc.type_path([(cc.ids.index(st.node), st.start_layer,
+                                           st.end_layer) for st in fo.stages])
+        if seed_path is not None:
+            best, n_dp = _throughput_search(sc, dp, None, seed_path, B, cc.D)
+            return result(best[1], best[0], f"throughput for {B} stream(s) {where} "
+                          f"({n_dp} capped DP runs after a fixed-order seed)")
     seed = INF
-    if order is None and len(ids) > 1:
+    if order is None and cc.D > 1:
         # branch-and-bound seed: the fixed-order DP with the fastest nodes first (cheap)
-        speed = cc.prefix[:, -1]
-        ordr = sorted(range(len(ids)), key=lambda d: (speed[d], d))
-        v, p, w = _ring_dp(cc, ordr, use_all_nodes)
+        v, p, w = _ring_dp(cc, _fastest_first(cc), use_all_nodes)
         work_total[0] += w
         if p is not None:
             seed = v * (1 + 1e-9) + 1e-15
-
-    where = "all node orders and subsets" if order is None else "the given node order"
-    if objective == "throughput" and order is None and len(ids) > 2:
-        # a fixed-order optimum (cheap, fastest nodes first) is the first incumbent; the search
-        # needs no min-sum run (see _throughput_search)
-        fo = _solve(cluster, "throughput", workload, runtime, use_all_nodes,
-                    [ids[d] for d in sorted(range(len(ids)), key=lambda d: (cc.prefix[d, -1], d))],
-                    "seed")
-        if fo.stages is not None:
-            fpath = [(ids.index(st.node), st.start_layer, st.end_layer) for st in fo.stages]
-            best, n_dp = _throughput_search(cc, dp, None, fpath, B, len(ids))
-            return SplitResult(_to_stages(cc, best[1]), best[0], True, 0,
-                               f"optimal throughput for {B} stream(s) over {where} "
-                               f"({n_dp} capped DP runs after a fixed-order seed)",
-                               name, time.perf_counter() - t0, work_total[0] + fo.nit)
     val, path = dp(bound=min(seed, bound))
     if path is None:
-        return _infeasible(name, t0, work_total[0])
+        return _infeasible(name, t0, work_total[0], proven)
     if objective in ("latency", "ttft"):
-        return SplitResult(_to_stages(cc, path), val, True, 0, f"optimal {objective} over {where}",
-                           name, time.perf_counter() - t0, work_total[0])
+        return result(path, val, f"{objective} {where}")
     if objective not in ("throughput", "pareto"):
         raise ValueError(objective)
-    m0 = max(_stage_times(cc, path))
     if objective == "throughput":
-        best, n_dp = _throughput_search(cc, dp, val, path, B, len(ids))
-        return SplitResult(_to_stages(cc, best[1]), best[0], True, 0,
-                           f"optimal throughput for {B} stream(s) over {where} ({n_dp + 1} DP runs)",
-                           name, time.perf_counter() - t0, work_total[0])
-    # pareto: walk the cap down from the min-sum plan's bottleneck
+        best, n_dp = _throughput_search(sc, dp, val, path, B, cc.D)
+        return result(best[1], best[0],
+                      f"throughput for {B} stream(s) {where} ({n_dp + 1} DP runs)")
+    pts, complete = _pareto_walk(sc, dp, val, path)
+    extra = {"frontier": [{"tpot_s": s_, "bottleneck_s": m,
+                           "throughput_tps": min(B / s_, 1 / m) if s_ > 0 else INF,
+                           "stages": _to_stages(sc, p)} for s_, m, p in pts]}
+    s_, m, p = pts[0]  # the plan shown is the latency-optimal end of the frontier
+    msg = (f"exact Pareto frontier of latency vs bottleneck, {where}: {len(pts)} points"
+           + ("" if complete else f" (stopped at {MAX_PARETO_POINTS}; lower bottlenecks exist)"))
+    return result(p, s_, msg, extra)
+
+
+def _pareto_walk(sc, dp, val, path):
+    """The (sum, max) frontier: walk the cap down from the min-sum plan's bottleneck; returns
+    (points without dominated ones, complete)."""
+    m0 = max(_stage_times(sc, path))
     frontier = [(val, m0, path)]
     cap = m0 * (1 - REL)  # "strictly lower" up to rounding of sums
     complete = True
@@ -778,7 +937,7 @@ def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, order: Sequen
         v, p = dp(cap)
         if p is None:
             break
-        m = max(_stage_times(cc, p))
+        m = max(_stage_times(sc, p))
         frontier.append((v, m, p))
         cap = m * (1 - REL)
     pts = []
@@ -787,25 +946,19 @@ def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, order: Sequen
             pts[-1] = (s_, m, p)
         else:
             pts.append((s_, m, p))
-    extra = {"frontier": [{"tpot_s": s_, "bottleneck_s": m,
-                           "throughput_tps": min(B / s_, 1 / m) if s_ > 0 else INF,
-                           "stages": _to_stages(cc, p)} for s_, m, p in pts]}
-    s_, m, p = pts[0]  # the plan shown is the latency-optimal end of the frontier
-    msg = (f"exact Pareto frontier of latency vs bottleneck over {where}: {len(pts)} points"
-           + ("" if complete else f" (stopped at {MAX_PARETO_POINTS}; lower bottlenecks exist)"))
-    return SplitResult(_to_stages(cc, p), s_, True, 0, msg, name, time.perf_counter() - t0,
-                       work_total[0], extra)
+    return pts, complete
 
 
-def _infeasible(name, t0, work) -> SplitResult:
+def _infeasible(name, t0, work, proven: str = ALL_ORDERS) -> SplitResult:
     return SplitResult(None, INF, True, 2, "infeasible: no split fits the nodes' memory", name,
-                       time.perf_counter() - t0, work)
+                       time.perf_counter() - t0, work, proven=proven)
 
 
 def solve_fixed_order(cluster, objective: str = "latency", workload: Workload = Workload(),
                       runtime: str = "exo-current", use_all_nodes: bool = False,
                       order: Sequence[str] | None = None) -> SplitResult:
-    """Exact DP for a chain with the node order fixed (default: the cluster file's order).
+    """Exact DP for a chain with the node order fixed (default: the cluster file's order):
+    proven optimal for that order only (label "optimal-given-order").
 
     Nodes may be skipped unless use_all_nodes. O(D^3 L^2) time per DP run, O(D L) memory.
     """
@@ -814,14 +967,20 @@ def solve_fixed_order(cluster, objective: str = "latency", workload: Workload = 
 
 
 def solve_bitmask(cluster, objective: str = "latency", workload: Workload = Workload(),
-                  runtime: str = "exo-current", use_all_nodes: bool = False) -> SplitResult:
-    """Exact DP over node order AND subset (bitmask over nodes sorted by id).
+                  runtime: str = "exo-current", use_all_nodes: bool = False,
+                  max_keys: int | None = None) -> SplitResult:
+    """Exact DP over node order AND subset, on node types (graphsplit.solve_types).
 
-    O(2^D D^3 L log L) work per DP run (vectorised range-minimum queries), pruned by branch
-    and bound; O(2^D D L) memory per batch of first nodes.
-    Practical up to about 12 nodes.
+    Interchangeable nodes (twins: same cost arrays, symmetric links) form types; the program
+    runs over count vectors of types (a bitmask over nodes sorted by id when every node is its
+    own type): O(S T^3 L log L) work per DP run for S = prod_t (n_t + 1) states and T types,
+    pruned by branch and bound; O(S T L) memory. Exact (label "optimal-all-orders-subsets")
+    while S x T <= max_keys (default MAX_KEYS: about 16 distinct nodes, or many more in few
+    types); beyond, the best plan found with a proven lower bound (label "bound", see
+    _solve_bounded). The answer does not depend on the order of the cluster's nodes.
     """
-    return _solve(cluster, objective, workload, runtime, use_all_nodes, None, "bitmask-dp")
+    return _solve(cluster, objective, workload, runtime, use_all_nodes, None, "bitmask-dp",
+                  max_keys)
 
 
 def verify(cluster, result: SplitResult, objective: str, workload: Workload, runtime: str):

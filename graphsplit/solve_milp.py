@@ -54,7 +54,7 @@ from graphsplit.cluster import Link
 from graphsplit.costmodel import Workload, check_runtime, message_overhead_s
 from profiler.errors import UserError
 from graphsplit.plan import Stage
-from graphsplit.result import SplitResult
+from graphsplit.result import BOUND, GIVEN_ORDER, SplitResult
 
 
 MEM = float(1 << 30)  # memory rows in GiB and time in ms inside the MILP: well-scaled
@@ -490,6 +490,8 @@ def _highs(A, cobj, lo_a, hi_a, integrality, nw: int, o: dict, lb_, ub_):
         x[free] = r.x
         r.x = x
         r.fun = r.fun + const
+    if getattr(r, "mip_dual_bound", None) is not None:
+        r.mip_dual_bound = r.mip_dual_bound + const
     return r
 
 
@@ -581,8 +583,13 @@ def solve_milp(g: nx.DiGraph, cluster, devices: Sequence[str], objective: str = 
 
 def _milp_result(res, g, ops, devices, cluster, objective, offset, inc, inc_v, nw, K,
                  free_binaries, solve_s) -> SplitResult:
-    """HiGHS's answer as a SplitResult (the incumbent when HiGHS ran out of time first)."""
+    """HiGHS's answer as a SplitResult (the incumbent when HiGHS ran out of time first).
+    Optimal for the given device order ("optimal-given-order"), else a "bound" whose lower
+    bound is HiGHS's dual bound."""
     nodes = int(getattr(res, "mip_node_count", 0) or 0)
+    dual = getattr(res, "mip_dual_bound", None)
+    lb = None if dual is None or not np.isfinite(dual) else \
+        (float(dual + offset) if objective != "throughput" else float(dual)) / TS
     if res.x is None:
         if inc is not None and res.status != 2:
             # time limit before HiGHS found a solution: return the incumbent, not proven
@@ -592,10 +599,12 @@ def _milp_result(res, g, ops, devices, cluster, objective, offset, inc, inc_v, n
                                "topological order returned (not proven optimal)", "milp",
                                solve_s, nodes,
                                {"assignment": {v: devices[s] for v, s in inc.items()},
-                                "stage_of": dict(inc), "devices": devices, "binaries": nw})
+                                "stage_of": dict(inc), "devices": devices, "binaries": nw},
+                               proven=BOUND, lower_bound=None if lb is None else min(lb, inc_v))
         status = 2 if res.status == 2 else 1
         return SplitResult(None, np.inf, res.status == 2, status, f"HiGHS: {res.message}",
-                           "milp", solve_s, nodes)
+                           "milp", solve_s, nodes,
+                           proven=GIVEN_ORDER if res.status == 2 else BOUND)
     V = len(ops)
     w = np.round(res.x[:nw]).reshape(V, K) if K else np.zeros((V, 0))
     stage_of = {ops[v]: int(K - w[v].sum()) for v in range(V)}
@@ -608,7 +617,9 @@ def _milp_result(res, g, ops, devices, cluster, objective, offset, inc, inc_v, n
                        "milp", solve_s, nodes,
                        {"assignment": {v: devices[s] for v, s in stage_of.items()},
                         "stage_of": stage_of, "devices": devices, "binaries": nw,
-                        "free_binaries": free_binaries, "incumbent": inc_v})
+                        "free_binaries": free_binaries, "incumbent": inc_v},
+                       proven=GIVEN_ORDER if optimal else BOUND,
+                       lower_bound=None if optimal or lb is None else min(lb, fun))
 
 
 def _block_stages(g, stage_of, devices, n_layers):
@@ -640,20 +651,25 @@ def solve_milp_chain(cluster, objective: str = "latency", workload: Workload = W
     order = list(order) if order is not None else cluster.ids
     seqs = [order] if use_all_nodes else [list(c) for k in range(1, len(order) + 1)
                                           for c in itertools.combinations(order, k)]
-    best, all_opt, work = None, True, 0
+    best, all_opt, work, lbs = None, True, 0, []
     for seq in seqs:
         if len(seq) > cluster.n_layers:
             continue
         r = solve_milp(g, cluster, seq, objective, workload, runtime, time_limit)
         work += 1
         all_opt = all_opt and r.optimal
+        lbs.append(r.lower_bound if r.optimal or r.lower_bound is not None else -np.inf)
         if r.stages is not None and (best is None or r.fun < best.fun - 1e-15):
             best = r
     dt = time.perf_counter() - t0
     if best is None:
-        return SplitResult(None, np.inf, all_opt, 2, "infeasible: no split fits", "milp", dt, work)
-    best.solve_s = dt
-    best.nit = work
-    best.optimal = all_opt
-    best.message = f"{len(seqs)} MILPs over subsequences of the node order; last: {best.message}"
-    return best
+        return SplitResult(None, np.inf, all_opt, 2 if all_opt else 1,
+                           "infeasible: no split fits" if all_opt else
+                           "no split found within the time limit", "milp", dt, work,
+                           proven=GIVEN_ORDER if all_opt else BOUND)
+    # a subsequence without a plan bounds nothing below; one with a plan bounds at its bound
+    lb = min([x for x in lbs if x is not None] + [best.fun])
+    msg = f"{len(seqs)} MILPs over subsequences of the node order; last: {best.message}"
+    return SplitResult(best.stages, best.fun, all_opt, best.status if all_opt else 1, msg,
+                       "milp", dt, work, best.extra, proven=GIVEN_ORDER if all_opt else BOUND,
+                       lower_bound=None if not all_opt and lb == -np.inf else lb)

@@ -315,3 +315,63 @@ def test_server_checks_only_total_memory(server):
             data=json.dumps({"instance": inst}).encode()), timeout=10)
     assert e.value.code == 400
     assert "Insufficient memory" in json.loads(e.value.read())["error"]["message"]
+
+
+def make_replica_plan(tmp_path, replicas, n=32, name="replicas.json"):
+    """A plan of k replicas (INTERFACES I5): [(stages, streams, {node: memory bytes})]."""
+    stages0 = replicas[0][0]
+    plan = Plan(model={"name": "llama", "n_layers": n, "config_hash": "sha256:x",
+                       "repo_id": MODEL},
+                stages=stages0, runtime="exo-current", objective="throughput",
+                workload={"streams": sum(r[1] for r in replicas)},
+                predicted={"tpot_s": 0.03, "ttft_s": 0.5, "throughput_tps": 60.0,
+                           "stage_memory_bytes": {n_: m for r in replicas
+                                                  for n_, m in r[2].items()}},
+                serving={"pattern": "batch-through", "micro_batch": 8, "max_batch": 8},
+                replicas=[{"stages": [s.__dict__.copy() for s in st], "streams": b,
+                           "predicted": {"tpot_s": 0.03, "ttft_s": 0.5, "throughput_tps": 30.0,
+                                         "stage_memory_bytes": mem}}
+                          for st, b, mem in replicas],
+                nodes={s.node: {"memory_bytes": 12 * GIB} for r in replicas for s in r[0]})
+    return write_plan(plan, tmp_path / name)
+
+
+def test_replicas_post_one_instance_each_on_its_own_nodes(tmp_path, server):
+    """A plan of 2 replicas: two instances posted, each placing exactly its replica's nodes
+    and layer ranges (checked as exo's runners need them), each awaited by its own id."""
+    plan = make_replica_plan(tmp_path, [
+        ([Stage("studio", 0, 32)], 8, {"studio": GIB}),
+        ([Stage("mini", 0, 20), Stage("air", 20, 32)], 8, {"mini": GIB, "air": GIB})])
+    rc, out, err = place("--plan", str(plan), "--api", server.url, "--wait", "30")
+    assert rc == 0, err
+    assert len(server.state.posted) == 2
+    assert check_runnable(server.state.posted[0], server.state) == [(0, "id-studio", 0, 32)]
+    assert check_runnable(server.state.posted[1], server.state) == [
+        (0, "id-mini", 0, 20), (1, "id-air", 20, 32)]
+    assert out.count("ready") == 2 and "(1 ranks)" in out and "(2 ranks)" in out
+    assert "replica 2/2" in err
+    rc, out, _ = place("--plan", str(plan), "--api", server.url, "--dry-run")
+    assert rc == 0 and len(json.loads(out)) == 2 and len(server.state.posted) == 2
+
+
+def test_replicas_exo_rule_checked_per_replica_before_any_post(tmp_path):
+    """exo's per-node rule is checked for every replica's own ranks before anything is
+    posted: the second replica's node b, holding a whole model alone, is refused."""
+    nodes = [FakeNode("id-a", "a", 16 * GIB, 12 * GIB, "10.0.0.1"),
+             FakeNode("id-b", "b", 16 * GIB, 3 * GIB, "10.0.0.2"),
+             FakeNode("id-c", "c", 16 * GIB, 12 * GIB, "10.0.0.3")]
+    with ExoServer(nodes, keepalive_s=0.05) as srv:
+        plan = make_replica_plan(tmp_path, [
+            ([Stage("a", 0, 32)], 4, {"a": GIB // 4}),
+            ([Stage("b", 0, 32)], 4, {"b": GIB // 4})])
+        rc, _, err = place("--plan", str(plan), "--api", srv.url)
+        assert rc == 2 and srv.state.posted == []
+        line = one_error_line(err)
+        assert "b (id-b) gets 32 of 32 layers" in line and "storage_size / n_layers" in line
+        ok = make_replica_plan(tmp_path, [
+            ([Stage("a", 0, 32)], 4, {"a": GIB // 4}),
+            ([Stage("c", 0, 16), Stage("b", 16, 32)], 4, {"b": GIB // 4, "c": GIB // 4})],
+            name="ok.json")
+        rc, _, err = place("--plan", str(ok), "--api", srv.url, "--wait", "30")
+        assert rc == 0, err
+        assert [len(check_runnable(p, srv.state)) for p in srv.state.posted] == [1, 2]

@@ -17,7 +17,10 @@
    the cluster's TOTAL available RAM): exo's own per-node rule (every layer costs
    storage_size / n_layers, against the node's available RAM) AND the plan's measured model
    of current exo (embedding and head on every rank);
-5. `POST /instance`, then follow `GET /instance/await` (a server-sent event stream) to the
+5. a plan with replicas (graphsplit.replicas: k independent pipelines) is k instances: steps
+   2-4 for every replica's own nodes and stages (exo's per-node rule and the measured memory
+   checked per replica) before anything is posted, then each is posted and awaited in turn;
+6. `POST /instance`, then follow `GET /instance/await` (a server-sent event stream) to the
    `ready` event of THIS instance, with exo's `timeout_seconds` sent and the whole wait bounded
    by `--wait`. `--dry-run` prints the instance JSON and posts nothing.
 
@@ -29,6 +32,7 @@ stderr. Every failure is one line (UserError), exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -328,17 +332,25 @@ def _poll_instance(exo: Exo, instance_id: str, deadline: float, late: UserError)
     raise late
 
 
-def place(plan: Plan, exo: Exo, model: str, node_map: dict[str, str] | None = None,
-          instance_meta: str = "MlxRing", dry_run: bool = False,
-          skip_memory_check: bool = False, wait_s: float = 120.0,
-          log=lambda m: print(m, file=sys.stderr)) -> dict:
-    """Place `plan` on exo; returns the instance JSON (posted and ready unless dry_run)."""
-    state = exo.call("GET", "/state", ok_404=True)
-    if state is None:
-        log("note: exo has no /state; plan nodes are taken as exo node ids")
-        cluster = ClusterState({s.node: NodeInfo(s.node) for s in plan.stages}, None, {})
-    else:
-        cluster = exo.parse(schema.parse_state, state, "GET /state")
+def replica_plans(plan: Plan) -> list[Plan]:
+    """One plan per replica (a plan without replicas is its own only one): each replica's
+    stages, streams and prediction, the rest of the plan shared."""
+    import dataclasses
+
+    from graphsplit.plan import stages_from_json
+
+    if not plan.replicas:
+        return [plan]
+    return [dataclasses.replace(plan, stages=stages_from_json(r["stages"], f"replicas[{j}]"),
+                                predicted=r.get("predicted") or {}, replicas=None,
+                                workload={**(plan.workload or {}), "streams": r["streams"]})
+            for j, r in enumerate(plan.replicas)]
+
+
+def prepare(plan: Plan, exo: Exo, model: str, node_map: dict[str, str] | None,
+            instance_meta: str, skip_memory_check: bool, cluster: ClusterState, log) -> dict:
+    """The instance of one pipeline, checked against exo's per-node rule and the measured
+    memory model; nothing posted."""
     mapping = map_nodes([s.node for s in plan.stages], cluster.nodes, node_map)
     ranks = [Rank(mapping[s.node], s.start_layer, s.end_layer) for s in plan.stages]
     previews = fetch_previews(exo, model, sorted(mapping.values()), log)
@@ -352,16 +364,41 @@ def place(plan: Plan, exo: Exo, model: str, node_map: dict[str, str] | None = No
         check_memory(plan, mapping, cluster.nodes, log)
     log("measured split: " + ", ".join(f"{s.node}={mapping[s.node]}[{s.start_layer},"
                                         f"{s.end_layer})" for s in plan.stages))
+    return instance
+
+
+def place(plan: Plan, exo: Exo, model: str, node_map: dict[str, str] | None = None,
+          instance_meta: str = "MlxRing", dry_run: bool = False,
+          skip_memory_check: bool = False, wait_s: float = 120.0,
+          log=lambda m: print(m, file=sys.stderr)) -> list[dict]:
+    """Place `plan` on exo: one instance per replica (one for a plan without replicas), every
+    one built and checked before any is posted. Returns the instances' JSON (posted and ready
+    unless dry_run)."""
+    state = exo.call("GET", "/state", ok_404=True)
+    plans = replica_plans(plan)
+    if state is None:
+        log("note: exo has no /state; plan nodes are taken as exo node ids")
+        cluster = ClusterState({s.node: NodeInfo(s.node) for p in plans for s in p.stages},
+                               None, {})
+    else:
+        cluster = exo.parse(schema.parse_state, state, "GET /state")
+    instances = []
+    for j, rp in enumerate(plans):
+        tag = (lambda m, j=j: log(f"replica {j + 1}/{len(plans)}: {m}")) if len(plans) > 1 \
+            else log
+        instances.append(prepare(rp, exo, model, node_map, instance_meta, skip_memory_check,
+                                 cluster, tag))
     if dry_run:
-        return instance
+        return instances
     if model in cluster.instance_models.values():
         log(f"note: exo already runs an instance of {model}; this one is added beside it")
-    exo.call("POST", "/instance", schema.post_body(instance))
-    (_, body), = instance.items()
-    iid = str(schema.get(body, "instanceId", "instance"))
-    log(f"posted instance {iid}; waiting for exo to report it ready (at most {wait_s:g} s)")
-    await_ready(exo, model, iid, wait_s, log)
-    return instance
+    for inst in instances:
+        exo.call("POST", "/instance", schema.post_body(inst))
+        (_, body), = inst.items()
+        iid = str(schema.get(body, "instanceId", "instance"))
+        log(f"posted instance {iid}; waiting for exo to report it ready (at most {wait_s:g} s)")
+        await_ready(exo, model, iid, wait_s, log)
+    return instances
 
 
 # ---------------------------------------------------------------- the command
@@ -397,20 +434,21 @@ def run(args: argparse.Namespace) -> int:
     if not args.wait > 0:
         raise UserError(f"--wait {args.wait}: must be a positive number of seconds")
     plan = read_plan(args.plan)
-    if args.layers:
-        plan = apply_layers(plan, args.layers)
+    if args.layers:  # one manual pipeline: the plan's replicas no longer apply
+        plan = dataclasses.replace(apply_layers(plan, args.layers), replicas=None)
     model = args.model or (plan.model or {}).get("repo_id")
     if not model:
         raise UserError("--model is required (the plan has no model.repo_id): give exo's model "
                         "id, e.g. mlx-community/Meta-Llama-3.1-8B-Instruct-4bit")
     node_map = read_node_map(args.node_map) if args.node_map else None
     exo = Exo(Client(endpoint, args.timeout))
-    instance = place(plan, exo, model, node_map, args.instance_meta, args.dry_run,
-                     args.skip_memory_check, args.wait)
-    if args.dry_run:
-        print(json.dumps(instance, indent=2))
-    else:
-        (tag, body), = instance.items()
+    instances = place(plan, exo, model, node_map, args.instance_meta, args.dry_run,
+                      args.skip_memory_check, args.wait)
+    if args.dry_run:  # one instance: its JSON; replicas: the list of them
+        print(json.dumps(instances[0] if len(instances) == 1 else instances, indent=2))
+        return 0
+    for inst, rp in zip(instances, replica_plans(plan)):
+        (tag, body), = inst.items()
         print(f"placed {model} on exo as {tag} {body.get('instanceId', body.get('instance_id'))} "
-              f"({len(plan.stages)} ranks), ready")
+              f"({len(rp.stages)} ranks), ready")
     return 0
