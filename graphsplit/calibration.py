@@ -146,26 +146,37 @@ def _batch_columns(grid: list[int], batch: int) -> list[int]:
 
 
 def apply(table, doc: dict[str, Any], source: str):
-    """A copy of `table` with its rows scaled by the calibration's ratios (module docstring)."""
+    """A copy of `table` with its rows scaled by the calibration's ratios (module docstring).
+    Every scaled quantity is scaled once, by the median of the ratios that touch it (a batch
+    grid column: the entries whose batch it interpolates; a table without a batch grid, or a
+    row measured at batch 1 only: every decode entry; prefill: every prefill entry)."""
     t = copy.deepcopy(table)
     ratios = _ratios(doc["entries"])
-    grid = list(getattr(t, "decode_batch", None) or [])
-    for (phase, batch), r in sorted(ratios.items()):
-        for row in t.rows:
-            if phase == "prefill":
-                row.prefill_s = [x * r for x in row.prefill_s]
-                continue
-            cols = getattr(row, "decode_batch_s", None)
-            if len(grid) > 1 and cols:
-                idx = _batch_columns(grid, batch)
-                row.decode_batch_s = [[x * r if j in idx else x for j, x in enumerate(c)]
-                                      for c in cols]
-                if 0 in idx and grid[0] == 1:
-                    row.decode_s = [x * r for x in row.decode_s]
-            else:  # a table without a batch grid (version 1): one decode level
-                row.decode_s = [x * r for x in row.decode_s]
-                if cols:  # (a reader that fills the batch-1 column: keep it equal)
-                    row.decode_batch_s = [[x * r for x in c] for c in cols]
+    grid = list(getattr(t, "decode_batch", None) or [1])
+    dec = {b: r for (ph, b), r in ratios.items() if ph == "decode"}
+    pre = [r for (ph, _), r in ratios.items() if ph == "prefill"]
+    per_col: dict[int, list[float]] = {}
+    for b, r in dec.items():
+        for j in _batch_columns(grid, b):
+            per_col.setdefault(j, []).append(r)
+    col_f = {j: statistics.median(v) for j, v in per_col.items()}
+    level = statistics.median(dec.values()) if dec else None
+    for row in t.rows:
+        if pre:
+            f = statistics.median(pre)
+            row.prefill_s = [x * f for x in row.prefill_s]
+        if level is None:
+            continue
+        cols = getattr(row, "decode_batch_s", None)
+        if len(grid) > 1 and cols and len(cols[0]) == len(grid):
+            row.decode_batch_s = [[x * col_f.get(j, 1.0) for j, x in enumerate(c)]
+                                  for c in cols]
+            if grid[0] == 1 and 0 in col_f:  # the batch-1 column is decode_s
+                row.decode_s = [x * col_f[0] for x in row.decode_s]
+        else:  # one decode level (version 1, or a row measured at batch 1 only)
+            row.decode_s = [x * level for x in row.decode_s]
+            if cols:
+                row.decode_batch_s = [[x * level for x in c] for c in cols]
     t.method = dict(t.method, calibration={
         "file": source, "kind": "measured",
         "ratios": {f"{ph}@batch{b}": round(r, 6) for (ph, b), r in sorted(ratios.items())}})
