@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=o.path("image file"), metavar="FILE.png", help="draw per-layer cost and the timeline")
     p.add_argument("--simulate", action="store_true",
                    help="replay the plan in the discrete-event simulator too")
+    p.add_argument("--no-calibration", action="store_true", help="ignore the measured "
+                   "calibrations beside the cost tables (exo-bridge run --calibrate)")
     return p
 
 
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
                         streams=args.streams)
     _check_serving_options(args)
-    cluster = load_cluster(args.cluster)
+    cluster = load_cluster(args.cluster, calibration=not args.no_calibration)
+    kept = None
     hybrid = args.hybrid or args.tp_shares is not None or args.max_group is not None
     for flag, on in (("--layers", args.layers is not None), ("--simulate", args.simulate),
                      ("--plot", args.plot)):
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = make_plan(cluster, args.objective, workload, args.runtime, args.use_all_nodes,
                          args.solver, cluster_file=args.cluster)
+    if args.layers is None and not hybrid:  # never re-plan worse than a measured split
+        from graphsplit.calibration import keep_measured_split
+        plan, kept = keep_measured_split(plan, cluster, workload, args.runtime, args.objective)
     plan.predicted["extrapolated"] = extrapolation_notes(
         cluster, replace(workload, batch=int(plan.workload.get("batch", 1))))
     if args.simulate:
@@ -128,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in tensor_lines(plan):
             print(line)
         for note in plan.predicted["extrapolated"]:
+            print(f"note: {note}")
+        from graphsplit.calibration import summary
+        for note in summary(plan, cluster) + ([kept] if args.layers is None and kept else []):
             print(f"note: {note}")
         if args.simulate:
             s = plan.predicted["simulated"]

@@ -164,6 +164,8 @@ class Cluster:
     def collective(self, group, op: str = "all_sum") -> Collective | None:
         """The measured `op` over exactly the nodes of `group` (any order), or None."""
         return self.collectives.get((tuple(sorted(group)), op))
+    # measured calibrations applied to the tables (graphsplit.calibration), one per table
+    calibrations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def n_layers(self) -> int:
@@ -284,22 +286,30 @@ def _check_same_model(nodes: list[Node], where: str) -> None:
                                "profile every node with the same model")
 
 
-def load_cluster(path: str | Path) -> Cluster:
-    """Read a cluster file; any problem raises ClusterError with one line saying what to fix."""
+def load_cluster(path: str | Path, calibration: bool = True) -> Cluster:
+    """Read a cluster file; any problem raises ClusterError with one line saying what to fix.
+    `calibration`: apply the measured calibration beside each table (graphsplit.calibration)."""
     p = Path(path)
     where = f"cluster file {p}"
     data = read_json(p, where, error=ClusterError)
-    return cluster_from_dict(data, base_dir=p.parent, where=where, path=str(p))
+    return cluster_from_dict(data, base_dir=p.parent, where=where, path=str(p),
+                             calibration=calibration)
 
 
 def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "cluster",
-                      path: str | None = None) -> Cluster:
+                      path: str | None = None, calibration: bool = False) -> Cluster:
     """Build a Cluster from the parsed JSON of a cluster file (see the module docstring)."""
     if not isinstance(data, dict):
         raise ClusterError(f"{where}: the top level must be a JSON object with 'nodes'")
     check_fields(data, where)
     specs = _node_specs(data.get("nodes"), where)
     tables, profiles = _read_profiles(specs, Path(base_dir), where)
+    calibrations = []
+    if calibration:  # the hook: a measured calibration beside a table scales its rows
+        from graphsplit.calibration import calibrated
+        for nid in tables:
+            tables[nid], doc = calibrated(tables[nid], profiles[nid])
+            calibrations += [doc] if doc else []
     measured = {nid: _node(nid, nd, tables, profiles, f"{where}: node {nid!r}")
                 for nid, nd in specs.items() if "profile" in nd}
     nodes = [measured[nid] if nid in measured else
@@ -316,7 +326,8 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
     return Cluster(model=model, nodes=nodes, links=_links(data.get("links", []), specs, where),
                    default_link=default, path=path,
                    runtimes=_runtimes(data.get("runtimes", {}), f"{where}: runtimes"),
-                   collectives=_collectives(data.get("collectives", []), specs, where))
+                   collectives=_collectives(data.get("collectives", []), specs, where,
+                   calibrations=calibrations)
 
 
 def _node_specs(raw_nodes: Any, where: str) -> dict[str, dict]:

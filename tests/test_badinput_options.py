@@ -131,6 +131,7 @@ def test_the_corpus_covers_every_numeric_option():
     covered = {(p, a.dest) for _, p, a, _ in (c.values for c in _cases())}
     want = {("profile-model", "batch"), ("profile-model", "prefill_tokens"),
             ("split-model", "streams"), ("exo-bridge run", "timeout"),
+            ("exo-bridge run", "streams"), ("exo-bridge run", "micro_batch"),
             ("profile-link serve", "port"), ("profile-link measure", "server"),
             ("exo-bridge strategy-check", "node"), ("profile-link mlx", "rank"),
             ("what-if", "add"), ("what-if", "link"), ("what-if", "streams")}

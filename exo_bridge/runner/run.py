@@ -38,8 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from exo_bridge.runner.stage_worker import RESULT_TAG, encode_job
+from exo_bridge.runner.streams import (DEFAULT_MAX_BATCH, PATTERNS, ServeResult,
+                                       ms_text, pct_errors, pct_text, stream_prompts)
 from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
+from profiler import fields as F
 from profiler import options as o
 from profiler.errors import UserError, guard
 
@@ -51,6 +54,7 @@ RUNTIME_PROTOCOL = {v: k for k, v in PROTOCOL_RUNTIME.items()}
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_TOKENS = 1 << 20  # --prompt-tokens / --max-tokens
 MAX_TIMEOUT_S = 7 * 86400.0
+MAX_STREAMS = 4096
 
 
 class RunError(UserError):
@@ -74,12 +78,8 @@ class RunResult:
 
     def errors_pct(self) -> dict[str, float | None]:
         """(measured - predicted) / predicted in percent, for tpot, ttft and tokens/s."""
-        pairs = {"tpot_s": self.tpot_s, "ttft_s": self.ttft_s, "throughput_tps": self.tokens_per_s}
-        out: dict[str, float | None] = {}
-        for k, m in pairs.items():
-            p = self.predicted.get(k)
-            out[k] = (100.0 * (m - p) / p) if (m is not None and p) else None
-        return out
+        return pct_errors({"tpot_s": self.tpot_s, "ttft_s": self.ttft_s,
+                           "throughput_tps": self.tokens_per_s}, self.predicted)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -357,6 +357,28 @@ def launch_mlx(job: dict[str, Any], hostfile: str, timeout_s: float, python: str
     return sorted(found, key=lambda d: d["rank"])
 
 
+def launch(job: dict[str, Any], stages: list[Stage], *, hostfile: str | None = None,
+           python: str | None = None, hosts: list[str] | None = None,
+           wrappers: list[list[str]] | None = None, timeout_s: float = 600.0,
+           env: dict[str, str] | None = None,
+           hostfiles: list[str] | None = None) -> list[dict[str, Any]]:
+    """Start the job's ranks (remote hosts: mlx.launch; else local processes) and return each
+    rank's result dict."""
+    if hostfile:
+        check_hostfile(hostfile, len(stages))
+    if hostfile and not _hostfile_is_local(hostfile):
+        return launch_mlx(job, hostfile, timeout_s, python)
+    ports = None
+    if hostfile:
+        hosts = _hostfile_hosts(hostfile)
+        if len(hosts) != len(stages):
+            raise UserError(f"hostfile {hostfile} has {len(hosts)} hosts for "
+                            f"{len(stages)} stages")
+        ports = _hostfile_ports(hostfile)
+    return launch_local(job, hosts=hosts, wrappers=wrappers, timeout_s=timeout_s, env=env,
+                        hostfiles=hostfiles, ports=ports, names=[s.node for s in stages])
+
+
 def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, max_tokens: int,
                *, label: str = "plan", predicted: dict[str, Any] | None = None,
                hosts: list[str] | None = None, wrappers: list[list[str]] | None = None,
@@ -379,20 +401,8 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
            "max_tokens": max_tokens, "warmup_prompt": warmup_prompt,
            "warmup_tokens": warmup_tokens, "protocol": protocol}
     t0 = time.perf_counter()
-    if hostfile:
-        check_hostfile(hostfile, len(stages))
-    if hostfile and not _hostfile_is_local(hostfile):
-        ranks = launch_mlx(job, hostfile, timeout_s, python)
-    else:
-        ports = None
-        if hostfile:
-            hosts = _hostfile_hosts(hostfile)
-            if len(hosts) != len(stages):
-                raise UserError(f"hostfile {hostfile} has {len(hosts)} hosts for "
-                                f"{len(stages)} stages")
-            ports = _hostfile_ports(hostfile)
-        ranks = launch_local(job, hosts=hosts, wrappers=wrappers, timeout_s=timeout_s, env=env,
-                             hostfiles=hostfiles, ports=ports, names=[s.node for s in stages])
+    ranks = launch(job, stages, hostfile=hostfile, python=python, hosts=hosts,
+                   wrappers=wrappers, timeout_s=timeout_s, env=env, hostfiles=hostfiles)
     wall = time.perf_counter() - t0
     r0 = ranks[0]
     tpot = r0.get("tpot_s")
@@ -401,6 +411,81 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                      tpot_s=tpot, tokens_per_s=(1.0 / tpot) if tpot else None,
                      predicted=dict(predicted or {}), ranks=ranks, wall_s=wall,
                      protocol=protocol)
+
+
+def check_serving(pattern: str, protocol: str, streams: int, micro_batch: int,
+                  max_batch: int, prompt_tokens: int) -> None:
+    """The combinations a multi-stream run can execute (one line each otherwise)."""
+    if pattern not in PATTERNS:
+        raise UserError(f"--pattern {pattern!r} is not one of {', '.join(PATTERNS)}")
+    if pattern == "micro-batch" and protocol == "exo-current":
+        raise UserError("--pattern micro-batch cannot run under --protocol exo-current: its "
+                        "all-gather is a barrier every step, so micro-batches never overlap; "
+                        "use --pattern batch-through or --protocol ring")
+    for name, v in (("--streams", streams), ("--micro-batch", micro_batch),
+                    ("--max-batch", max_batch)):
+        if not isinstance(v, int) or v < 1:
+            raise UserError(f"{name} must be a whole number >= 1, got {v!r}")
+    if protocol == "exo-current" and prompt_tokens < 2:
+        raise UserError("--protocol exo-current needs --prompt-tokens of at least 2 (exo "
+                        "re-decodes the last two prompt tokens)")
+
+
+def serve_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int,
+                 max_tokens: int, streams: int, *, pattern: str = "micro-batch",
+                 micro_batch: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
+                 label: str = "plan", predicted: dict[str, Any] | None = None,
+                 protocol: str = "ring", seed: int = 0, timeout_s: float = 600.0,
+                 warmup_prompt: int = 8, warmup_tokens: int = 2, **where) -> ServeResult:
+    """Serve `streams` concurrent streams through one split under a batching pattern
+    (exo_bridge.runner.streams) and measure every stream. `where`: hosts, wrappers, hostfile,
+    python, env, hostfiles as for `launch`. `micro_batch` above `streams` is clamped to it."""
+    micro_batch = min(micro_batch, streams)
+    check_serving(pattern, protocol, streams, micro_batch, max_batch, prompt_tokens)
+    n_layers = int(spec["config"].get("num_hidden_layers") or spec["config"]["n_layers"])
+    check_stages(stages, n_layers, label)
+    job = {"model": spec, "stages": [[s.start_layer, s.end_layer] for s in stages],
+           "serve": True, "prompts": stream_prompts(vocab_of(spec["config"]), prompt_tokens,
+                                                    streams, seed),
+           "max_tokens": max_tokens, "pattern": pattern, "micro_batch": micro_batch,
+           "max_batch": max_batch, "warmup_prompt": warmup_prompt,
+           "warmup_tokens": warmup_tokens, "protocol": protocol}
+    t0 = time.perf_counter()
+    ranks = launch(job, stages, timeout_s=timeout_s, **where)
+    wall = time.perf_counter() - t0
+    rec = ranks[0]["streams"]
+    return ServeResult(label=label, stages=list(stages), pattern=pattern, protocol=protocol,
+                       streams=streams, micro_batch=micro_batch, max_batch=max_batch,
+                       prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                       tokens=[x["tokens"] for x in rec], times_s=[x["times_s"] for x in rec],
+                       predicted=dict(predicted or {}), ranks=ranks, wall_s=wall)
+
+
+def serve_prediction(cluster, stages: list[Stage], prompt_tokens: int, max_tokens: int,
+                     streams: int, runtime: str, pattern: str, micro_batch: int,
+                     max_batch: int) -> dict[str, Any]:
+    """The cost model's numbers for this multi-stream run: graphsplit.costmodel.predict at the
+    run's workload (prompt P, mean decode context P + N // 2, B streams, decode batch = the
+    micro-batch, or batch-through's min(B, max batch)), with `source` saying which model.
+    Per-stream TPOT = the predicted cycle (one decode step of every served stream)."""
+    from graphsplit.batching import PATTERN
+    from graphsplit.costmodel import Workload, predict
+
+    batch = micro_batch if pattern == "micro-batch" else min(streams, max_batch)
+    wl = Workload(prompt_tokens=prompt_tokens, context_tokens=prompt_tokens + max_tokens // 2,
+                  streams=streams, batch=batch)
+    p = predict(cluster, stages, wl, runtime).to_dict()
+    src = (f"graphsplit.costmodel.predict({runtime}, B={streams}, decode batch {batch}: "
+           f"{PATTERN[runtime]} model; ttft = one prompt alone)")
+    if pattern != PATTERN[runtime]:
+        src += f"; note: this run's pattern is {pattern}"
+    if pattern == "batch-through" and streams > max_batch and runtime != "exo-current":
+        src += (f"; the model overlaps the {-(-streams // max_batch)} batches, the run "
+                "does not (waves)")
+    return {"throughput_tps": p.get("throughput_tps"), "tpot_s": p.get("cycle_s"),
+            "ttft_s": p.get("ttft_s"), "batch": batch,
+            "micro_batches": p.get("micro_batches"), "bottleneck_s": p.get("bottleneck_s"),
+            "stage_compute_s": p.get("stage_compute_s"), "source": src}
 
 
 def measure_message_overhead(hidden: int, repeats: int = 50, dtype: str = "float32", *,
@@ -464,12 +549,7 @@ def _hostfile_is_local(path: str) -> bool:
 # ---------------------------------------------------------------------------------- report
 
 
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{1000 * x:.1f}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.1f}%"
+_ms, _pct = ms_text, pct_text  # "-" for None; milliseconds with one decimal; signed percent
 
 
 def format_table(results: list[RunResult]) -> str:
@@ -577,7 +657,44 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print results as JSON")
     ap.add_argument("--breakdown", action="store_true",
                     help="also print measured per-stage compute against the predicted parts")
+    ap.add_argument("--streams", type=o.positive_int(MAX_STREAMS), default=None, metavar="B",
+                    help="serve B concurrent streams (distinct prompts of the same length) "
+                    "under a batching pattern; default: one stream, or the plan's "
+                    "workload.streams with --pattern / --micro-batch / --calibrate")
+    ap.add_argument("--pattern", default=None, choices=PATTERNS,
+                    help="batch-through (exo-current: one batch of up to --max-batch streams "
+                    "crosses all stages, no overlap) or micro-batch (ours: micro-batches fill "
+                    "the pipeline); default: the plan's serving.pattern, else by runtime")
+    ap.add_argument("--micro-batch", type=o.positive_int(MAX_STREAMS), default=None,
+                    metavar="M", help="streams per micro-batch (default: the plan's "
+                    "serving.micro_batch, else ceil(B / stages))")
+    ap.add_argument("--max-batch", type=o.positive_int(MAX_STREAMS), default=None,
+                    metavar="N", help="batch-through's concurrency limit (default: the plan's "
+                    f"serving.max_batch, else exo's {DEFAULT_MAX_BATCH})")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="write the measured stage times beside each node's cost table "
+                    "(<table>.calibration.json, used by split-model next time) and re-plan")
     return ap
+
+
+SERVING = F.Obj({"pattern": F.Str(choices=PATTERNS), "micro_batch": F.Int(gt=0),
+                 "max_batch": F.Int(gt=0), "why": F.Str()}, name="an object {pattern, ...}")
+
+
+def plan_serving(path: str) -> dict[str, Any]:
+    """The plan's optional `serving` section (INTERFACES I5), checked field by field."""
+    from profiler.files import read_json
+
+    data = read_json(path, f"plan {path}")
+    sec = data.get("serving") if isinstance(data, dict) else None
+    if sec is None:
+        return {}
+    try:
+        F.check(sec, SERVING, "serving")
+    except F.FieldError as e:
+        raise UserError(f"plan {path}: {e.path}: {e.problem}; fix that field or write the plan "
+                        "again with split-model") from None
+    return sec
 
 
 @guard
@@ -590,9 +707,12 @@ def main(argv: list[str] | None = None) -> int:
     P = args.prompt_tokens or int(plan.workload.get("prompt_tokens") or 32)
     which = ["plan", *[b for b in BASELINES if b in plan.baselines]] \
         if args.stages_from == "all" else [args.stages_from]
-    rewl = run_workload(plan, P, args.max_tokens)
     protocol = args.protocol or RUNTIME_PROTOCOL[plan.runtime]
     runtime = PROTOCOL_RUNTIME[protocol]
+    if args.calibrate or any(x is not None for x in (args.streams, args.pattern,
+                                                     args.micro_batch, args.max_batch)):
+        return main_serve(args, plan, spec, P, which, protocol)
+    rewl = run_workload(plan, P, args.max_tokens)
     results = []
     for w in which:
         stages, pred = pick_stages(plan, w)
@@ -622,6 +742,71 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: the plan predicted for a {wl}-token prompt; this run used {P} "
                   f"(the plan's cluster file {plan.cluster_file or '(none)'} is not here to "
                   "re-predict)")
+    return 0
+
+
+def serving_options(args, plan: Plan, protocol: str) -> tuple[int, str, int, int]:
+    """(streams, pattern, micro_batch, max_batch): the options, else the plan's `serving` and
+    workload, else: batch-through under exo-current (its runtime), micro-batch otherwise,
+    micro-batch ceil(B / stages), max batch exo's default."""
+    sec = plan_serving(args.plan)
+    B = args.streams or int(plan.workload.get("streams") or 1)
+    pattern = args.pattern or sec.get("pattern") or (
+        "batch-through" if protocol == "exo-current" else "micro-batch")
+    m = args.micro_batch or sec.get("micro_batch") or -(-B // len(plan.stages))
+    return B, pattern, min(int(m), B), int(args.max_batch or sec.get("max_batch")
+                                            or DEFAULT_MAX_BATCH)
+
+
+def main_serve(args, plan: Plan, spec: dict[str, Any], P: int, which: list[str],
+               protocol: str) -> int:
+    """`exo-bridge run --streams B ...`: every split in `which` serves B streams; the table,
+    then (--calibrate) the calibration written and the re-plan."""
+    from exo_bridge.runner.streams import print_table
+
+    runtime = PROTOCOL_RUNTIME[protocol]
+    B, pattern, m, maxb = serving_options(args, plan, protocol)
+    check_serving(pattern, protocol, B, m, maxb, P)
+    cluster = None
+    if plan.cluster_file and Path(plan.cluster_file).exists():
+        from graphsplit.cluster import load_cluster
+        cluster = load_cluster(plan.cluster_file)
+    elif args.calibrate:
+        raise UserError(f"--calibrate needs the plan's cluster file ({plan.cluster_file or 'none'}"
+                        " recorded) to find the cost tables; run from where split-model ran or "
+                        "write the plan again with split-model")
+    results = []
+    for w in which:
+        stages, _ = pick_stages(plan, w)
+        pred = serve_prediction(cluster, stages, P, args.max_tokens, B, runtime, pattern, m,
+                                maxb) if cluster is not None else {}
+        if not args.json:
+            print(f"serving {B} streams ({pattern}, {protocol}) on {w}: " + ", ".join(
+                f"{s.node}[{s.start_layer},{s.end_layer})" for s in stages), file=sys.stderr,
+                flush=True)
+        results.append(serve_stages(stages, spec, P, args.max_tokens, B, pattern=pattern,
+                                    micro_batch=m, max_batch=maxb, label=w, predicted=pred,
+                                    protocol=protocol, timeout_s=args.timeout,
+                                    hostfile=args.hostfile, python=args.python))
+    cal = None
+    if args.calibrate:
+        from exo_bridge.runner.calibrate import calibrate, print_calibration
+        objective = plan.objective if plan.objective != "pareto" else (
+            "throughput" if B > 1 else "latency")
+        cal = calibrate(plan.cluster_file, results[0], runtime, objective)
+    if args.json:
+        print(json.dumps({"results": [r.to_dict() for r in results],
+                          **({"calibration": cal} if cal else {})}, indent=2))
+        return 0
+    src = results[0].predicted.get("source") or (
+        f"no prediction: the plan's cluster file {plan.cluster_file or '(none)'} is not here")
+    print_table(results, f"{B} streams, {pattern} under the {protocol} protocol, prompt {P} "
+                f"(all streams), {args.max_tokens} new tokens",
+                "measured on rank 0's clock; tok/s = decode tokens / decoding time; tpot = "
+                "median over the streams, spread = (max - min) / median; ttft = median.\n"
+                f"pred: {src}")
+    if cal:
+        print_calibration(cal)
     return 0
 
 

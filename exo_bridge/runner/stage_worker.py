@@ -19,6 +19,8 @@ What a rank does:
    closure, a neighbour in the ring). Every send / recv goes to a ring neighbour.
 3. Warm-up (short prefill + a few decode steps, caches then reset), a barrier (`all_sum`), then
    the measured run: prefill of the prompt and greedy decoding of `max_tokens` tokens.
+   With `"serve": true` in the job, B streams instead, under a runtime batching pattern
+   (batch-through or micro-batch; exo_bridge.runner.streams drives `Stage.advance`).
 4. Prints one line `EXO_BRIDGE_RESULT {json}` on stdout: rank 0 the tokens and the token
    arrival times, every rank its per-step compute times (time from input available to output
    evaluated, so waiting on the network is excluded) for diagnosing prediction errors.
@@ -191,8 +193,20 @@ def head_logits(model, inner, h):
 # -------------------------------------------------------------------------------- pipeline
 
 
+def as_batch(tokens) -> list[list[int]]:
+    """Token ids as a batch: [t, ...] (one stream) or [[t, ...], ...] (one row per stream)."""
+    return tokens if tokens and isinstance(tokens[0], list) else [tokens]
+
+
 class Stage:
-    """This rank's part of the pipeline with its KV caches and step timings."""
+    """This rank's part of the pipeline with its KV caches and step timings.
+
+    Built in parts: `__init__` (build: load the stage's arrays, find the ring sockets),
+    the messaging (`recv_input` / `send_output` / `send_tokens` / `recv_tokens`, each in the
+    protocol's format), and the passes (`advance`: input -> blocks -> output for one batch of
+    streams with the caches it is given; `step`: `advance` + rank 0's token receive, one
+    stream). Multi-stream schedules (exo_bridge.runner.streams) drive `advance` directly.
+    """
 
     def __init__(self, job: dict[str, Any], rank: int, size: int, group):
         self.rank, self.size, self.group = rank, size, group
@@ -212,13 +226,19 @@ class Stage:
         self.reset()
 
     def reset(self) -> None:
-        self.caches = make_caches(self.model, self.layers, self.start, self.end)
+        self.caches = self.new_caches()
         self.compute_s: list[float] = []
         self.wait_s: list[float] = []
+        self.passes: list[tuple[str, int]] = []  # (phase, batch) of each compute_s entry
         self.head_s: list[float] = []  # exo-current: this rank's own head per pass
         self.message_s: list[float] = []  # exo-legacy: encode + decode time per message
 
-    def _recv_activation(self, L: int):
+    def new_caches(self):
+        """Fresh KV caches for this stage's blocks (one set per stream batch)."""
+        return make_caches(self.model, self.layers, self.start, self.end)
+
+    # -- messaging -------------------------------------------------------------------------
+    def _recv_activation(self, L: int, batch: int = 1):
         src = self.rank - 1
         if self.act_dtype is None:  # one-time header: [dtype code, hidden size]
             wait_readable(self.fds)
@@ -228,7 +248,7 @@ class Stage:
             self.act_dtype, self.hidden = _FROM_CODE[code], hidden
         else:  # (the activation follows the header at once: no wait before it)
             wait_readable(self.fds)
-        h = mx.distributed.recv((1, L, self.hidden), self.act_dtype, src, group=self.group)
+        h = mx.distributed.recv((batch, L, self.hidden), self.act_dtype, src, group=self.group)
         mx.eval(h)
         return h
 
@@ -277,28 +297,110 @@ class Stage:
         self.message_s.append(time.perf_counter() - t0)
         return h
 
-    def exo_current_pass(self, tokens: list[int], gather: bool) -> int:
+    def recv_input(self, L: int, batch: int = 1):
+        """The previous rank's activation (batch, L, hidden) in the protocol's format."""
+        if self.protocol == "exo-legacy":
+            return self._recv_framed(self.rank - 1)
+        return self._recv_activation(L, batch)
+
+    def send_output(self, h) -> None:
+        """This stage's activation to the next rank."""
+        if self.protocol == "exo-legacy":
+            self._send_framed(h, self.rank + 1)
+        else:
+            self._send_activation(h)
+
+    def send_tokens(self, tok) -> None:
+        """The last rank's sampled ids (batch,) back to rank 0 (the ring closure)."""
+        if self.protocol == "exo-legacy":  # legacy exo forwards a token as a (1, 1) tensor
+            self._send_framed(tok.reshape(-1, 1), 0)
+        else:
+            mx.eval(mx.distributed.send(tok, 0, group=self.group))
+
+    def recv_tokens(self, batch: int = 1):
+        """Rank 0: the ids (batch,) the last rank sampled."""
+        if self.protocol == "exo-legacy":
+            return self._recv_framed(self.size - 1).reshape(-1)
+        wait_readable(self.fds)
+        tok = mx.distributed.recv((batch,), mx.int32, self.size - 1, group=self.group)
+        mx.eval(tok)
+        return tok
+
+    # -- passes ----------------------------------------------------------------------------
+    def forward(self, h, caches):
+        """This stage's blocks over h (batch, L, hidden) with `caches` (one per block)."""
+        from mlx_lm.models.base import create_attention_mask
+
+        mask = create_attention_mask(h, caches[0] if caches else None)
+        for layer, c in zip(self.layers, caches):
+            h = layer(h, mask, cache=c)
+        return h
+
+    def greedy(self, h):
+        """Norm + head over the last position, greedy ids (batch,) as int32."""
+        logits = head_logits(self.model, self.inner, h)
+        return mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
+
+    def advance(self, tokens, L: int, caches=None, batch: int = 1, phase: str | None = None):
+        """One pass of `batch` streams over L new tokens through this stage: rank 0 embeds
+        `tokens` (a list, or one list per stream), the others receive; the blocks run with
+        `caches` (default: the single-stream caches); the output goes to the next rank, or on
+        the last rank the greedy ids are sampled and sent back to rank 0 (and returned).
+        Times the compute (input available -> output evaluated) as (phase, batch)."""
+        caches = self.caches if caches is None else caches
+        t_in = time.perf_counter()
+        if self.first:
+            h = self.inner.embed_tokens(mx.array(as_batch(tokens), dtype=mx.int32))
+        else:
+            h = self.recv_input(L, batch)
+        t0 = time.perf_counter()
+        h = self.forward(h, caches)
+        tok = None
+        if self.last:
+            tok = self.greedy(h)
+            mx.eval(tok)
+        else:
+            mx.eval(h)
+        self.compute_s.append(time.perf_counter() - t0)
+        self.wait_s.append(t0 - t_in)
+        self.passes.append((phase or ("prefill" if L > 1 else "decode"), batch))
+        if not self.last:
+            self.send_output(h)
+        elif self.size > 1:
+            self.send_tokens(tok)
+        return tok
+
+    def step(self, tokens: list[int] | None, L: int) -> int | None:
+        """One pipeline pass over L new tokens of one stream. Rank 0 passes the tokens and gets
+        the next id."""
+        tok = self.advance(tokens, L)
+        if self.first:
+            if self.size > 1:
+                tok = self.recv_tokens(1)
+            return int(tok.item())
+        return None
+
+    def exo_current_pass(self, tokens, gather: bool):
         """One forward call as current exo's pipeline runs it (every rank, its own tokens):
         every rank embeds the tokens; rank > 0 then takes the previous rank's activation
         instead; runs its blocks; sends to the next rank; with `gather` (decode) all-gathers
         the hidden states and keeps the last rank's; then norm + LM head over the positions
-        and the greedy token on EVERY rank."""
-        from mlx_lm.models.base import create_attention_mask
-
+        and the greedy token on EVERY rank. `tokens`: one stream's list (returns an int) or one
+        list per stream (a batch, with `self.caches` holding the batch: returns a list)."""
+        batched = bool(tokens) and isinstance(tokens[0], list)
         t_in = time.perf_counter()
-        h = self.inner.embed_tokens(mx.array([tokens], dtype=mx.int32))
+        h = self.inner.embed_tokens(mx.array(as_batch(tokens), dtype=mx.int32))
         if not self.first:
             mx.eval(h)
             wait_readable(self.fds)
             h = mx.distributed.recv_like(h, self.rank - 1, group=self.group)
             mx.eval(h)
         t0 = time.perf_counter()
-        mask = create_attention_mask(h, self.caches[0] if self.caches else None)
-        for layer, c in zip(self.layers, self.caches):
-            h = layer(h, mask, cache=c)
+        h = self.forward(h, self.caches)
         mx.eval(h)
         self.compute_s.append(time.perf_counter() - t0)
         self.wait_s.append(t0 - t_in)
+        self.passes.append(("prefill" if h.shape[1] > 1 else "decode", h.shape[0]))
         if not self.last:
             mx.eval(mx.distributed.send(h, self.rank + 1, group=self.group))
         if gather and self.size > 1:
@@ -307,54 +409,10 @@ class Stage:
             h = mx.distributed.all_gather(h, group=self.group)[-h.shape[0]:]
             mx.eval(h)
         t_h = time.perf_counter()
-        logits = head_logits(self.model, self.inner, h)
-        tok = mx.argmax(logits[:, -1, :], axis=-1)
-        mx.eval(logits, tok)
+        tok = self.greedy(h)
+        mx.eval(tok)
         self.head_s.append(time.perf_counter() - t_h)
-        return int(tok.item())
-
-    def step(self, tokens: list[int] | None, L: int) -> int | None:
-        """One pipeline pass over L new tokens. Rank 0 passes the tokens and gets the next id."""
-        from mlx_lm.models.base import create_attention_mask
-
-        legacy = self.protocol == "exo-legacy"
-        t_in = time.perf_counter()
-        if self.first:
-            h = self.inner.embed_tokens(mx.array([tokens], dtype=mx.int32))
-        elif legacy:
-            h = self._recv_framed(self.rank - 1)
-        else:
-            h = self._recv_activation(L)
-        t0 = time.perf_counter()
-        mask = create_attention_mask(h, self.caches[0] if self.caches else None)
-        for layer, c in zip(self.layers, self.caches):
-            h = layer(h, mask, cache=c)
-        tok = None
-        if self.last:
-            logits = head_logits(self.model, self.inner, h)
-            tok = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
-            mx.eval(tok)
-        else:
-            mx.eval(h)
-        self.compute_s.append(time.perf_counter() - t0)
-        self.wait_s.append(t0 - t_in)
-        if not self.last:
-            self._send_framed(h, self.rank + 1) if legacy else self._send_activation(h)
-        elif self.size > 1:
-            if legacy:  # legacy exo forwards the sampled token as a (1, 1) tensor
-                self._send_framed(tok.reshape(1, 1), 0)
-            else:
-                mx.eval(mx.distributed.send(tok, 0, group=self.group))
-        if self.first:
-            if self.size > 1:
-                if legacy:
-                    tok = self._recv_framed(self.size - 1).reshape(-1)
-                else:
-                    wait_readable(self.fds)
-                    tok = mx.distributed.recv((1,), mx.int32, self.size - 1, group=self.group)
-                    mx.eval(tok)
-            return int(tok.item())
-        return None
+        return tok.tolist() if batched else int(tok.item())
 
 
 def generate(stage: Stage, prompt: list[int], max_tokens: int) -> dict[str, Any]:
@@ -406,6 +464,10 @@ def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
     t_load = time.perf_counter()
     stage = Stage(job, rank, size, group)
     load_s = time.perf_counter() - t_load
+    if job.get("serve"):  # many streams: the runtime batching patterns (streams.py)
+        from exo_bridge.runner.streams import serve
+
+        return serve(stage, job, load_s)
     prompt = job["prompt"]
     wp, wt = int(job.get("warmup_prompt", 8)), int(job.get("warmup_tokens", 2))
     gen = generate_exo_current if stage.protocol == "exo-current" else generate
