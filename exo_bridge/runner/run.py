@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from exo_bridge.runner.stage_worker import RESULT_TAG, encode_job
+from exo_bridge.runner.tensor import (hybrid_layout, is_hybrid, job_groups,
+                                      plan_stages_with_tensor)
 from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
 from profiler import options as o
@@ -363,7 +365,8 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                hostfile: str | None = None, python: str | None = None,
                timeout_s: float = 600.0, warmup_prompt: int = 8, warmup_tokens: int = 2,
                env: dict[str, str] | None = None, seed: int = 0,
-               hostfiles: list[str] | None = None, protocol: str = "ring") -> RunResult:
+               hostfiles: list[str] | None = None, protocol: str = "ring",
+               extra: dict[str, Any] | None = None) -> RunResult:
     """Run one split end to end and measure it; see the module docstring."""
     if max_tokens < 1 or prompt_tokens < 1:
         raise UserError("--prompt-tokens and --max-tokens must be at least 1")
@@ -378,21 +381,24 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
            "prompt": make_prompt(vocab_of(spec["config"]), prompt_tokens, seed),
            "max_tokens": max_tokens, "warmup_prompt": warmup_prompt,
            "warmup_tokens": warmup_tokens, "protocol": protocol}
+    names = [s.node for s in stages]
+    if is_hybrid(stages):  # tensor groups: one rank per member (exo_bridge.runner.tensor)
+        names = hybrid_job(job, stages, spec, protocol, extra or {})
     t0 = time.perf_counter()
     if hostfile:
-        check_hostfile(hostfile, len(stages))
+        check_hostfile(hostfile, len(names))
     if hostfile and not _hostfile_is_local(hostfile):
         ranks = launch_mlx(job, hostfile, timeout_s, python)
     else:
         ports = None
         if hostfile:
             hosts = _hostfile_hosts(hostfile)
-            if len(hosts) != len(stages):
+            if len(hosts) != len(names):
                 raise UserError(f"hostfile {hostfile} has {len(hosts)} hosts for "
-                                f"{len(stages)} stages")
+                                f"{len(names)} ranks")
             ports = _hostfile_ports(hostfile)
         ranks = launch_local(job, hosts=hosts, wrappers=wrappers, timeout_s=timeout_s, env=env,
-                             hostfiles=hostfiles, ports=ports, names=[s.node for s in stages])
+                             hostfiles=hostfiles, ports=ports, names=names)
     wall = time.perf_counter() - t0
     r0 = ranks[0]
     tpot = r0.get("tpot_s")
@@ -401,6 +407,26 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                      tpot_s=tpot, tokens_per_s=(1.0 / tpot) if tpot else None,
                      predicted=dict(predicted or {}), ranks=ranks, wall_s=wall,
                      protocol=protocol)
+
+
+def check_hybrid(stages: list[Any], spec: dict[str, Any], protocol: str):
+    """The world layout of a hybrid plan, or one UserError line saying why it cannot run."""
+    if protocol != "ring":
+        raise UserError(f"--protocol {protocol}: a plan with tensor-parallel stages runs under "
+                        "the ring protocol only (exo's runtimes cannot run unequal shares inside "
+                        "a pipeline); use --protocol ring")
+    return hybrid_layout(stages, spec["config"])
+
+
+def hybrid_job(job: dict[str, Any], stages: list[Any], spec: dict[str, Any], protocol: str,
+               extra: dict[str, Any]) -> list[str]:
+    """Turn `job` into a hybrid one (per-rank layers + `groups`); returns the ranks' nodes in
+    world order (stage by stage, each group's members contiguous, its leader first)."""
+    layout = check_hybrid(stages, spec, protocol)
+    job["stages"] = [[r.start, r.end] for r in layout]
+    job["groups"] = job_groups(layout)
+    job.update({k: v for k, v in extra.items() if k in ("collective", "return_logits")})
+    return [r.node for r in layout]
 
 
 def measure_message_overhead(hidden: int, repeats: int = 50, dtype: str = "float32", *,
@@ -593,9 +619,14 @@ def main(argv: list[str] | None = None) -> int:
     rewl = run_workload(plan, P, args.max_tokens)
     protocol = args.protocol or RUNTIME_PROTOCOL[plan.runtime]
     runtime = PROTOCOL_RUNTIME[protocol]
+    hybrid = plan_stages_with_tensor(args.plan, plan.stages)
+    if is_hybrid(hybrid):  # refuse a plan the runner cannot run before starting anything
+        check_hybrid(hybrid, spec, protocol)
     results = []
     for w in which:
         stages, pred = pick_stages(plan, w)
+        if w == "plan":
+            stages = hybrid
         if rewl is not None:
             pred = repredict(rewl[0], stages, rewl[1], runtime)
         elif runtime != plan.runtime:

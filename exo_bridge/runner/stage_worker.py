@@ -404,7 +404,12 @@ def generate_exo_current(stage: Stage, prompt: list[int], max_tokens: int) -> di
 
 def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
     t_load = time.perf_counter()
-    stage = Stage(job, rank, size, group)
+    if job.get("groups"):  # a hybrid plan: tensor-parallel groups (exo_bridge.runner.tensor)
+        from exo_bridge.runner.tensor import make_tensor_stage
+
+        stage = make_tensor_stage(job, rank, size, group)
+    else:
+        stage = Stage(job, rank, size, group)
     load_s = time.perf_counter() - t_load
     prompt = job["prompt"]
     wp, wt = int(job.get("warmup_prompt", 8)), int(job.get("warmup_tokens", 2))
@@ -427,6 +432,10 @@ def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
         "prefill_wait_s": stage.wait_s[0] if stage.wait_s else None,
         "peak_memory_bytes": mx.get_peak_memory(),
     }
+    if job.get("groups"):
+        from exo_bridge.runner.tensor import tensor_result
+
+        res.update(tensor_result(stage))
     if stage.protocol == "exo-current":
         res["all_tokens"] = out["tokens"]  # every rank samples: they must agree
     if rank == 0:

@@ -1,0 +1,419 @@
+"""Hybrid plans on mx.distributed: tensor-parallel groups with unequal shares inside a pipeline.
+
+A hybrid plan is a pipeline of stages; a stage may be a tensor-parallel group (the plan's
+`tensor` member: `{"nodes": [...], "kv_heads": [...], "mlp_columns": [...]}`). Each member of a
+group holds a SLICE of every block of the stage:
+
+- attention: its whole KV heads [h0, h1) and their q_per_kv query heads each — the q/k/v rows
+  of those heads and the o_proj COLUMNS that read them;
+- MLP: its columns [c0, c1) of the intermediate size — gate/up rows, down_proj columns.
+
+o_proj and down_proj then produce PARTIAL hidden states whose sum is the full one: the two
+all-reduces per block (as mlx-lm's `shard()` places them). A bias of o_proj / down_proj is added
+once, after the sum; the residual adds happen after the sum on every member, so every member
+holds the full hidden state after each block. Shares may be unequal (whole KV heads, each >= 1).
+
+Process layout (one world, every backend). Ranks are numbered stage by stage, the members of
+one group contiguous, the group's first member (the plan stage's `node`) first:
+
+    stage 0 = ranks [0, k0), stage 1 = ranks [k0, k0 + k1), ...
+
+Every rank except 0 takes its input activation from rank - 1: a stage's first member (its
+leader) from the previous stage's last member (which holds the full output after the last
+all-reduce), every other member from its predecessor in the group, which forwards what it got
+before computing (a broadcast along the chain, k - 1 hops). Rank 0 embeds the tokens; the last
+rank applies norm + head, samples greedily and sends the token id back to rank 0. So every
+pipeline message goes to a ring neighbour, which is all MLX's ring backend can reach
+(stage_worker's docstring).
+
+The group all-reduce (`Collective`), by backend:
+- the group is the whole world (a pure tensor plan): `mx.distributed.all_sum` on the world;
+- ring backend, a group inside a pipeline: `Group.split` raises on ring ("[ring] Group split not
+  supported"), so the sum is built from neighbour send/recv: partials are reduced along the
+  chain to the group's last member (acc_i = acc_{i-1} + y_i), which sends the total back along
+  the chain, 2 (k - 1) hops; every member ends with the same bits;
+- a backend with `Group.split` (MPI; jaccl, a full mesh): `world.split(stage)` and `all_sum`
+  on the sub-group. The worker tries split first and falls back to the chain where it raises.
+
+Plain Python data flows in from `run.py` as the job's `groups` (see `hybrid_layout`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from profiler.errors import UserError
+
+
+class TensorPlanError(UserError):
+    """A tensor group the runner cannot run (shares that do not cut the model)."""
+
+
+# ----------------------------------------------------------------------------- layout (no MLX)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """One process of a hybrid run: its node, its layers, its group and share."""
+
+    node: str
+    start: int
+    end: int
+    group: int  # pipeline stage index
+    pos: int  # index inside the group
+    kv: tuple[int, int]  # KV heads [h0, h1) (all heads for a plain stage)
+    cols: tuple[int, int]  # MLP columns [c0, c1)
+
+
+def model_dims(config: dict[str, Any]) -> dict[str, int]:
+    """n_kv_heads, q_per_kv and intermediate size of a llama-like config."""
+    cfg = config.get("text_config", config) if "num_attention_heads" not in config else config
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    return {"n_kv_heads": kv, "q_per_kv": heads // kv,
+            "intermediate_size": int(cfg["intermediate_size"]),
+            "hidden_size": int(cfg["hidden_size"])}
+
+
+def check_tensor(tensor: dict[str, Any], dims: dict[str, int], where: str) -> None:
+    """Shares are whole KV heads (each >= 1, summing to n_kv_heads) and MLP columns (each >= 1,
+    summing to intermediate_size), one per node; one TensorPlanError line otherwise."""
+    nodes, kv, cols = tensor.get("nodes"), tensor.get("kv_heads"), tensor.get("mlp_columns")
+    n, inter = dims["n_kv_heads"], dims["intermediate_size"]
+    if not isinstance(nodes, list) or len(nodes) < 1 or len(set(nodes)) != len(nodes):
+        raise TensorPlanError(f"{where}: tensor.nodes must be a list of distinct node ids")
+    for name, xs, total in (("kv_heads", kv, n), ("mlp_columns", cols, inter)):
+        if not isinstance(xs, list) or len(xs) != len(nodes) or \
+                not all(isinstance(x, int) and not isinstance(x, bool) for x in xs):
+            raise TensorPlanError(f"{where}: tensor.{name} must be a list of {len(nodes)} whole "
+                                  "numbers, one per node of tensor.nodes")
+        if min(xs) < 1:
+            raise TensorPlanError(f"{where}: tensor.{name} {xs} has a share below 1; every "
+                                  f"member needs at least one (fewer members, or re-plan)")
+        if sum(xs) != total:
+            raise TensorPlanError(f"{where}: tensor.{name} {xs} sums to {sum(xs)}, the model "
+                                  f"has {total}; re-plan with split-model for this model")
+
+
+def hybrid_layout(stages: list[Any], config: dict[str, Any]) -> list[RankSpec]:
+    """World ranks of a plan's stages, stage by stage, group members contiguous.
+
+    `stages`: objects with node / start_layer / end_layer and an optional `tensor` dict
+    (graphsplit.plan.Stage, or any with those attributes). A plain stage is one rank holding
+    every head and column."""
+    dims = model_dims(config)
+    out: list[RankSpec] = []
+    for g, s in enumerate(stages):
+        t = getattr(s, "tensor", None)
+        if not t:
+            out.append(RankSpec(s.node, s.start_layer, s.end_layer, g, 0,
+                                (0, dims["n_kv_heads"]), (0, dims["intermediate_size"])))
+            continue
+        where = f"stage {g} (node {s.node}, layers {s.start_layer}-{s.end_layer})"
+        check_tensor(t, dims, where)
+        if t["nodes"][0] != s.node:
+            raise TensorPlanError(f"{where}: tensor.nodes must start with the stage's node "
+                                  f"{s.node!r} (it receives from the previous stage)")
+        h = c = 0
+        for i, (node, k, m) in enumerate(zip(t["nodes"], t["kv_heads"], t["mlp_columns"])):
+            out.append(RankSpec(node, s.start_layer, s.end_layer, g, i, (h, h + k), (c, c + m)))
+            h, c = h + k, c + m
+    seen = [r.node for r in out]
+    dup = sorted({x for x in seen if seen.count(x) > 1})
+    if dup:
+        raise TensorPlanError(f"node {dup[0]} appears in two stages or twice in a group; a "
+                              "node runs one rank: re-plan")
+    return out
+
+
+def job_groups(ranks: list[RankSpec]) -> list[dict[str, Any]]:
+    """The job's `groups`: per pipeline stage, its world ranks and each rank's share."""
+    groups: list[dict[str, Any]] = []
+    for r, spec in enumerate(ranks):
+        if spec.group == len(groups):
+            groups.append({"ranks": [], "kv": [], "cols": []})
+        g = groups[spec.group]
+        g["ranks"].append(r)
+        g["kv"].append(list(spec.kv))
+        g["cols"].append(list(spec.cols))
+    return groups
+
+
+# --------------------------------------------------------------------------- slicing (MLX)
+
+
+def _rows(lin, lo: int, hi: int):
+    """A Linear keeping output rows [lo, hi) (weight rows, bias entries; quantized too)."""
+    if isinstance(lin, nn.QuantizedLinear):
+        new = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
+        nn.Module.__init__(new)
+        new.group_size, new.bits, new.mode = lin.group_size, lin.bits, getattr(lin, "mode",
+                                                                              "affine")
+        for k in ("weight", "scales", "biases", "bias"):
+            if k in lin:
+                new[k] = lin[k][lo:hi]
+        new.freeze()
+        return new
+    out = nn.Linear(1, 1, bias="bias" in lin)
+    out.weight = lin.weight[lo:hi]
+    if "bias" in lin:
+        out.bias = lin.bias[lo:hi]
+    return out
+
+
+def _cols(lin, lo: int, hi: int):
+    """A Linear reading input columns [lo, hi) only, without its bias (added after the sum)."""
+    if isinstance(lin, nn.QuantizedLinear):
+        g, per = lin.group_size, 32 // lin.bits
+        if lo % g or hi % g:
+            raise TensorPlanError(f"a share's columns [{lo}, {hi}) do not fall on the quantized "
+                                  f"weights' groups of {g}; re-plan with shares that do")
+        new = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
+        nn.Module.__init__(new)
+        new.group_size, new.bits, new.mode = g, lin.bits, getattr(lin, "mode", "affine")
+        new.weight = lin.weight[:, lo // per:hi // per]
+        new.scales = lin.scales[:, lo // g:hi // g]
+        if "biases" in lin:
+            new.biases = lin.biases[:, lo // g:hi // g]
+        new.freeze()
+        return new
+    out = nn.Linear(1, 1, bias=False)
+    out.weight = lin.weight[:, lo:hi]
+    return out
+
+
+class AllReduced(nn.Module):
+    """A column slice of a Linear whose partial outputs are summed over the group, then the
+    bias (if the original had one) added once."""
+
+    def __init__(self, part, reduce, bias=None):
+        super().__init__()
+        self.part = part
+        if bias is not None:
+            self.bias = bias
+        self._reduce = reduce
+
+    def __call__(self, x):
+        y = self._reduce(self.part(x))
+        return y + self.bias if "bias" in self else y
+
+
+def slice_block(block, kv: tuple[int, int], cols: tuple[int, int], reduce) -> None:
+    """Cut a llama-like block in place to KV heads [h0, h1) and MLP columns [c0, c1); o_proj
+    and down_proj become AllReduced with `reduce` (partial -> full hidden state)."""
+    attn, mlp = block.self_attn, block.mlp
+    q_per_kv = attn.n_heads // attn.n_kv_heads
+    hd = attn.head_dim
+    h0, h1 = kv
+    attn.q_proj = _rows(attn.q_proj, h0 * q_per_kv * hd, h1 * q_per_kv * hd)
+    attn.k_proj = _rows(attn.k_proj, h0 * hd, h1 * hd)
+    attn.v_proj = _rows(attn.v_proj, h0 * hd, h1 * hd)
+    o = attn.o_proj
+    attn.o_proj = AllReduced(_cols(o, h0 * q_per_kv * hd, h1 * q_per_kv * hd), reduce,
+                             o.bias if "bias" in o else None)
+    attn.n_heads, attn.n_kv_heads = (h1 - h0) * q_per_kv, h1 - h0
+    c0, c1 = cols
+    mlp.gate_proj = _rows(mlp.gate_proj, c0, c1)
+    mlp.up_proj = _rows(mlp.up_proj, c0, c1)
+    d = mlp.down_proj
+    mlp.down_proj = AllReduced(_cols(d, c0, c1), reduce, d.bias if "bias" in d else None)
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+class Collective:
+    """The all-reduce (sum) of one tensor group; see the module docstring for which backend
+    does what. `seconds` collects the time of every call (for the result's breakdown)."""
+
+    def __init__(self, world, ranks: list[int], rank: int, split_group=None, fds=None,
+                 chain: bool = False):
+        self.world, self.ranks, self.rank = world, ranks, rank
+        self.pos, self.k = ranks.index(rank), len(ranks)
+        self.sub = split_group
+        self.whole = world is not None and self.k == world.size() and not chain
+        self.fds = fds or []
+        self.seconds: list[float] = []
+        self.kind = ("none" if self.k == 1 else "all_sum" if self.whole else
+                     "split+all_sum" if split_group is not None else "neighbour-chain")
+
+    def __call__(self, y):
+        if self.k == 1:
+            return y
+        mx.eval(y)
+        t0 = time.perf_counter()
+        if self.whole or self.sub is not None:
+            y = mx.distributed.all_sum(y, group=self.sub if self.sub is not None else self.world)
+            mx.eval(y)
+        else:
+            y = self._chain(y)
+        self.seconds.append(time.perf_counter() - t0)
+        return y
+
+    def _chain(self, y):
+        from exo_bridge.runner.stage_worker import wait_readable
+
+        g, r = self.world, self.rank
+        if self.pos > 0:  # reduce toward the group's last member
+            wait_readable(self.fds)
+            y = mx.distributed.recv_like(y, r - 1, group=g) + y
+            mx.eval(y)
+        if self.pos < self.k - 1:
+            mx.eval(mx.distributed.send(y, r + 1, group=g))
+            wait_readable(self.fds)  # the total comes back from the last member
+            y = mx.distributed.recv_like(y, r + 1, group=g)
+            mx.eval(y)
+        if self.pos > 0:
+            mx.eval(mx.distributed.send(y, r - 1, group=g))
+        return y
+
+
+def split_or_none(world, color: int, key: int):
+    """`world.split(color, key)` where the backend has it (MPI, jaccl), None where it raises
+    (ring: "[ring] Group split not supported"). Every rank calls it, in the same order."""
+    try:
+        return world.split(color, key)
+    except Exception:  # noqa: BLE001 - the backend's own refusal, whatever its type
+        return None
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def make_tensor_stage(job: dict[str, Any], rank: int, size: int, group):
+    """The Stage of `rank` in a hybrid job (`job["groups"]`); stage_worker's hook."""
+    from exo_bridge.runner.stage_worker import Stage, load_stage, make_caches, ring_socket_fds
+
+    class TensorStage(Stage):
+        """One member of a (possibly one-rank) group in a hybrid pipeline."""
+
+        def __init__(self):
+            import os
+
+            self.rank, self.size, self.group = rank, size, group
+            self.start, self.end = job["stages"][rank]
+            self.first, self.last = rank == 0, rank == size - 1
+            self.protocol = job.get("protocol", "ring")
+            if self.protocol != "ring":
+                raise ValueError("hybrid plans run under the ring protocol only")
+            gi = next(i for i, g in enumerate(job["groups"]) if rank in g["ranks"])
+            g = job["groups"][gi]
+            pos = g["ranks"].index(rank)
+            self.tail = pos == len(g["ranks"]) - 1  # sends the stage's output on
+            self.fds = ring_socket_fds() if (group is not None and os.name == "posix"
+                                             and os.path.isdir("/proc/self/fd")) else []
+            chain = job.get("collective", "auto") == "chain"
+            sub = None
+            if group is not None and not chain and len(job["groups"]) > 1:
+                sub = split_or_none(group, gi, pos)
+            self.collective = Collective(group, g["ranks"], rank, sub, self.fds, chain)
+            self.keep_logits = bool(job.get("return_logits"))
+            self.model, self.inner, self.layers = load_stage(job["model"], self.start,
+                                                             self.end, self.first, self.last)
+            if len(g["ranks"]) > 1:
+                for layer in self.layers:
+                    slice_block(layer, tuple(g["kv"][pos]), tuple(g["cols"][pos]),
+                                self.collective)
+                mx.eval([lay.parameters() for lay in self.layers])
+            self.hidden, self.act_dtype, self.header_sent = None, None, False
+            self.reset()
+
+        def reset(self):
+            self.caches = make_caches(self.model, self.layers, self.start, self.end)
+            self.compute_s, self.wait_s, self.head_s, self.message_s = [], [], [], []
+            self.collective.seconds = []
+            self.logits: list[list[float]] = []
+
+        def step(self, tokens, L):
+            from mlx_lm.models.base import create_attention_mask
+
+            t_in = time.perf_counter()
+            if self.first:
+                h = self.inner.embed_tokens(mx.array([tokens], dtype=mx.int32))
+                mx.eval(h)
+            else:
+                h = self._recv_activation(L)
+            if not self.tail:  # forward the input along the group before computing
+                self._send_activation(h)
+            t0 = time.perf_counter()
+            mask = create_attention_mask(h, self.caches[0] if self.caches else None)
+            for layer, c in zip(self.layers, self.caches):
+                h = layer(h, mask, cache=c)
+            tok = None
+            if self.last:
+                logits = head_logits(self.model, self.inner, h)[:, -1, :]
+                tok = mx.argmax(logits, axis=-1).astype(mx.int32)
+                mx.eval(tok, logits)
+                if self.keep_logits:
+                    self.logits.append(logits.astype(mx.float32).reshape(-1).tolist())
+            else:
+                mx.eval(h)
+            self.compute_s.append(time.perf_counter() - t0)
+            self.wait_s.append(t0 - t_in)
+            if self.tail and not self.last:
+                self._send_activation(h)
+            elif self.last and self.size > 1:
+                mx.eval(mx.distributed.send(tok, 0, group=self.group))
+            if self.first:
+                if self.size > 1:
+                    from exo_bridge.runner.stage_worker import wait_readable
+
+                    wait_readable(self.fds)
+                    tok = mx.distributed.recv((1,), mx.int32, self.size - 1, group=self.group)
+                    mx.eval(tok)
+                return int(tok.item())
+            return None
+
+    from exo_bridge.runner.stage_worker import head_logits
+
+    return TensorStage()
+
+
+def tensor_result(stage) -> dict[str, Any]:
+    """The extra fields a hybrid rank reports: its group's collective and its time."""
+    c = stage.collective
+    out = {"collective": c.kind, "group_ranks": c.ranks, "allreduce_s": list(c.seconds)}
+    if stage.logits:
+        out["logits"] = stage.logits
+    return out
+
+
+# ----------------------------------------------------------------------------- plan stages
+
+
+@dataclass(frozen=True)
+class HybridStage:
+    """A plan stage with its optional `tensor` member (plan format I4)."""
+
+    node: str
+    start_layer: int
+    end_layer: int
+    tensor: dict[str, Any] | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+
+def plan_stages_with_tensor(plan_path: str, stages: list[Any]) -> list[Any]:
+    """The plan's stages with their `tensor` members. graphsplit.plan.Stage may not carry the
+    member (older releases drop unknown keys): then it is read from the file's own stages."""
+    if any(getattr(s, "tensor", None) for s in stages):
+        return list(stages)
+    from profiler.files import read_json
+
+    raw = read_json(plan_path, f"plan file {plan_path}").get("stages") or []
+    if not any(isinstance(r, dict) and r.get("tensor") for r in raw):
+        return list(stages)
+    return [HybridStage(s.node, s.start_layer, s.end_layer,
+                        r.get("tensor") if isinstance(r, dict) else None)
+            for s, r in zip(stages, raw)]
+
+
+def is_hybrid(stages: list[Any]) -> bool:
+    return any(getattr(s, "tensor", None) for s in stages)
