@@ -51,6 +51,7 @@ PREFIX = {
     "profile-link measure": ["measure", "127.0.0.1:9"],
     "profile-link self-test": ["self-test"],
     "profile-link mlx": ["mlx"],
+    "profile-link collective": ["collective"],
 }
 # Commands whose options are checked elsewhere (none today): any option not listed fails this suite.
 ELSEWHERE: set[str] = set()

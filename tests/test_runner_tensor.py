@@ -62,15 +62,18 @@ def _check(res, reference):
 
 
 @pytest.mark.slow
-def test_three_node_unequal_tensor_run_equals_single_process(tiny, reference):
-    """One tensor group of 3 ranks, KV heads 2/1/1 and MLP columns 48/32/16: the group is the
-    whole world, so the all-reduce is mx.distributed.all_sum."""
+@pytest.mark.parametrize("collective, kind", [("auto", "neighbour-chain"),
+                                              ("all_sum", "all_sum")])
+def test_three_node_unequal_tensor_run_equals_single_process(tiny, reference, collective, kind):
+    """One tensor group of 3 ranks, KV heads 2/1/1 and MLP columns 48/32/16. On the ring
+    backend the all-reduce is the neighbour chain; the group is the whole world, so
+    mx.distributed.all_sum can be asked for too."""
     stages = [HybridStage("a", 0, 4, {"nodes": ["a", "b", "c"], "kv_heads": [2, 1, 1],
                                       "mlp_columns": [48, 32, 16]})]
     res = run_stages(stages, model_spec(str(tiny), None), PROMPT, NEW, timeout_s=180,
-                     extra={"return_logits": True})
+                     extra={"return_logits": True, "collective": collective})
     _check(res, reference)
-    assert [r["collective"] for r in res.ranks] == ["all_sum"] * 3
+    assert [r["collective"] for r in res.ranks] == [kind] * 3
     assert all(len(r["allreduce_s"]) == 2 * 4 * NEW for r in res.ranks)  # 2 per block per step
 
 

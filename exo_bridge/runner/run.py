@@ -338,7 +338,7 @@ def launch_mlx(job: dict[str, Any], hostfile: str, timeout_s: float, python: str
     The package must be installed at the same interpreter path on every host (`--python`).
     """
     cmd = [sys.executable, "-m", "mlx._distributed_utils.launch", "--hostfile", hostfile,
-           "--backend", "ring", "--python", python or sys.executable, "--",
+           "--backend", job.get("backend", "ring"), "--python", python or sys.executable, "--",
            "-m", "exo_bridge.runner.stage_worker", "--job", encode_job(job)]
     fd, log = tempfile.mkstemp(prefix="exo-bridge-run-mlx-launch-", suffix=".log")
     try:
@@ -387,6 +387,12 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
     t0 = time.perf_counter()
     if hostfile:
         check_hostfile(hostfile, len(names))
+    backend = (extra or {}).get("backend", "ring")
+    if backend != "ring":  # MPI / jaccl: started by mlx.launch with a hostfile of hosts
+        if not hostfile or _hostfile_is_local(hostfile):
+            raise UserError(f"--backend {backend} needs --hostfile with the hosts' addresses "
+                            "(mlx.launch starts the ranks); on this machine use --backend ring")
+        job["backend"] = backend
     if hostfile and not _hostfile_is_local(hostfile):
         ranks = launch_mlx(job, hostfile, timeout_s, python)
     else:
@@ -598,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-token protocol to run: ring (ours: activation on, token id back), "
                     "exo-legacy (the same as legacy exo's numpy messages), exo-current (all-gather "
                     "of the last hidden state, head on every rank); default: the plan's runtime")
+    ap.add_argument("--backend", default="ring", choices=("ring", "mpi", "jaccl"),
+                    help="mx.distributed backend (default ring; mpi / jaccl through mlx.launch "
+                    "and --hostfile; tensor groups use Group.split there, docs/exo-bridge.md)")
     ap.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=600.0,
                     help="seconds per run (default 600)")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
@@ -636,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
                                                for s in stages), file=sys.stderr, flush=True)
         results.append(run_stages(stages, spec, P, args.max_tokens, label=w, predicted=pred,
                                   hostfile=args.hostfile, python=args.python,
-                                  timeout_s=args.timeout, protocol=protocol))
+                                  timeout_s=args.timeout, protocol=protocol,
+                                  extra={"backend": args.backend}))
     wl = plan.workload.get("prompt_tokens")
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))

@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     group = None
     rank = 0
     if size > 1:
-        group = mx.distributed.init(backend="ring", strict=True)
+        group = mx.distributed.init(backend=job.get("backend", "ring"), strict=True)
         rank = group.rank()
         if group.size() != size:
             print(f"stage_worker: the ring has {group.size()} ranks but the plan {size} stages",

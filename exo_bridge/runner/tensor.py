@@ -26,14 +26,18 @@ rank applies norm + head, samples greedily and sends the token id back to rank 0
 pipeline message goes to a ring neighbour, which is all MLX's ring backend can reach
 (stage_worker's docstring).
 
-The group all-reduce (`Collective`), by backend:
-- the group is the whole world (a pure tensor plan): `mx.distributed.all_sum` on the world;
-- ring backend, a group inside a pipeline: `Group.split` raises on ring ("[ring] Group split not
-  supported"), so the sum is built from neighbour send/recv: partials are reduced along the
-  chain to the group's last member (acc_i = acc_{i-1} + y_i), which sends the total back along
-  the chain, 2 (k - 1) hops; every member ends with the same bits;
-- a backend with `Group.split` (MPI; jaccl, a full mesh): `world.split(stage)` and `all_sum`
-  on the sub-group. The worker tries split first and falls back to the chain where it raises.
+The group all-reduce (`Collective`, chosen by `choose_collective`), by backend:
+- ring backend (the default, and the only one on Linux here): `Group.split` raises ("[ring]
+  Group split not supported"), so the sum is built from neighbour send/recv: partials are
+  reduced along the chain to the group's last member (acc_i = acc_{i-1} + y_i), which sends the
+  total back along the chain, 2 (k - 1) hops; every member ends with the same bits. Each recv
+  first sleeps in select() on the ring's sockets: MLX's own ring `all_sum` spins while it waits,
+  which on shared cores or under CPU quotas steals the computing ranks' time (measured with
+  `profile-link collective`: 3 ranks on 2 cores, 4 KiB: all_sum 22.9 ms, chain 2.6 ms; 2 ranks:
+  all_sum 0.3 ms, chain 0.7 ms). The job may force `"collective": "all_sum"` when the group is
+  the whole world (a pure tensor plan);
+- a backend with `Group.split` (MPI; jaccl, a full mesh): `all_sum` on the world when the group
+  is the world, else on `world.split(stage)`; where split raises, the chain.
 
 Plain Python data flows in from `run.py` as the job's `groups` (see `hybrid_layout`).
 """
@@ -229,26 +233,28 @@ def slice_block(block, kv: tuple[int, int], cols: tuple[int, int], reduce) -> No
 
 class Collective:
     """The all-reduce (sum) of one tensor group; see the module docstring for which backend
-    does what. `seconds` collects the time of every call (for the result's breakdown)."""
+    does what. mode: "chain" (neighbour send/recv), "all_sum" (mx.distributed.all_sum over
+    `group`: the world, or a sub-group from `Group.split`). `seconds` collects every call's
+    time (the result's breakdown)."""
 
-    def __init__(self, world, ranks: list[int], rank: int, split_group=None, fds=None,
-                 chain: bool = False):
+    def __init__(self, world, ranks: list[int], rank: int, mode: str = "chain", group=None,
+                 fds=None):
         self.world, self.ranks, self.rank = world, ranks, rank
         self.pos, self.k = ranks.index(rank), len(ranks)
-        self.sub = split_group
-        self.whole = world is not None and self.k == world.size() and not chain
+        self.mode, self.group = mode, group if group is not None else world
         self.fds = fds or []
         self.seconds: list[float] = []
-        self.kind = ("none" if self.k == 1 else "all_sum" if self.whole else
-                     "split+all_sum" if split_group is not None else "neighbour-chain")
+        self.kind = "none" if self.k == 1 else (
+            "neighbour-chain" if mode == "chain" else
+            "all_sum" if self.group is world else "split+all_sum")
 
     def __call__(self, y):
         if self.k == 1:
             return y
         mx.eval(y)
         t0 = time.perf_counter()
-        if self.whole or self.sub is not None:
-            y = mx.distributed.all_sum(y, group=self.sub if self.sub is not None else self.world)
+        if self.mode == "all_sum":
+            y = mx.distributed.all_sum(y, group=self.group)
             mx.eval(y)
         else:
             y = self._chain(y)
@@ -271,6 +277,31 @@ class Collective:
         if self.pos > 0:
             mx.eval(mx.distributed.send(y, r - 1, group=g))
         return y
+
+
+def choose_collective(world, job: dict[str, Any], gi: int, ranks: list[int], rank: int,
+                      fds) -> Collective:
+    """The group's all-reduce for this job. `job["collective"]`: "auto" (default), "chain" or
+    "all_sum" (the group must be the whole world). auto: on the ring backend the chain (no
+    `Group.split`; and its select()-wait does not spin, see docs/exo-bridge.md); elsewhere
+    all_sum on the world when the group is the world, else on `world.split(stage)`, falling
+    back to the chain where split raises. Every rank calls split in the same order."""
+    want = job.get("collective", "auto")
+    backend = job.get("backend", "ring")
+    if world is None or len(ranks) == 1:
+        return Collective(world, ranks, rank, "chain", fds=fds)
+    whole = len(ranks) == world.size()
+    if want == "all_sum":
+        if not whole:
+            raise ValueError("collective all_sum needs the group to be the whole world; use "
+                             "auto or chain for a group inside a pipeline")
+        return Collective(world, ranks, rank, "all_sum", fds=fds)
+    if want == "chain" or backend == "ring":
+        return Collective(world, ranks, rank, "chain", fds=fds)
+    if whole:
+        return Collective(world, ranks, rank, "all_sum", fds=fds)
+    sub = split_or_none(world, gi, ranks.index(rank))
+    return Collective(world, ranks, rank, "all_sum" if sub is not None else "chain", sub, fds)
 
 
 def split_or_none(world, color: int, key: int):
@@ -307,11 +338,7 @@ def make_tensor_stage(job: dict[str, Any], rank: int, size: int, group):
             self.tail = pos == len(g["ranks"]) - 1  # sends the stage's output on
             self.fds = ring_socket_fds() if (group is not None and os.name == "posix"
                                              and os.path.isdir("/proc/self/fd")) else []
-            chain = job.get("collective", "auto") == "chain"
-            sub = None
-            if group is not None and not chain and len(job["groups"]) > 1:
-                sub = split_or_none(group, gi, pos)
-            self.collective = Collective(group, g["ranks"], rank, sub, self.fds, chain)
+            self.collective = choose_collective(group, job, gi, g["ranks"], rank, self.fds)
             self.keep_logits = bool(job.get("return_logits"))
             self.model, self.inner, self.layers = load_stage(job["model"], self.start,
                                                              self.end, self.first, self.last)
