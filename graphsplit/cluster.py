@@ -22,6 +22,9 @@ Cluster file (JSON)::
 * ``links``: DIRECTED pairs, latency in milliseconds, bandwidth in gigaBITS per second; add
   ``"both_ways": true`` to describe both directions at once. Missing pairs use ``default_link``
   (itself defaulting to 1 ms, 10 Gbit/s).
+* ``collectives`` (optional, written by ``exo-bridge profile-link``): measured all-reduces over
+  a group, ``{"nodes": [...], "op": "all_sum", "sizes_bytes": [...], "seconds": [...],
+  "latency_s": ..., "bandwidth_Bps": ...}``; what a tensor-parallel stage pays (graphsplit.hybrid).
 """
 
 from __future__ import annotations
@@ -61,7 +64,16 @@ NODE = F.Obj({"id": _NAME, "profile": _NAME, "chip": CHIP, "derive_from": _NAME,
               "memory_bytes": F.POS_BYTES, "available_bytes": F.POS_BYTES,
               "total_bytes": F.POS_BYTES}, required=("id",),
              name='an object {"id", "profile"} or {"id", "chip", "derive_from"}')
+# measured all-reduces over a group of nodes (exo-bridge profile-link; INTERFACES I3)
+COLLECTIVE = F.Obj({"nodes": F.List(_NAME, nonempty=True), "op": F.Str(nonempty=True),
+                    "backend": F.Str(), "sizes_bytes": F.List(F.Num(gt=0), nonempty=True),
+                    "seconds": F.List(F.SECONDS, nonempty=True), "spread": F.List(F.Num(ge=0)),
+                    "latency_s": F.SECONDS, "bandwidth_Bps": F.Num(gt=0), "measured": F.Str()},
+                   required=("nodes", "op", "sizes_bytes", "seconds", "latency_s",
+                             "bandwidth_Bps"),
+                   name="an object {nodes, op, sizes_bytes, seconds, latency_s, bandwidth_Bps}")
 CLUSTER = F.Obj({"model": _NAME, "nodes": F.List(NODE, nonempty=True), "links": F.List(LINK),
+                 "collectives": F.List(COLLECTIVE),
                  "default_link": F.Obj(LINK_FIELDS, name="an object {latency_ms, "
                                                           "bandwidth_gbps}")},
                 required=("nodes",), name="an object with 'nodes'")
@@ -85,6 +97,31 @@ class Link:
     def time(self, nbytes: float) -> float:
         """alpha + bytes / beta (seconds)."""
         return self.latency_s + nbytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One measured collective over a group of nodes (I3): median seconds at `sizes_bytes`."""
+    nodes: tuple[str, ...]  # sorted
+    op: str
+    sizes_bytes: tuple[float, ...]
+    seconds: tuple[float, ...]
+    latency_s: float
+    bandwidth_Bps: float
+    backend: str = ""
+    measured: str = ""
+
+    def time(self, nbytes: float) -> float:
+        """Seconds for one collective of `nbytes`: piecewise-linear between the measured sizes;
+        below the smallest the smallest's time (latency bound); beyond the largest its time
+        plus the extra bytes at the measured bandwidth (derived from measurements)."""
+        xs, ys = self.sizes_bytes, self.seconds
+        if nbytes <= xs[0]:
+            return ys[0]
+        if nbytes >= xs[-1]:
+            return ys[-1] + (nbytes - xs[-1]) / self.bandwidth_Bps
+        i = max(k for k in range(len(xs) - 1) if xs[k] <= nbytes)
+        return ys[i] + (ys[i + 1] - ys[i]) * (nbytes - xs[i]) / (xs[i + 1] - xs[i])
 
 
 @dataclass
@@ -114,6 +151,12 @@ class Cluster:
     path: str | None = None
     # per-runtime measurements, e.g. {"exo-legacy": {"message_overhead_ms": 0.3, "source": ...}}
     runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # measured collectives by (sorted group, op), e.g. {(("a", "b"), "all_sum"): Collective}
+    collectives: dict[tuple[tuple[str, ...], str], Collective] = field(default_factory=dict)
+
+    def collective(self, group, op: str = "all_sum") -> Collective | None:
+        """The measured `op` over exactly the nodes of `group` (any order), or None."""
+        return self.collectives.get((tuple(sorted(group)), op))
 
     @property
     def n_layers(self) -> int:
@@ -243,7 +286,8 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
     default = _link_from(data.get("default_link", DEFAULT_LINK), f"{where}: default_link")
     return Cluster(model=model, nodes=nodes, links=_links(data.get("links", []), specs, where),
                    default_link=default, path=path,
-                   runtimes=_runtimes(data.get("runtimes", {}), f"{where}: runtimes"))
+                   runtimes=_runtimes(data.get("runtimes", {}), f"{where}: runtimes"),
+                   collectives=_collectives(data.get("collectives", []), specs, where))
 
 
 def _node_specs(raw_nodes: Any, where: str) -> dict[str, dict]:
@@ -349,6 +393,34 @@ def _links(raw_links: Any, specs: dict[str, dict], where: str) -> dict[tuple[str
         if ln.get("both_ways"):
             links.setdefault((ln["to"], ln["from"]), lk)
     return links
+
+
+def _collectives(raw: list, specs: dict[str, dict],
+                 where: str) -> dict[tuple[tuple[str, ...], str], Collective]:
+    """The optional `collectives` section (fields checked by COLLECTIVE): a group of >= 2
+    distinct nodes of this file, sizes increasing with one time each. Several entries for one
+    group and op: the one measured last (`measured`, ISO time) is used."""
+    out: dict[tuple[tuple[str, ...], str], Collective] = {}
+    for i, c in enumerate(raw):
+        cw = f"{where}: collectives[{i}]"
+        group = tuple(sorted(c["nodes"]))
+        if len(set(group)) != len(group) or len(group) < 2:
+            raise ClusterError(f"{cw}.nodes: {c['nodes']} must name two or more different "
+                               "nodes; re-measure with exo-bridge profile-link")
+        unknown = [n for n in group if n not in specs]
+        if unknown:
+            raise ClusterError(f"{cw}.nodes: {', '.join(unknown)} is not a node of this file")
+        xs, ys = c["sizes_bytes"], c["seconds"]
+        if len(xs) != len(ys) or any(b <= a for a, b in zip(xs, xs[1:])):
+            raise ClusterError(f"{cw}: sizes_bytes must increase and have one entry in "
+                               "seconds each; re-measure with exo-bridge profile-link")
+        col = Collective(group, c["op"], tuple(float(x) for x in xs),
+                         tuple(float(y) for y in ys), float(c["latency_s"]),
+                         float(c["bandwidth_Bps"]), c.get("backend", ""), c.get("measured", ""))
+        key = (group, col.op)
+        if key not in out or col.measured >= out[key].measured:
+            out[key] = col
+    return out
 
 
 def _runtimes(d: Any, where: str) -> dict[str, dict[str, Any]]:

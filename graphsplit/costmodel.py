@@ -264,9 +264,13 @@ class Prediction:
 
 def predict(cluster, stages: Sequence[Stage], workload: Workload = Workload(),
             runtime: str = "exo-current") -> Prediction:
-    """Evaluate a plan with the cost model above (direct sums: the reference the solvers match)."""
+    """Evaluate a plan with the cost model above (direct sums: the reference the solvers match).
+    A plan with tensor-parallel stages is priced by graphsplit.hybrid.costs.predict_hybrid."""
     check_runtime(runtime)
     stages = list(stages)
+    if any(st.tensor is not None for st in stages):  # tensor-parallel stages: their own model
+        from graphsplit.hybrid.costs import predict_hybrid
+        return predict_hybrid(cluster, stages, workload, runtime)
     check_stages(stages, cluster.n_layers, "stages")
     known = set(cluster.ids)
     for st in stages:

@@ -13,6 +13,9 @@ Format "mlx-split/plan", version 1::
       "workload": {"prompt_tokens": 512, "context_tokens": 1024, "streams": 1},
       "stages": [{"node": "studio", "start_layer": 0, "end_layer": 20},
                  {"node": "mini", "start_layer": 20, "end_layer": 32}],
+      # a tensor-parallel stage (graphsplit.hybrid): a group with whole KV heads each
+      #   {"node": "a", "start_layer": 0, "end_layer": 20,
+      #    "tensor": {"nodes": ["a", "b"], "kv_heads": [6, 2], "mlp_columns": [10752, 3584]}}
       "predicted": {"tpot_s": ..., "ttft_s": ..., "throughput_tps": ...,
                     "stage_memory_bytes": {"studio": ..., "mini": ...}, ...},
       "solver": {"name": "bitmask-dp", "optimal": true, "message": "...", "solve_s": 0.01},
@@ -26,11 +29,17 @@ Stages are in execution order; layer ranges are HALF-OPEN over transformer block
 [start_layer, end_layer), contiguous, covering 0..n_layers. The first stage also runs the
 embedding, the last the final norm and head (where the runtime keeps them on every rank, their
 memory is counted on every stage). All predicted numbers are derived from measured cost tables.
+
+A stage carrying `tensor` runs its layers tensor-parallel over `tensor.nodes` (`node` is the
+first of them: it receives from and sends to the neighbouring stages); member i holds
+`kv_heads[i]` whole KV heads (with their query heads) and `mlp_columns[i]` MLP columns. Shares
+are >= 1, sum to `model.n_kv_heads` (and the columns to `model.intermediate_size`), members are
+distinct and in no other stage. Readers that predate it see a one-node stage.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +58,52 @@ class PlanError(UserError):
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A tensor-parallel group: member i holds kv_heads[i] KV heads and mlp_columns[i] columns."""
+    nodes: tuple[str, ...]
+    kv_heads: tuple[int, ...]
+    mlp_columns: tuple[int, ...]
+
+    def __post_init__(self):
+        for k in ("nodes", "kv_heads", "mlp_columns"):
+            object.__setattr__(self, k, tuple(getattr(self, k)))
+
+    @property
+    def equal(self) -> bool:
+        return len(set(self.kv_heads)) == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodes": list(self.nodes), "kv_heads": list(self.kv_heads),
+                "mlp_columns": list(self.mlp_columns)}
+
+
+@dataclass(frozen=True)
 class Stage:
     node: str
     start_layer: int  # first block, inclusive
     end_layer: int  # one past the last block (half-open)
+    tensor: TensorSpec | None = None  # a tensor-parallel group (graphsplit.hybrid)
+
+    def __post_init__(self):
+        if isinstance(self.tensor, dict):  # a stage rebuilt from its JSON with Stage(**d)
+            object.__setattr__(self, "tensor", TensorSpec(**self.tensor))
 
     @property
     def n_layers(self) -> int:
         return self.end_layer - self.start_layer
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The nodes that run this stage (the group, or the one node)."""
+        return self.tensor.nodes if self.tensor is not None else (self.node,)
+
+
+def stage_dict(s: Stage) -> dict[str, Any]:
+    """A stage as JSON: `tensor` only where the stage has one (plain stages stay as before)."""
+    d = {"node": s.node, "start_layer": s.start_layer, "end_layer": s.end_layer}
+    if s.tensor is not None:
+        d["tensor"] = s.tensor.to_dict()
+    return d
 
 
 @dataclass
@@ -84,7 +131,7 @@ class Plan:
             "runtime": self.runtime,
             "objective": self.objective,
             "workload": self.workload,
-            "stages": [asdict(s) for s in self.stages],
+            "stages": [stage_dict(s) for s in self.stages],
             "predicted": self.predicted,
             "solver": self.solver,
             "baselines": self.baselines,
@@ -96,8 +143,13 @@ class Plan:
 # -- the fields of a plan file (profiler.fields) -------------------------------------------------
 
 _NAME = F.Str(nonempty=True)
+TENSOR = F.Obj({"nodes": F.List(_NAME, nonempty=True),
+                "kv_heads": F.List(F.Int(ge=1, le=1_000_000), nonempty=True),
+                "mlp_columns": F.List(F.Int(ge=1, le=10**9), nonempty=True)},
+               required=("nodes", "kv_heads", "mlp_columns"),
+               name="an object {nodes, kv_heads, mlp_columns}")
 STAGE = F.Obj({"node": _NAME, "start_layer": F.Int(ge=0, le=100_000),
-               "end_layer": F.Int(gt=0, le=100_000)},
+               "end_layer": F.Int(gt=0, le=100_000), "tensor": F.Opt(TENSOR)},
               required=("node", "start_layer", "end_layer"),
               name="an object {node, start_layer, end_layer}")
 _SECONDS_BY_NODE = F.Map(F.SECONDS)
@@ -131,24 +183,30 @@ NODE_ENTRY = F.Obj({"memory_bytes": F.BYTES, "available_bytes": F.BYTES,
 PLAN = F.Obj({
     "format": F.Str(), "version": F.Int(),
     "model": F.Obj({"name": F.Str(), "n_layers": F.Int(gt=0, le=100_000),
-                    "config_hash": F.Str()}, required=("n_layers",)),
+                    "config_hash": F.Str(), "n_kv_heads": F.Int(gt=0, le=1_000_000),
+                    "intermediate_size": F.Int(gt=0, le=10**9)}, required=("n_layers",)),
     "runtime": F.Str(choices=RUNTIMES), "objective": F.Str(choices=OBJECTIVES),
     "workload": WORKLOAD, "stages": F.List(STAGE, nonempty=True), "predicted": PREDICTED,
     "solver": SOLVER, "baselines": F.Map(BASELINE), "cluster_file": F.Opt(F.Str()),
     "nodes": F.Map(NODE_ENTRY)}, required=("model", "stages"))
 
 
-def check_stages(stages: list[Stage], n_layers: int, source: str = "plan") -> None:
-    """Stages must be contiguous, non-empty, half-open, cover [0, n_layers), one per node."""
+def check_stages(stages: list[Stage], n_layers: int, source: str = "plan",
+                 n_kv_heads: int | None = None, intermediate_size: int | None = None) -> None:
+    """Stages must be contiguous, non-empty, half-open, cover [0, n_layers), one per node (a
+    tensor group's members count as the stage's nodes; `check_tensor` checks its shares)."""
     if not stages:
         raise PlanError(f"{source}: no stages")
     seen = set()
     expect = 0
     for i, s in enumerate(stages):
-        if s.node in seen:
-            raise PlanError(f"{source}: node {s.node!r} appears in two stages; a node runs one "
-                            "contiguous range")
-        seen.add(s.node)
+        if s.tensor is not None:
+            check_tensor(s, i, source, n_kv_heads, intermediate_size)
+        for m in s.members:
+            if m in seen:
+                raise PlanError(f"{source}: node {m!r} appears in two stages; a node runs one "
+                                "contiguous range")
+            seen.add(m)
         if s.start_layer != expect:
             raise PlanError(f"{source}: stage {i} ({s.node}) starts at layer {s.start_layer}, "
                             f"expected {expect}; stages must be contiguous and in order")
@@ -161,16 +219,52 @@ def check_stages(stages: list[Stage], n_layers: int, source: str = "plan") -> No
                         "layers; the last stage must end at n_layers")
 
 
+def check_tensor(s: Stage, i: int, source: str, n_kv_heads: int | None = None,
+                 intermediate_size: int | None = None) -> None:
+    """A tensor stage's group: distinct members, `node` first, one whole share (>= 1 KV head,
+    >= 1 MLP column) per member, the shares summing to the model's KV heads and columns (when
+    the plan names them). One PlanError line naming the stage and the field otherwise."""
+    t = s.tensor
+    where = f"{source}: stages[{i}].tensor"
+    if not len(t.nodes) == len(t.kv_heads) == len(t.mlp_columns):
+        raise PlanError(f"{where}: nodes, kv_heads and mlp_columns have {len(t.nodes)}, "
+                        f"{len(t.kv_heads)} and {len(t.mlp_columns)} entries; give one share "
+                        "per node")
+    if len(set(t.nodes)) != len(t.nodes):
+        raise PlanError(f"{where}.nodes: {list(t.nodes)} names a node twice; a group's nodes "
+                        "are distinct")
+    if t.nodes[0] != s.node:
+        raise PlanError(f"{where}.nodes: the first node is {t.nodes[0]!r} but the stage's node "
+                        f"is {s.node!r}; the stage's node must be the group's first member")
+    for key, shares in (("kv_heads", t.kv_heads), ("mlp_columns", t.mlp_columns)):
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shares):
+            raise PlanError(f"{where}.{key}: {list(shares)}: every member needs a whole share "
+                            ">= 1; a share of 0 cannot be cut: drop that node from the group")
+    for key, shares, total in (("kv_heads", t.kv_heads, n_kv_heads),
+                               ("mlp_columns", t.mlp_columns, intermediate_size)):
+        if total is not None and sum(shares) != total:
+            extra = (f"; {len(t.nodes)} ranks cannot share {total} heads" if key == "kv_heads"
+                     and len(t.nodes) > total else "")
+            raise PlanError(f"{where}.{key}: {list(shares)} sums to {sum(shares)} but the model "
+                            f"has {total}{extra}; the shares must add up to the model's "
+                            f"{'KV heads' if key == 'kv_heads' else 'MLP columns'}")
+
+
 def stages_from_json(items: Any, source: str) -> list[Stage]:
     if not isinstance(items, list):
         raise PlanError(f"{source}: 'stages' must be a list of {{node, start_layer, end_layer}}")
     out = []
     for i, it in enumerate(items):
         try:
-            out.append(Stage(str(it["node"]), int(it["start_layer"]), int(it["end_layer"])))
-        except (KeyError, TypeError, ValueError):
+            t = it.get("tensor")
+            out.append(Stage(str(it["node"]), int(it["start_layer"]), int(it["end_layer"]),
+                             None if t is None else TensorSpec(
+                                 [str(n) for n in t["nodes"]], list(t["kv_heads"]),
+                                 list(t["mlp_columns"]))))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise PlanError(f"{source}: stage {i} is {it!r}; each stage needs node, start_layer "
-                            "and end_layer") from None
+                            "and end_layer (and a tensor stage nodes, kv_heads, "
+                            "mlp_columns)") from None
     return out
 
 
@@ -190,13 +284,17 @@ def plan_from_dict(data: Any, source: str = "<dict>") -> Plan:
                         "again with split-model") from None
     n_layers = data["model"]["n_layers"]
     stages = stages_from_json(data["stages"], source)
-    check_stages(stages, n_layers, source)
+    kv, cols = data["model"].get("n_kv_heads"), data["model"].get("intermediate_size")
+    if any(s.tensor is not None for s in stages) and kv is None:
+        raise PlanError(f"{source}: model.n_kv_heads: missing, and the plan has tensor stages "
+                        "whose shares must add up to it; write the plan again with split-model")
+    check_stages(stages, n_layers, source, kv, cols)
     nodes = data.get("nodes") or {}
     _check_known_nodes(stages, nodes, "stages", source)
     for name, b in (data.get("baselines") or {}).items():
         if b.get("stages"):
             st = stages_from_json(b["stages"], source)
-            check_stages(st, n_layers, f"{source}: baselines.{name}")
+            check_stages(st, n_layers, f"{source}: baselines.{name}", kv, cols)
             _check_known_nodes(st, nodes, f"baselines.{name}.stages", source)
     return Plan(
         model=data["model"],
@@ -217,10 +315,12 @@ def _check_known_nodes(stages: list[Stage], nodes: dict, where: str, source: str
     if not nodes:
         return
     for i, s in enumerate(stages):
-        if s.node not in nodes:
-            raise PlanError(f"{source}: {where}[{i}].node: {s.node!r} is not one of the plan's "
-                            f"nodes ({', '.join(sorted(nodes))}); fix the name or write the "
-                            "plan again with split-model")
+        for m in s.members:
+            if m not in nodes:
+                field_ = "node" if m == s.node else "tensor.nodes"
+                raise PlanError(f"{source}: {where}[{i}].{field_}: {m!r} is not one of the "
+                                f"plan's nodes ({', '.join(sorted(nodes))}); fix the name or "
+                                "write the plan again with split-model")
 
 
 def read_plan(path: str | Path) -> Plan:
