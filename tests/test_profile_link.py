@@ -304,9 +304,10 @@ def test_collective_on_three_loopback_ranks_writes_the_group_entry(tmp_path):
     """Three real mx.distributed ranks: both algorithms timed at every size; the entry (I3) goes
     into the cluster file beside everything already there."""
     pytest.importorskip("mlx.core")
+    old = {"op": "all_sum", "sizes_bytes": [8], "latency_s": 1.0, "bandwidth_Bps": 1.0}
     cl = _cluster3(tmp_path, collectives=[
-        {"nodes": ["c", "a", "b"], "op": "all_sum", "seconds": [9.0]},  # same group: replaced
-        {"nodes": ["a", "b"], "op": "all_sum", "seconds": [7.0]}])  # another group: kept
+        {"nodes": ["c", "a", "b"], "seconds": [9.0], **old},  # same group: replaced
+        {"nodes": ["a", "b"], "seconds": [7.0], **old}])  # another group: kept
     cp = subprocess.run([sys.executable, "-m", "exo_bridge.profile_link", "collective", "--local",
                          "--nodes", "a,b,c", "--hidden", "64", "--dtype-bytes", "4",
                          "--prompt-tokens", "16", "--repeats", "3", "--gap-ms", "0",
@@ -324,6 +325,10 @@ def test_collective_on_three_loopback_ranks_writes_the_group_entry(tmp_path):
         assert len(d["seconds"]) == len(d["spread"]) == 3
         assert all(t > 0 for t in d["seconds"]) and d["latency_s"] >= 0
     assert e == json.loads(cp.stdout)["collective"]
+    from graphsplit.cluster import _collectives  # what the planner reads back (hybplan's reader)
+
+    got = _collectives(data["collectives"], {"a": {}, "b": {}, "c": {}}, "cluster")
+    assert got[(("a", "b", "c"), "all_sum")].seconds == tuple(e["seconds"])
 
 
 def test_write_collective_replaces_only_its_group_and_keeps_concurrent_writes(tmp_path):
@@ -345,10 +350,14 @@ def test_write_collective_replaces_only_its_group_and_keeps_concurrent_writes(tm
     assert e["bandwidth_Bps"] == pytest.approx(3840 / 2e-3)
     pc.write_collective(cl, e)  # the same set in another order replaces a,b
     assert len(json.loads(cl.read_text())["collectives"]) == 4
+    flat = dict(res, chain={"seconds": [3e-3, 2e-3], "spread": [0.1, 0.1]})
+    e = pc.entry_from(flat, ["a", "b"], "ring")  # no growth with size: a lower bound, said so
+    assert e["bandwidth_Bps"] == pytest.approx(4096 / 2e-3) and "lower bound" in \
+        e["bandwidth_note"]
     with pytest.raises(UserError, match="no node 'zz' \\(given by --nodes\\)"):
         pc.write_collective(cl, pc.entry_from(res, ["a", "zz"], "ring"))
     bad = _cluster3(tmp_path, collectives={"a": 1})
-    with pytest.raises(UserError, match="collectives must be a list"):
+    with pytest.raises(UserError, match="collectives"):
         pc.write_collective(bad, e)
     assert json.loads(bad.read_text())["collectives"] == {"a": 1}  # refused, not rewritten
 

@@ -18,20 +18,36 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from exo_bridge.runner.run import make_prompt, model_spec, run_stages  # noqa: E402
-from exo_bridge.runner.tensor import HybridStage, TensorPlanError, hybrid_layout  # noqa: E402
+from exo_bridge.runner.tensor import TensorPlanError, hybrid_layout  # noqa: E402
+from graphsplit.plan import Stage  # noqa: E402
 from tests.test_runner import make_tiny_dir  # noqa: E402
+
+
+def HybridStage(node, start, end, tensor=None):  # noqa: N802 - a plan stage, tensor as in I4
+    return Stage(node, start, end, tensor)
 
 CFG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
        "intermediate_size": 96, "num_attention_heads": 8, "num_key_value_heads": 4,
        "vocab_size": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-       "max_position_embeddings": 512}
+       "max_position_embeddings": 512, "attention_bias": True, "mlp_bias": True}
 PROMPT, NEW = 10, 6
 ATOL = 1e-4  # float32 logits of order 1; the sums differ only in their order
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return make_tiny_dir(tmp_path_factory.mktemp("model") / "tiny-gqa", CFG)
+    """The model directory, its biases random (not zero): o_proj's and down_proj's must be added
+    once, after the all-reduce, on every member."""
+    from mlx.utils import tree_flatten
+
+    path = make_tiny_dir(tmp_path_factory.mktemp("model") / "tiny-gqa", CFG)
+    w = mx.load(str(path / "model.safetensors"))
+    for i, (k, v) in enumerate(sorted(w.items())):
+        if k.endswith(".bias"):
+            w[k] = mx.random.normal(v.shape, key=mx.random.key(i)) * 0.5
+    assert sum(k.endswith("o_proj.bias") for k in w) == CFG["num_hidden_layers"]
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(w)))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +113,8 @@ def test_cli_runs_a_plan_with_a_three_rank_group_after_a_pipeline_stage(tiny, re
     """The plan file's `tensor` member (plan format I4) through `exo-bridge run`: a one-node
     stage, then a 3-rank group whose leader receives and broadcasts along the chain."""
     plan = {"format": "mlx-split/plan", "version": 1, "runtime": "mlx-pipeline",
-            "model": {"name": "tiny-gqa", "n_layers": 4},
+            "model": {"name": "tiny-gqa", "n_layers": 4, "n_kv_heads": 4,
+                      "intermediate_size": 96},
             "workload": {"prompt_tokens": PROMPT},
             "stages": [{"node": "p", "start_layer": 0, "end_layer": 1},
                        {"node": "a", "start_layer": 1, "end_layer": 4,
@@ -114,9 +131,10 @@ def test_cli_runs_a_plan_with_a_three_rank_group_after_a_pipeline_stage(tiny, re
     assert [r["collective"] for r in out["ranks"]] == ["none"] + ["neighbour-chain"] * 3
 
 
-def _cli(tmp_path, tensor, *extra):
+def _cli(tmp_path, tensor, *extra, kv=4):
     plan = {"format": "mlx-split/plan", "version": 1, "runtime": "mlx-pipeline",
-            "model": {"name": "tiny-gqa", "n_layers": 4},
+            "model": {"name": "tiny-gqa", "n_layers": 4, "n_kv_heads": kv,
+                      "intermediate_size": 96},
             "stages": [{"node": "a", "start_layer": 0, "end_layer": 4, "tensor": tensor}]}
     p = tmp_path / "plan.json"
     p.write_text(json.dumps(plan))
@@ -127,14 +145,17 @@ def _cli(tmp_path, tensor, *extra):
                           timeout=60)
 
 
-@pytest.mark.parametrize("tensor, says", [
-    ({"nodes": ["a", "b"], "kv_heads": [3, 2], "mlp_columns": [48, 48]}, "sums to 5"),
-    ({"nodes": ["a", "b"], "kv_heads": [4, 0], "mlp_columns": [48, 48]}, "below 1"),
-    ({"nodes": ["a", "b"], "kv_heads": [2, 2], "mlp_columns": [90, 10, 6]}, "one per node"),
-    ({"nodes": ["b", "a"], "kv_heads": [2, 2], "mlp_columns": [48, 48]}, "start with"),
+@pytest.mark.parametrize("tensor, kv, says", [
+    ({"nodes": ["a", "b"], "kv_heads": [3, 2], "mlp_columns": [48, 48]}, 4, "sums to 5"),
+    ({"nodes": ["a", "b"], "kv_heads": [4, 0], "mlp_columns": [48, 48]}, 4, "kv_heads[1]"),
+    ({"nodes": ["a", "b"], "kv_heads": [2, 2], "mlp_columns": [90, 10, 6]}, 4, "one share per"),
+    ({"nodes": ["b", "a"], "kv_heads": [2, 2], "mlp_columns": [48, 48]}, 4, "first member"),
+    # the plan agrees with itself but not with the model given by --model: the runner refuses
+    ({"nodes": ["a", "b"], "kv_heads": [1, 1], "mlp_columns": [48, 48]}, 2,
+     "tensor.kv_heads [1, 1] sums to 2, the model has 4"),
 ])
-def test_plan_the_runner_cannot_cut_is_one_line_exit_2(tmp_path, tensor, says):
-    cp = _cli(tmp_path, tensor)
+def test_plan_the_runner_cannot_cut_is_one_line_exit_2(tmp_path, tensor, kv, says):
+    cp = _cli(tmp_path, tensor, kv=kv)
     assert cp.returncode == 2, cp.stderr
     err = cp.stderr.strip()
     assert "\n" not in err and says in err and "Traceback" not in err

@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from exo_bridge.runner.stage_worker import RESULT_TAG, encode_job
-from exo_bridge.runner.tensor import (hybrid_layout, is_hybrid, job_groups,
-                                      plan_stages_with_tensor)
+from exo_bridge.runner.tensor import hybrid_layout, is_hybrid, job_groups
 from graphsplit.manual import apply_layers
 from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
 from profiler import options as o
@@ -628,14 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     rewl = run_workload(plan, P, args.max_tokens)
     protocol = args.protocol or RUNTIME_PROTOCOL[plan.runtime]
     runtime = PROTOCOL_RUNTIME[protocol]
-    hybrid = plan_stages_with_tensor(args.plan, plan.stages)
-    if is_hybrid(hybrid):  # refuse a plan the runner cannot run before starting anything
-        check_hybrid(hybrid, spec, protocol)
+    if is_hybrid(plan.stages):  # refuse a plan the runner cannot run before starting anything
+        check_hybrid(plan.stages, spec, protocol)
     results = []
     for w in which:
         stages, pred = pick_stages(plan, w)
-        if w == "plan":
-            stages = hybrid
         if rewl is not None:
             pred = repredict(rewl[0], stages, rewl[1], runtime)
         elif runtime != plan.runtime:

@@ -2,7 +2,8 @@
 
 A hybrid plan is a pipeline of stages; a stage may be a tensor-parallel group (the plan's
 `tensor` member: `{"nodes": [...], "kv_heads": [...], "mlp_columns": [...]}`). Each member of a
-group holds a SLICE of every block of the stage:
+group holds a SLICE of every block of the stage (`profiler.tpslice.slice_block`, the same cut
+`profile-model --tp-shares` times):
 
 - attention: its whole KV heads [h0, h1) and their q_per_kv query heads each — the q/k/v rows
   of those heads and the o_proj COLUMNS that read them;
@@ -49,7 +50,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from profiler.errors import UserError
 
@@ -114,6 +114,8 @@ def hybrid_layout(stages: list[Any], config: dict[str, Any]) -> list[RankSpec]:
     out: list[RankSpec] = []
     for g, s in enumerate(stages):
         t = getattr(s, "tensor", None)
+        if t is not None and not isinstance(t, dict):
+            t = t.to_dict()  # graphsplit.plan.TensorSpec
         if not t:
             out.append(RankSpec(s.node, s.start_layer, s.end_layer, g, 0,
                                 (0, dims["n_kv_heads"]), (0, dims["intermediate_size"])))
@@ -146,86 +148,6 @@ def job_groups(ranks: list[RankSpec]) -> list[dict[str, Any]]:
         g["kv"].append(list(spec.kv))
         g["cols"].append(list(spec.cols))
     return groups
-
-
-# --------------------------------------------------------------------------- slicing (MLX)
-
-
-def _rows(lin, lo: int, hi: int):
-    """A Linear keeping output rows [lo, hi) (weight rows, bias entries; quantized too)."""
-    if isinstance(lin, nn.QuantizedLinear):
-        new = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
-        nn.Module.__init__(new)
-        new.group_size, new.bits, new.mode = lin.group_size, lin.bits, getattr(lin, "mode",
-                                                                              "affine")
-        for k in ("weight", "scales", "biases", "bias"):
-            if k in lin:
-                new[k] = lin[k][lo:hi]
-        new.freeze()
-        return new
-    out = nn.Linear(1, 1, bias="bias" in lin)
-    out.weight = lin.weight[lo:hi]
-    if "bias" in lin:
-        out.bias = lin.bias[lo:hi]
-    return out
-
-
-def _cols(lin, lo: int, hi: int):
-    """A Linear reading input columns [lo, hi) only, without its bias (added after the sum)."""
-    if isinstance(lin, nn.QuantizedLinear):
-        g, per = lin.group_size, 32 // lin.bits
-        if lo % g or hi % g:
-            raise TensorPlanError(f"a share's columns [{lo}, {hi}) do not fall on the quantized "
-                                  f"weights' groups of {g}; re-plan with shares that do")
-        new = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
-        nn.Module.__init__(new)
-        new.group_size, new.bits, new.mode = g, lin.bits, getattr(lin, "mode", "affine")
-        new.weight = lin.weight[:, lo // per:hi // per]
-        new.scales = lin.scales[:, lo // g:hi // g]
-        if "biases" in lin:
-            new.biases = lin.biases[:, lo // g:hi // g]
-        new.freeze()
-        return new
-    out = nn.Linear(1, 1, bias=False)
-    out.weight = lin.weight[:, lo:hi]
-    return out
-
-
-class AllReduced(nn.Module):
-    """A column slice of a Linear whose partial outputs are summed over the group, then the
-    bias (if the original had one) added once."""
-
-    def __init__(self, part, reduce, bias=None):
-        super().__init__()
-        self.part = part
-        if bias is not None:
-            self.bias = bias
-        self._reduce = reduce
-
-    def __call__(self, x):
-        y = self._reduce(self.part(x))
-        return y + self.bias if "bias" in self else y
-
-
-def slice_block(block, kv: tuple[int, int], cols: tuple[int, int], reduce) -> None:
-    """Cut a llama-like block in place to KV heads [h0, h1) and MLP columns [c0, c1); o_proj
-    and down_proj become AllReduced with `reduce` (partial -> full hidden state)."""
-    attn, mlp = block.self_attn, block.mlp
-    q_per_kv = attn.n_heads // attn.n_kv_heads
-    hd = attn.head_dim
-    h0, h1 = kv
-    attn.q_proj = _rows(attn.q_proj, h0 * q_per_kv * hd, h1 * q_per_kv * hd)
-    attn.k_proj = _rows(attn.k_proj, h0 * hd, h1 * hd)
-    attn.v_proj = _rows(attn.v_proj, h0 * hd, h1 * hd)
-    o = attn.o_proj
-    attn.o_proj = AllReduced(_cols(o, h0 * q_per_kv * hd, h1 * q_per_kv * hd), reduce,
-                             o.bias if "bias" in o else None)
-    attn.n_heads, attn.n_kv_heads = (h1 - h0) * q_per_kv, h1 - h0
-    c0, c1 = cols
-    mlp.gate_proj = _rows(mlp.gate_proj, c0, c1)
-    mlp.up_proj = _rows(mlp.up_proj, c0, c1)
-    d = mlp.down_proj
-    mlp.down_proj = AllReduced(_cols(d, c0, c1), reduce, d.bias if "bias" in d else None)
 
 
 # --------------------------------------------------------------------------- collectives
@@ -313,6 +235,18 @@ def split_or_none(world, color: int, key: int):
         return None
 
 
+def bias_after_sum(part, whole):
+    """Every member adds o_proj's / down_proj's bias once, after the all-reduce (as mlx's
+    ShardedToAllLinear does), so the members hold the same hidden state. profiler.tpslice keeps
+    the bias on the member whose columns start at 0 only, also with `reduce` (right for its
+    partial-sum timing, wrong for a run: the other members would miss it); put it back here."""
+    for new, old in ((part.self_attn.o_proj, whole.self_attn.o_proj),
+                     (part.mlp.down_proj, whole.mlp.down_proj)):
+        if "bias" in old and "bias" not in new:
+            new.bias = old.bias
+    return part
+
+
 # ------------------------------------------------------------------------------ the stage
 
 
@@ -342,10 +276,14 @@ def make_tensor_stage(job: dict[str, Any], rank: int, size: int, group):
             self.keep_logits = bool(job.get("return_logits"))
             self.model, self.inner, self.layers = load_stage(job["model"], self.start,
                                                              self.end, self.first, self.last)
-            if len(g["ranks"]) > 1:
-                for layer in self.layers:
-                    slice_block(layer, tuple(g["kv"][pos]), tuple(g["cols"][pos]),
-                                self.collective)
+            if len(g["ranks"]) > 1:  # keep only this member's share of every block
+                from profiler.tpslice import slice_block
+
+                cfg = job["model"]["config"]
+                self.layers = [bias_after_sum(slice_block(
+                    lay, cfg, tuple(g["kv"][pos]), tuple(g["cols"][pos]), self.collective), lay)
+                    for lay in self.layers]
+                self.inner.layers[self.start:self.end] = self.layers  # the whole blocks go
                 mx.eval([lay.parameters() for lay in self.layers])
             self.hidden, self.act_dtype, self.header_sent = None, None, False
             self.reset()
@@ -410,37 +348,5 @@ def tensor_result(stage) -> dict[str, Any]:
     return out
 
 
-# ----------------------------------------------------------------------------- plan stages
-
-
-@dataclass(frozen=True)
-class HybridStage:
-    """A plan stage with its optional `tensor` member (plan format I4)."""
-
-    node: str
-    start_layer: int
-    end_layer: int
-    tensor: dict[str, Any] | None = None
-
-    @property
-    def n_layers(self) -> int:
-        return self.end_layer - self.start_layer
-
-
-def plan_stages_with_tensor(plan_path: str, stages: list[Any]) -> list[Any]:
-    """The plan's stages with their `tensor` members. graphsplit.plan.Stage may not carry the
-    member (older releases drop unknown keys): then it is read from the file's own stages."""
-    if any(getattr(s, "tensor", None) for s in stages):
-        return list(stages)
-    from profiler.files import read_json
-
-    raw = read_json(plan_path, f"plan file {plan_path}").get("stages") or []
-    if not any(isinstance(r, dict) and r.get("tensor") for r in raw):
-        return list(stages)
-    return [HybridStage(s.node, s.start_layer, s.end_layer,
-                        r.get("tensor") if isinstance(r, dict) else None)
-            for s, r in zip(stages, raw)]
-
-
 def is_hybrid(stages: list[Any]) -> bool:
-    return any(getattr(s, "tensor", None) for s in stages)
+    return any(getattr(s, "tensor", None) is not None for s in stages)
