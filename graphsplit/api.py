@@ -6,7 +6,7 @@ from typing import Any
 
 from graphsplit.baselines import BASELINES, exo_current_partition
 from graphsplit.costmodel import OBJECTIVES, Workload, check_runtime, predict
-from graphsplit.plan import Plan
+from graphsplit.plan import Plan, stage_dict
 from graphsplit.result import SplitResult
 from profiler.errors import UserError
 
@@ -81,11 +81,11 @@ def baseline_entries(cluster, workload: Workload, runtime: str) -> dict[str, dic
     for name, fn in BASELINES.items():
         try:
             st = fn(cluster)
-        except UserError as e:
+            pred = predict(cluster, st, workload, runtime).to_dict()
+        except UserError as e:  # exo would refuse; or a tensor stage this cluster cannot price
             out[name] = {"stages": [], "predicted": {}, "error": str(e)}
             continue
-        out[name] = {"stages": [s.__dict__.copy() for s in st],
-                     "predicted": predict(cluster, st, workload, runtime).to_dict()}
+        out[name] = {"stages": [stage_dict(s) for s in st], "predicted": pred}
     return out
 
 
@@ -117,7 +117,7 @@ def make_plan(cluster, objective: str = "latency", workload: Workload = Workload
         " (some nodes roofline-estimated)" if pred["estimated"] else "")
     if objective == "pareto" and "frontier" in res.extra:
         pred["pareto"] = [
-            {"stages": [s.__dict__.copy() for s in p["stages"]],
+            {"stages": [stage_dict(s) for s in p["stages"]],
              "tpot_s": p["tpot_s"], "bottleneck_s": p["bottleneck_s"],
              "throughput_tps": min(workload.streams / p["tpot_s"], 1 / p["bottleneck_s"])}
             for p in res.extra["frontier"]]
@@ -145,7 +145,7 @@ def make_manual_plan(cluster, spec: str, objective: str = "latency",
     try:
         best = make_plan(cluster, objective, workload, runtime, use_all_nodes, solver,
                          cluster_file)
-        optimal = {"stages": [s.__dict__.copy() for s in best.stages],
+        optimal = {"stages": [stage_dict(s) for s in best.stages],
                    "predicted": best.predicted, "solver": best.solver}
         rest = best.baselines
     except NoFitError as e:

@@ -15,6 +15,14 @@
   of nodes holds the storage size ("No cycles found with sufficient memory"), or a node's share
   of the storage (``storage * layers // n_layers``) exceeds its available memory
   (``_allocate_and_validate_layers``: "Node i (id) has insufficient memory").
+* ``exo-current-tensor`` (master/placement.py place_instance with Sharding.Tensor,
+  placement_utils.get_shard_assignments_for_tensor_parallel): among the sets whose available
+  memory holds the storage size, only those whose size divides hidden_size and
+  num_key_value_heads ("No tensor sharding found ..." otherwise); the smallest of them (most
+  available memory, ties to file order); every rank runs ALL layers with an equal share. A set
+  of one node is placed as a one-node Pipeline (exo: "Single-node: force Pipeline"). Predicted
+  with graphsplit.hybrid's cost model (needs the nodes' tensor-parallel profiles and the
+  group's measured all-reduce).
 * ``even``: every node in file order, n // D layers each, the first n % D nodes one more
   (mlx-lm's own even pipeline split).
 """
@@ -134,6 +142,35 @@ def exo_current_stages(cluster) -> list[Stage]:
     return stages
 
 
+def exo_current_tensor_stages(cluster) -> list[Stage]:
+    """Current exo's Tensor placement (module docstring); ExoWouldRefuse with exo's reason."""
+    from graphsplit.hybrid.shares import equal_cut_problem, tensor_stage
+
+    need = model_storage_bytes(cluster.nodes[0].table)
+    m = cluster.nodes[0].table.model
+    kv, hidden, L = m.num_key_value_heads, m.hidden_size, cluster.n_layers
+    if not kv:
+        from graphsplit.hybrid.costs import model_dims
+        kv = model_dims(cluster)[0]
+    for k in range(1, len(cluster.nodes) + 1):
+        best = None
+        for combo in itertools.combinations(cluster.nodes, k):
+            s = sum(n.available_bytes for n in combo)
+            if s >= need and (k == 1 or equal_cut_problem(k, kv, hidden) is None) and (
+                    best is None or s > best[0]):
+                best = (s, combo)
+        if best is not None:
+            ids = [n.id for n in best[1]]
+            if k == 1:
+                return [Stage(ids[0], 0, L)]
+            inter = m.intermediate_size or kv
+            return [tensor_stage(ids, [kv // k] * k, 0, L, inter)]
+    raise ExoWouldRefuse(
+        f"exo would refuse: no set of nodes holds the model's {_gb(need)} with a size that "
+        f"divides hidden_size {hidden} and num_key_value_heads {kv} (exo: \"No tensor sharding "
+        "found\" / \"No cycles found with sufficient memory\")")
+
+
 def even_stages(cluster) -> list[Stage]:
     n, ids = cluster.n_layers, cluster.ids[:cluster.n_layers]
     D = len(ids)
@@ -146,4 +183,4 @@ def even_stages(cluster) -> list[Stage]:
 
 
 BASELINES = {"exo-legacy": exo_legacy_stages, "exo-current": exo_current_stages,
-             "even": even_stages}
+             "exo-current-tensor": exo_current_tensor_stages, "even": even_stages}

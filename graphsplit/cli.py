@@ -7,7 +7,7 @@ import json
 import sys
 
 from profiler import options as o
-from profiler.errors import guard
+from profiler.errors import UserError, guard
 
 MAX_TOKENS = 1 << 24  # 16M tokens: beyond any model's context
 MAX_STREAMS = 4096
@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=o.text("manual split"), metavar="SPEC", help="predict a manual split instead, per-node "
                    "layer counts in execution order (e.g. studio:20,mini:12), beside the optimum "
                    "and exo's splits; --out writes it as the plan")
+    p.add_argument("--hybrid", action="store_true", help="allow tensor-parallel stages "
+                   "(groups with a measured all-reduce in the cluster file's collectives): the "
+                   "exact hybrid search (graphsplit.hybrid)")
+    p.add_argument("--tp-shares", choices=["any", "equal"], help="shares of a tensor group: "
+                   "any whole KV heads (ours) or equal (exo, mlx-lm); implies --hybrid")
+    p.add_argument("--max-group", type=o.positive_int(64), metavar="N", help="--hybrid: "
+                   "groups of at most N nodes (the result is then labelled a bound)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", type=o.path("plan file"), metavar="PLAN.json", help="write the plan file")
     p.add_argument("--plot", type=o.path("image file"), metavar="FILE.png", help="draw per-layer cost and the timeline")
@@ -56,7 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
                         streams=args.streams)
     cluster = load_cluster(args.cluster)
-    if args.layers is not None:  # a manual split, predicted beside the optimum
+    hybrid = args.hybrid or args.tp_shares is not None or args.max_group is not None
+    for flag, on in (("--layers", args.layers is not None), ("--simulate", args.simulate),
+                     ("--plot", args.plot)):
+        if hybrid and on:
+            raise UserError(f"{flag} works on pipeline plans only; drop it, or drop --hybrid "
+                            "/ --tp-shares / --max-group")
+    if hybrid:
+        from graphsplit.hybrid.make import make_hybrid_plan
+        plan = make_hybrid_plan(cluster, args.objective, workload, args.runtime,
+                                args.use_all_nodes, args.tp_shares or "any", args.solver,
+                                cluster_file=args.cluster, max_group=args.max_group)
+    elif args.layers is not None:  # a manual split, predicted beside the optimum
         plan = make_manual_plan(cluster, args.layers, args.objective, workload, args.runtime,
                                 args.use_all_nodes, args.solver, cluster_file=args.cluster)
     else:
@@ -76,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(plan.to_dict(), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
+        from graphsplit.hybrid.report import tensor_lines
         from graphsplit.report import render
         print(render(plan))
+        for line in tensor_lines(plan):
+            print(line)
         for note in plan.predicted["extrapolated"]:
             print(f"note: {note}")
         if args.simulate:

@@ -51,7 +51,7 @@ def render(plan: Plan) -> str:
     ]
     for i, s in enumerate(plan.stages):
         n = s.node
-        name = n + ("*" if n in est else "")
+        name = "+".join(s.members) + ("*" if n in est else "")
         used, cap = p["stage_memory_bytes"][n], p["stage_capacity_bytes"][n]
         lines.append(
             f"{i + 1:>5}  {name:<16} {f'{s.start_layer}-{s.end_layer - 1}':<10} "
@@ -60,7 +60,7 @@ def render(plan: Plan) -> str:
             f"{_gib(used) + ' / ' + _gib(cap):>25}")
     manual = bool(plan.solver.get("manual"))
     ours = "manual" if manual else "ours"
-    unused = [n for n in plan.nodes if n not in {s.node for s in plan.stages}]
+    unused = [n for n in plan.nodes if n not in {m for s in plan.stages for m in s.members}]
     if unused:
         why = "not in --layers" if manual else "faster without them"
         lines.append(f"       unused: {', '.join(unused)} ({why})")

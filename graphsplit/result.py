@@ -28,12 +28,20 @@ class SplitResult:
     solve_s: float = 0.0
     nit: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # INTERFACES I7 (helper `scale` defines them; added here minimally in the same shape):
+    # "optimal-all-orders-subsets" | "optimal-given-order" | "bound" ("" = not stated)
+    proven: str = ""
+    lower_bound: float | None = None  # objective units
+    gap: float | None = None  # (fun - lower_bound) / fun
 
     @property
     def success(self) -> bool:
         return self.stages is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.solver, "optimal": self.optimal, "status": self.status,
-                "message": self.message, "solve_s": round(self.solve_s, 6),
-                "objective_value": self.fun, "work": self.nit}
+        d = {"name": self.solver, "optimal": self.optimal, "status": self.status,
+             "message": self.message, "solve_s": round(self.solve_s, 6),
+             "objective_value": self.fun, "work": self.nit}
+        if self.proven:
+            d.update(proven=self.proven, lower_bound=self.lower_bound, gap=self.gap)
+        return d

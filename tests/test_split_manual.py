@@ -18,7 +18,7 @@ from graphsplit.cli import main as split_main
 from graphsplit.cluster import load_cluster
 from graphsplit.costmodel import Workload, predict
 from graphsplit.manual import apply_layers, parse_layers
-from graphsplit.plan import Plan, Stage, read_plan, write_plan
+from graphsplit.plan import Plan, Stage, read_plan, stage_dict, write_plan
 
 MODEL = "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit"
 
@@ -79,9 +79,10 @@ def test_manual_split_predicted_beside_optimum_and_baselines(cluster, tmp_path, 
     assert f"{want.tpot_s * 1e3:.2f}" in manual_row
     # the optimum beside it is the solver's plan for the same inputs, and no worse
     best = make_plan(c, "latency", wl, "exo-current")
-    assert plan.baselines["optimal"]["stages"] == [s.__dict__ for s in best.stages]
+    assert plan.baselines["optimal"]["stages"] == [stage_dict(s) for s in best.stages]
     assert plan.baselines["optimal"]["predicted"]["tpot_s"] <= want.tpot_s
-    assert set(plan.baselines) == {"optimal", "exo-legacy", "exo-current", "even"}
+    assert set(plan.baselines) == {"optimal", "exo-legacy", "exo-current", "exo-current-tensor",
+                                   "even"}
     # exo-bridge compare shows it as the manual split
     assert bridge_main(["compare", str(out)]) == 0
     assert "manual (this plan)" in capsys.readouterr().out

@@ -40,6 +40,7 @@ class Candidate:
     shares: np.ndarray | None  # (L+1, L+1) index into `share_list` of the best shares
     share_list: list[tuple[int, ...]]  # share vectors, aligned with `group`
     orders: list[tuple[str, ...]]  # best chain order per start block a (tensor groups)
+    blocks: np.ndarray | None = None  # (L+1, L+1) blocks + all-reduces only (tensor groups)
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _tensor_candidates(cluster, group, ids, cc: ChainCosts, workload: Workload, 
         C[0, :] += cc.t_embed[idx[h]]
         C[:, L] += cc.t_head[idx[t]]
         mask = sum(1 << d for d in idx)
-        out.append(Candidate(tuple(group), mask, idx[h], idx[t], C, arg, shares, orders))
+        out.append(Candidate(tuple(group), mask, idx[h], idx[t], C, arg, shares, orders, best))
     return out
 
 

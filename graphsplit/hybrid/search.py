@@ -205,17 +205,18 @@ def _throughput(hc: HybridCosts, use_all: bool, B: int):
 
 
 def lower_bound(hc: HybridCosts, objective: str, B: int) -> float:
-    """A lower bound on every plan (any groups, shares, order): each block at the cheapest
-    per-block cost of any candidate (no links, no memory), plus the cheapest embed and head."""
-    L = hc.L
-    per = np.full(L, INF)
+    """A lower bound on every plan (any groups, shares, order): each block at its cheapest
+    cost on any node or group (blocks and all-reduces only: no links, no chain, memory only as
+    far as the block alone must fit), plus the cheapest embedding and head. Throughput: also
+    the costliest single block (a stage holds at least one)."""
+    cc, L = hc.cc, hc.L
+    per = np.min(np.diff(cc.prefix, axis=1), axis=0)
     for c in hc.cands:
-        diag = np.array([c.C[i, i + 1] for i in range(L)])
-        diag[0] -= 0  # embed / head are inside C[0, 1] and C[L-1, L]: kept (they are paid)
-        per = np.minimum(per, diag)
-    s = float(per.sum()) if np.isfinite(per).all() else INF
+        if c.blocks is not None:
+            per = np.minimum(per, [c.blocks[i, i + 1] for i in range(L)])
+    s = float(per.sum() + cc.t_embed.min() + cc.t_head.min())
     if objective == "throughput":
-        return max(s / B, float(per.max()) if len(per) else 0.0)
+        return max(s / B, float(per.max()))
     return s
 
 
