@@ -541,7 +541,7 @@ def breakdown(r: RunResult) -> dict[str, Any]:
     pc, pp, pl = (p.get("stage_compute_s") or {}, p.get("stage_prefill_s") or {},
                   p.get("stage_link_s") or {})
     stages = []
-    for s, rk in zip(r.stages, r.ranks):
+    for s, rk in zip(r.stages, _stage_ranks(r)):
         stages.append({"node": s.node, "layers": [s.start_layer, s.end_layer],
                        "decode_s": _mean(rk.get("decode_compute_s") or []),
                        "pred_decode_s": pc.get(s.node),
@@ -558,6 +558,15 @@ def breakdown(r: RunResult) -> dict[str, Any]:
             "measured_comm_s": (r.tpot_s - comp) if r.tpot_s else None,
             "pred_compute_s": sum(pc.values()) if pc else None, "pred_comm_s": links,
             "measured_head_s": head, "pred_head_s": p.get("head_pace_s")}
+
+
+def _stage_ranks(r: RunResult) -> list[dict[str, Any]]:
+    """One rank's result per stage: the rank itself, or for a tensor group its last member
+    (which ends the stage: its compute includes waiting for the group's all-reduces)."""
+    if not any("group_ranks" in rk for rk in r.ranks):
+        return r.ranks
+    tails = sorted({rk["group_ranks"][-1] for rk in r.ranks})
+    return [r.ranks[t] for t in tails]
 
 
 def format_breakdown(r: RunResult) -> str:
