@@ -40,7 +40,7 @@ from typing import Any
 from exo_bridge.runner.stage_worker import RESULT_TAG, encode_job
 from exo_bridge.runner.tensor import hybrid_layout, is_hybrid, job_groups
 from graphsplit.manual import apply_layers
-from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
+from graphsplit.plan import Plan, Stage, check_stages, read_plan, stage_dict, stages_from_json
 from profiler import options as o
 from profiler.errors import UserError, guard
 
@@ -84,7 +84,7 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["stages"] = [asdict(s) for s in self.stages]
+        d["stages"] = [stage_dict(s) for s in self.stages]
         d["error_pct"] = self.errors_pct()
         d["breakdown"] = breakdown(self)
         return d
