@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths to time, comma-separated (default 16,64)")
     p.add_argument("--decode-context", type=o.int_grid(1, MAX_TOKENS), default=None,
                    help="KV-cache contexts to time decode at (default 64,256)")
+    p.add_argument("--decode-batch", type=o.int_grid(1, 4096), default=None,
+                   help="batch sizes (streams) to time one decode step at, at every decode "
+                        "context, comma-separated; 1 is always measured (default 1,2,4,8)")
+    p.add_argument("--prefill-chunk", type=o.int_grid(1, MAX_TOKENS, none=True), default=None,
+                   help="chunk sizes to time prefill at, each with the largest decode context "
+                        "already in the KV cache (default 16; none: no chunk grid)")
+    p.add_argument("--tp-shares", type=o.int_grid(1, 1 << 20, none=True), default=None,
+                   help="tensor-parallel shares to time one rank of a block at, in KV heads "
+                        "(default 1, n/2 and n of the model's n KV heads; none: no "
+                        "tensor-parallel grid)")
+    p.add_argument("--chain-blocks", type=o.int_in(1, 1024), default=8,
+                   help="block decode is timed in a chain of up to this many distinct blocks "
+                        "(8; 1 = each block alone)")
     p.add_argument("--warmup", type=o.int_in(0, 100), default=1, help="untimed runs before timing (1)")
     p.add_argument("--repeats", type=o.positive_int(1000), default=3, help="timed runs per point (3)")
     p.add_argument("--max-spread", type=o.float_in(0, 100, lo_open=True), default=0.15,
@@ -103,8 +116,16 @@ def check_memory(spec, opts) -> None:
     # dtype auto: float32 on the CPU build (Linux), bfloat16 on Metal / CUDA (see
     # profile.resolve_precision); without MLX here, Linux is taken as the CPU build (the larger)
     act = DTYPE_BYTES.get(opts.dtype) or (2 if sys.platform == "darwin" else 4)
+    from profiler.profile import decode_batch_grid, tp_grid
+
+    tp = tp_grid(opts, spec.config, spec.name, group if bits else None)
+    n = tp[-1] if tp else 1
+    chunks = opts.prefill_chunk or []
     check_fits(spec.config, opts.prefill_tokens, opts.decode_context, opts.batch, act, bits,
-               group, chain_blocks=1 if opts.every_layer else opts.chain_blocks)
+               group, chain_blocks=1 if opts.every_layer else opts.chain_blocks,
+               decode_batch=decode_batch_grid(opts), chunks=chunks,
+               chunk_context=(opts.prefill_chunk_context or max(opts.decode_context))
+               if chunks else 0, tp_share=max([k for k in tp if k < n], default=0) / n)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -112,7 +133,8 @@ def _main(argv: list[str] | None = None) -> int:
     from profiler.models import resolve_model
 
     spec = resolve_model(args.model)  # unknown names fail here, before MLX is imported
-    from profiler.profile import DEFAULT_DECODE, DEFAULT_PREFILL, ProfileOptions, check_options
+    from profiler.profile import (DEFAULT_DECODE, DEFAULT_PREFILL, DEFAULT_PREFILL_CHUNK,
+                                  ProfileOptions, check_options)
 
     opts = ProfileOptions(
         dtype=args.dtype,
@@ -124,7 +146,9 @@ def _main(argv: list[str] | None = None) -> int:
         every_layer=args.every_layer, batch=args.batch, restart=args.restart,
         microbench=not args.no_microbench, clock=args.clock,
         settle_s=None if args.settle_ms is None else args.settle_ms / 1e3,
-        decode_max_steps=args.decode_steps)
+        decode_max_steps=args.decode_steps, decode_batch=args.decode_batch,
+        prefill_chunk=list(DEFAULT_PREFILL_CHUNK) if args.prefill_chunk is None
+        else args.prefill_chunk, tp_shares=args.tp_shares, chain_blocks=args.chain_blocks)
     check_options(opts)
     check_memory(spec, opts)
     out = Path(args.out) if args.out else default_out(spec.name, opts)

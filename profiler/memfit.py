@@ -16,8 +16,16 @@ The estimate is the peak of one measured row (the profiler materialises one bloc
     chain    = decode of a block is timed inside a chain of k distinct blocks of its structure
                (profile.py): (k - 1) more blocks' weights and decode KV, with k at most
                `chain_blocks`, the number of blocks, and what a quarter of the limit holds
+               (weights + that batch's KV per block, profiler.grids)
+    batch    = decode and chain are taken at every batch of the decode batch grid (B x batch
+               streams); the largest of them counts
+    chunk    = a prefill chunk of c tokens at context C0: B*c*(...) activations as prefill,
+               B*heads*c*(C0+c)*4 scores, B*(C0+c) tokens of KV; counts with prefill
+    tp       = tensor-parallel shares: k sliced copies of up to the largest share below the
+               whole block (their weights live beside the chain's)
 
-peak = weights + max(prefill at max P, decode at max C + chain) + 64 MiB (the cache-flush buffer).
+peak = weights + max(prefill, chunk, decode + chain at the worst batch) + tp + 64 MiB (the
+cache-flush buffer).
 Weight bytes per parameter: bits/8 + 4/group_size (a float16 scale and bias per group) when
 quantized, else the activation dtype's size. O(1); no MLX.
 
@@ -72,10 +80,13 @@ class Estimate:
     prefill: int
     decode: int
     chain: int = 0  # the other blocks of a decode chain (weights + KV)
+    tp: int = 0  # sliced tensor-parallel copies of the chain's blocks
+    batch: int = 1  # the decode batch (B x grid point) whose decode + chain is the largest
 
     @property
     def peak(self) -> int:
-        return self.weights + max(self.prefill, self.decode + self.chain) + FLUSH_BYTES
+        return self.weights + max(self.prefill, self.decode + self.chain) + self.tp + \
+            FLUSH_BYTES
 
 
 def _i(config: dict[str, Any], key: str, default: int = 0) -> int:
@@ -85,8 +96,12 @@ def _i(config: dict[str, Any], key: str, default: int = 0) -> int:
 
 def estimate(config: dict[str, Any], prefill_max: int, decode_max: int, batch: int,
              act_bytes: int, bits: int | None, group_size: int, chain_blocks: int = 1,
-             limit: int = 0) -> Estimate:
-    """Peak bytes of a profile (see the module docstring); config values already validated."""
+             limit: int = 0, decode_batch: tuple[int, ...] = (1,), chunk_max: int = 0,
+             chunk_context: int = 0, tp_share: float = 0.0) -> Estimate:
+    """Peak bytes of a profile (see the module docstring); config values already validated.
+    `decode_batch`: the decode batch grid; `chunk_max` / `chunk_context`: the largest prefill
+    chunk and the context it is timed at; `tp_share`: the largest tensor-parallel share below
+    the whole block, as a fraction of it (0: none)."""
     H = _i(config, "hidden_size", 1)
     heads = _i(config, "num_attention_heads", 1)
     kv = _i(config, "num_key_value_heads", heads)
@@ -101,25 +116,43 @@ def estimate(config: dict[str, Any], prefill_max: int, decode_max: int, batch: i
     weights = int(per_param * (max(block, embed) + (embed if tied else 0)))
     B, P, C = batch, prefill_max, decode_max
     kv_tok = 2 * kv * hd * act_bytes
-    prefill = (B * P * (H + (heads + 2 * kv) * hd + 3 * inter) * act_bytes
-               + B * heads * P * P * 4 + B * P * kv_tok)
-    decode = B * C * kv_tok + B * heads * C * 4 + B * (H + 3 * inter) * act_bytes
+    act_tok = (H + (heads + 2 * kv) * hd + 3 * inter) * act_bytes
+    prefill = B * P * act_tok + B * heads * P * P * 4 + B * P * kv_tok
+    if chunk_max:
+        c, c0 = chunk_max, chunk_context
+        prefill = max(prefill, B * c * act_tok + B * heads * c * (c0 + c) * 4
+                      + B * (c0 + c) * kv_tok)
     block_bytes = int(per_param * block)
-    k = min(max(1, chain_blocks), _i(config, "num_hidden_layers", 1))
-    if limit > 0 and block_bytes > 0:  # profile._chain_members: a quarter of usable memory
-        k = min(k, max(1, limit // 4 // block_bytes))
-    chain = (k - 1) * (block_bytes + B * C * kv_tok)
-    return Estimate(weights=weights, prefill=prefill, decode=decode, chain=chain)
+    n_blocks = _i(config, "num_hidden_layers", 1)
+    best = None
+    for b in sorted(set(decode_batch) | {1}):
+        bb = B * b
+        decode = bb * C * kv_tok + bb * heads * C * 4 + bb * (H + 3 * inter) * act_bytes
+        k = min(max(1, chain_blocks), n_blocks)
+        per_block = block_bytes + bb * C * kv_tok
+        if limit > 0 and per_block > 0:  # profile._chain_members / grids: a quarter of usable
+            k = min(k, max(1, limit // 4 // per_block))
+        chain = (k - 1) * per_block
+        if best is None or decode + chain > best[0] + best[1]:
+            best = (decode, chain, bb)
+    k_tp = min(max(1, chain_blocks), n_blocks)
+    tp = int(k_tp * tp_share * block_bytes) if tp_share else 0
+    return Estimate(weights=weights, prefill=prefill, decode=best[0], chain=best[1], tp=tp,
+                    batch=best[2])
 
 
 def check_fits(config: dict[str, Any], prefill: list[int], decode: list[int], batch: int,
                act_bytes: int, bits: int | None, group_size: int,
-               limit: int | None = None, chain_blocks: int = 1) -> Estimate:
+               limit: int | None = None, chain_blocks: int = 1,
+               decode_batch: list[int] | tuple[int, ...] = (1,),
+               chunks: list[int] | tuple[int, ...] = (), chunk_context: int = 0,
+               tp_share: float = 0.0) -> Estimate:
     """Raise a one-line UserError naming the option to lower when the estimate exceeds the
     machine's limit (limit: bytes; default `memory_limit()`)."""
     limit = memory_limit() if limit is None else limit
     est = estimate(config, max(prefill), max(decode), batch, act_bytes, bits, group_size,
-                   chain_blocks, limit or 0)
+                   chain_blocks, limit or 0, tuple(decode_batch), max(chunks, default=0),
+                   chunk_context, tp_share)
     if not limit or est.peak <= limit:
         return est
     if est.weights + FLUSH_BYTES > limit:
@@ -127,12 +160,15 @@ def check_fits(config: dict[str, Any], prefill: list[int], decode: list[int], ba
         what = f"one block's weights ({_gib(est.weights)})"
     elif est.prefill >= est.decode + est.chain:
         fix = f"lower --prefill-tokens (largest {max(prefill)})" + (
+            f" or --prefill-chunk (largest {max(chunks)})" if chunks else "") + (
             f" or --batch ({batch})" if batch > 1 else "")
-        what = f"prefill of {max(prefill)} tokens x batch {batch}"
+        what = f"prefill of {max([*prefill, *chunks])} tokens x batch {batch}"
     else:
         fix = f"lower --decode-context (largest {max(decode)})" + (
-            f" or --batch ({batch})" if batch > 1 else "")
-        what = f"decode at a {max(decode)}-token KV cache x batch {batch}"
+            f" or --batch ({batch})" if batch > 1 else "") + (
+            f" or --decode-batch (largest {max(decode_batch)})" if max(decode_batch) > 1
+            else "")
+        what = f"decode at a {max(decode)}-token KV cache x batch {est.batch}"
     raise UserError(f"this profile needs about {_gib(est.peak)} of memory ({what}; estimated "
                     f"from the config) but this machine allows {_gib(limit)}; {fix}")
 

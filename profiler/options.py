@@ -131,10 +131,14 @@ def seconds(hi: float) -> Callable[[str], float]:
     return f
 
 
-def int_grid(lo: int, hi: int, max_len: int = 32) -> Callable[[str], list[int]]:
-    """Comma-separated whole numbers lo..hi, strictly increasing, at least one, at most max_len."""
+def int_grid(lo: int, hi: int, max_len: int = 32,
+             none: bool = False) -> Callable[[str], list[int]]:
+    """Comma-separated whole numbers lo..hi, strictly increasing, at least one, at most max_len.
+    With `none`, the word "none" is accepted too and means the empty list (a grid turned off)."""
 
     def parse(text: str) -> list[int]:
+        if none and str(text).strip().lower() == "none":
+            return []
         items = [v for v in str(text).replace(" ", "").split(",") if v]
         if not items:
             raise _bad(f"{shown(text)} has no values; give comma-separated whole numbers, "
@@ -151,7 +155,7 @@ def int_grid(lo: int, hi: int, max_len: int = 32) -> Callable[[str], list[int]]:
             raise _bad(f"{shown(text)} must be strictly increasing, e.g. 16,64")
         return out
 
-    return _typed("grid", parse, "grid", lo=lo, hi=hi, max_len=max_len)
+    return _typed("grid", parse, "grid", lo=lo, hi=hi, max_len=max_len, none=none)
 
 
 _HOST_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?")

@@ -24,13 +24,16 @@ from typing import Any
 
 import mlx.core as mx
 
-from profiler import build, costtable, device, rows
+from profiler import build, costtable, device, grids, rows, tpslice
 from profiler.costtable import CostTable, LayerRow, ModelInfo
+from profiler.grids import default_tp_shares
 from profiler.errors import UserError
 from profiler.models import ModelSpec, config_hash
 
 DEFAULT_PREFILL = [16, 64]
 DEFAULT_DECODE = [64, 256]
+DEFAULT_DECODE_BATCH = [1, 2, 4, 8]
+DEFAULT_PREFILL_CHUNK = [16]
 
 
 SETTLE_UNDER_QUOTA_S = 0.02
@@ -71,6 +74,18 @@ class ProfileOptions:
     # and the whole model run it (docs/profiler.md, "Chain of distinct blocks"); 1 = each
     # block alone (tables before this option). Prefill is timed per block alone.
     chain_blocks: int = 8
+    # decode batch grid (cost table v2): None = DEFAULT_DECODE_BATCH at batch 1, [1] with
+    # --batch > 1 (that option times every row at one batch instead); always holds 1
+    decode_batch: list[int] | None = None
+    # a batch-B decode chain keeps fewer blocks where a pass already lasts this long
+    # (rows.batch_chain_length); 0 = always the whole chain
+    batch_chain_s: float = 1.0
+    # prefill chunk grid, timed with prefill_chunk_context tokens already in the KV cache
+    # (None = the largest decode context); [] = none
+    prefill_chunk: list[int] = field(default_factory=lambda: list(DEFAULT_PREFILL_CHUNK))
+    prefill_chunk_context: int | None = None
+    # tensor-parallel shares in KV heads (grids.default_tp_shares when None); [] = none
+    tp_shares: list[int] | None = None
 
 
 class Progress:
@@ -161,19 +176,34 @@ def resolve_precision(spec: ModelSpec, opts: ProfileOptions, kind: str,
     return "bfloat16", quant
 
 
-def check_grids(prefill: list[int], decode: list[int]) -> None:
-    for name, g in (("--prefill-tokens", prefill), ("--decode-context", decode)):
+def check_grids(prefill: list[int], decode: list[int], batch: list[int] | None = None,
+                chunk: list[int] | None = None) -> None:
+    for name, g in (("--prefill-tokens", prefill), ("--decode-context", decode),
+                    ("--decode-batch", batch), ("--prefill-chunk", chunk)):
+        if g is None or (not g and name in ("--decode-batch", "--prefill-chunk")):
+            continue
         if not g or any((not isinstance(v, int)) or v <= 0 for v in g):
             raise UserError(f"{name} {g} must be positive integers, e.g. 16,64")
         if any(b <= a for a, b in zip(g, g[1:])):
             raise UserError(f"{name} {g} must be strictly increasing, e.g. 16,64")
 
 
+def decode_batch_grid(opts: ProfileOptions) -> list[int]:
+    """The batch grid a run measures: always holds 1 (the row's own decode)."""
+    grid = opts.decode_batch if opts.decode_batch is not None else (
+        DEFAULT_DECODE_BATCH if opts.batch == 1 else [1])
+    return sorted({1, *grid})
+
+
 def check_options(opts: ProfileOptions) -> None:
     """Reject impossible options with one line each, before anything is measured."""
-    check_grids(opts.prefill_tokens, opts.decode_context)
+    check_grids(opts.prefill_tokens, opts.decode_context, opts.decode_batch, opts.prefill_chunk)
     if opts.repeats < 1 or opts.warmup < 0 or opts.batch < 1:
         raise UserError("--repeats and --batch must be >= 1 and --warmup >= 0")
+    if opts.batch > 1 and decode_batch_grid(opts) != [1]:
+        raise UserError(f"--batch {opts.batch} times every row at {opts.batch} sequences; "
+                        f"--decode-batch {','.join(map(str, decode_batch_grid(opts)))} times "
+                        "decode at each batch from 1: give one of them, not both")
     if opts.bits not in ("auto", None, 0) and int(opts.bits) not in (2, 3, 4, 5, 6, 8):
         raise UserError(f"--bits {opts.bits} is not supported; use 2, 3, 4, 5, 6 or 8, or "
                         "--no-quant")
@@ -183,6 +213,54 @@ def check_options(opts: ProfileOptions) -> None:
         raise UserError(f"--clock {opts.clock} is not known; use wall or process")
     if not opts.max_rel_spread > 0:
         raise UserError("--max-spread must be > 0, e.g. 0.15")
+    if opts.chain_blocks < 1:
+        raise UserError(f"--chain-blocks {opts.chain_blocks} must be >= 1 (1: each block "
+                        "alone)")
+    if opts.tp_shares is not None and any(
+            not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in opts.tp_shares):
+        raise UserError(f"--tp-shares {opts.tp_shares}: each share is a whole number of KV "
+                        "heads >= 1, e.g. 1,2,4")
+
+
+def tp_grid(opts: ProfileOptions, config: dict[str, Any], model: str,
+            group_size: int | None = None) -> list[int]:
+    """The tensor-parallel shares a run measures (KV heads; the whole block's n included when
+    any share is), or a one-line UserError naming --tp-shares for a share that cannot be cut:
+    0, more than the model's KV heads, a model whose heads are not whole KV-head groups, or
+    (quantized, `group_size`) a share whose o_proj columns k x q_per_kv x head_dim are not
+    whole quantization groups. The default grid (grids.default_tp_shares) drops such shares
+    instead, and is empty when fewer than two shares remain."""
+    heads = int(config.get("num_attention_heads") or 0)
+    n = int(config.get("num_key_value_heads") or heads)
+    if opts.tp_shares is not None and not opts.tp_shares:
+        return []
+    groups = n > 0 and heads % n == 0
+    hd = int(config.get("head_dim") or (int(config.get("hidden_size", 0)) // heads
+                                        if heads else 0))
+
+    def cuttable(k: int) -> bool:
+        return k == n or not group_size or (k * (heads // n) * hd) % group_size == 0
+
+    if opts.tp_shares is None:
+        grid = [k for k in default_tp_shares(n) if cuttable(k)] if n > 1 and groups else []
+        return grid if len(grid) > 1 else []
+    shares = ",".join(map(str, opts.tp_shares))
+    bad = [k for k in opts.tp_shares if not 1 <= k <= n]
+    if bad:
+        raise UserError(f"--tp-shares {shares}: a share of {bad[0]} KV heads cannot be cut "
+                        f"from {model}'s {n} KV heads; give whole KV heads from 1 to {n} (e.g. "
+                        f"--tp-shares {','.join(map(str, default_tp_shares(n)))}), or "
+                        "--tp-shares none")
+    if not groups:
+        raise UserError(f"--tp-shares: {model}'s {heads} attention heads are not whole groups "
+                        f"of its {n} KV heads, so no share can be cut; use --tp-shares none")
+    uncut = [k for k in opts.tp_shares if not cuttable(k)]
+    if uncut:
+        raise UserError(f"--tp-shares {shares}: a share of {uncut[0]} KV heads cuts o_proj "
+                        f"after {uncut[0] * (heads // n) * hd} columns, not a multiple of the "
+                        f"quantization group {group_size}; give shares whose query heads x "
+                        f"head_dim is a multiple of {group_size}, or --no-quant")
+    return sorted({*opts.tp_shares, n})
 
 
 def model_info(spec: ModelSpec, args) -> ModelInfo:
@@ -211,6 +289,12 @@ def identity(t: CostTable) -> dict[str, Any]:
             "settle_s": float(t.method.get("settle_s", 0.0)),  # tables before it: no idle
             "decode_max_steps": int(t.method.get("decode_max_steps", 1)),
             "chain_blocks": int(t.method.get("chain_blocks", 1)),  # before it: alone
+            "decode_batch": costtable.batch_grid(t),  # version 1: [1]
+            "batch_chain_s": float(t.method.get("batch_chain_s", 0.0))
+            if len(costtable.batch_grid(t)) > 1 else 0.0,
+            "prefill_chunk": list(t.prefill_chunk),
+            "prefill_chunk_context": t.prefill_chunk_context if t.prefill_chunk else None,
+            "tp_shares": list((t.tensor_parallel or {}).get("grid_kv_heads", [])),
             "host": t.device.host, "device": t.device.name, "backend": t.device.backend}
 
 
@@ -244,20 +328,94 @@ def profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
         return _profile_model(spec, opts, out_path, progress)
 
 
+@dataclass
+class Run:
+    """One profile run: what was built (phase 1) and what every later phase reads."""
+
+    spec: ModelSpec
+    opts: ProfileOptions
+    out_path: Path
+    progress: Progress
+    started: float
+    model: Any
+    parts: build.Parts
+    args: Any
+    info: ModelInfo
+    dtype: str
+    quant: dict[str, int] | None
+    dt: Any
+    generated: bool
+    method: rows.Method
+    chain_k: int
+    sigs: list
+    counts: list[int]
+    batches: list[int]
+    chunks: list[int]
+    chunk_context: int | None
+    tp_grid: list[int]
+    # set by later phases
+    measured_by_sig: dict = field(default_factory=dict)
+    units: Any = None
+    x1: Any = None
+    templates: list = field(default_factory=list)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.parts.layers)
+
+    @property
+    def order(self) -> list[str]:
+        return ["embed"] + [f"layers.{i}" for i in range(self.n_layers)] + ["head"]
+
+    def want(self) -> dict[str, Any]:
+        """This run's identity (see `identity`), the machine's fields excluded."""
+        o = self.opts
+        return {"config_hash": self.info.config_hash, "dtype": self.dtype,
+                "quantization": self.quant, "prefill_tokens": self.method.prefill_tokens,
+                "decode_context": self.method.decode_context, "batch": o.batch,
+                "clock": o.clock, "settle_s": float(o.settle_s),
+                "decode_max_steps": int(o.decode_max_steps), "chain_blocks": self.chain_k,
+                "decode_batch": self.batches,
+                "batch_chain_s": float(o.batch_chain_s) if len(self.batches) > 1 else 0.0,
+                "prefill_chunk": self.chunks,
+                "prefill_chunk_context": self.chunk_context if self.chunks else None,
+                "tp_shares": self.tp_grid}
+
+
 def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
                    progress=None) -> CostTable:
     """Measure every row of `spec` on this machine and write the cost table to `out_path`
     (atomically, after every row; complete=True at the end). Returns the table.
 
+    Phases: build (the lazy model, precision, grids), resume (the table already at the
+    path), plan (progress units, the memory check), measure rows (each block with its batch,
+    chunk and tensor-parallel grids: `_measure_block`), finish.
+
     `progress`: None, a `Progress` (e.g. report.ProgressBar), or a function taking event dicts
     (see CallbackProgress). Raises UserError for bad options or a mismatching table at
     `out_path`."""
-    opts = opts or ProfileOptions()
+    run = _build(spec, opts or ProfileOptions(), Path(out_path), _as_progress(progress))
+    existing, done = _resume(run)
+    if existing is not None and existing.complete and not done:
+        return existing
+    table = _start_table(run, existing, done)
+    write = _writer(run, table, done)
+    _plan(run, table, done)
+    _measure_rows(run, table, done, write)
+    _finish(run, table, write)
+    return table
+
+
+def _as_progress(progress) -> Progress:
     if progress is None:
-        progress = Progress()
-    elif not hasattr(progress, "row_done") and callable(progress):
-        progress = CallbackProgress(progress)
-    out_path = Path(out_path)
+        return Progress()
+    if not hasattr(progress, "row_done") and callable(progress):
+        return CallbackProgress(progress)
+    return progress
+
+
+def _build(spec: ModelSpec, opts: ProfileOptions, out_path: Path, progress: Progress) -> Run:
+    """Phase 1: check the options, build the lazy model, choose precision and grids."""
     check_options(opts)
     kind = device.backend()
     if opts.clock == "process" and kind != "cpu":
@@ -266,7 +424,6 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
     started = time.perf_counter()
     if opts.settle_s is None:
         opts = replace(opts, settle_s=SETTLE_UNDER_QUOTA_S if device.cpu_quota_cores() else 0.0)
-
     model = build.skeleton(spec)
     parts = build.model_parts(model)
     args = getattr(model, "args", None)
@@ -276,11 +433,15 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
         dt = build.floating_dtype(parts.layers[0]) if n_layers else None
         local_dt = build.dtype_name(dt) if dt is not None else None
     dtype, quant = resolve_precision(spec, opts, kind, local_dt)
-    dt = build.mx_dtype(dtype)
-    generated = spec.source != "local"
+    tp = tp_grid(opts, spec.config, spec.name, quant["group_size"] if quant else None)
+    if tp and n_layers:
+        why = tpslice.check_block(parts.layers[0])
+        if why:
+            raise UserError(f"--tp-shares: {spec.name}'s blocks cannot be sliced into "
+                            f"tensor-parallel ranks ({why}); use --tp-shares none")
     info = model_info(spec, args)
     info.n_layers = n_layers
-    hidden_size = info.hidden_size
+    generated = spec.source != "local"
     method = rows.Method(prefill_tokens=list(opts.prefill_tokens),
                          decode_context=list(opts.decode_context), warmup=opts.warmup,
                          repeats=opts.repeats, max_rel_spread=opts.max_rel_spread,
@@ -288,57 +449,58 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
                          clock=opts.clock, settle_s=opts.settle_s,
                          decode_min_sample_s=opts.decode_min_sample_s,
                          decode_max_steps=opts.decode_max_steps)
+    chunks = list(opts.prefill_chunk or [])
+    return Run(spec=spec, opts=opts, out_path=out_path, progress=progress, started=started,
+               model=model, parts=parts, args=args, info=info, dtype=dtype, quant=quant,
+               dt=build.mx_dtype(dtype), generated=generated, method=method,
+               chain_k=1 if opts.every_layer else max(1, int(opts.chain_blocks)),
+               # structure of every block, from the lazy skeleton (nothing evaluated here)
+               sigs=[build.structure(b, with_dtype=not generated) for b in parts.layers],
+               counts=[build.param_count(b) for b in parts.layers],
+               batches=decode_batch_grid(opts), chunks=chunks,
+               chunk_context=(opts.prefill_chunk_context if opts.prefill_chunk_context
+                              is not None else max(opts.decode_context)) if chunks else None,
+               tp_grid=tp)
 
-    chain_k = 1 if opts.every_layer else max(1, int(opts.chain_blocks))
-    # Structure of every block, from the lazy skeleton (nothing is evaluated here).
-    sigs = [build.structure(b, with_dtype=not generated) for b in parts.layers]
-    counts = [build.param_count(b) for b in parts.layers]
 
-    existing = None if opts.restart else _load_existing(out_path)
-    resumed: dict[str, LayerRow] = {}
-    if existing is not None:
-        want = {"config_hash": info.config_hash, "dtype": dtype, "quantization": quant,
-                "prefill_tokens": method.prefill_tokens, "decode_context": method.decode_context,
-                "batch": opts.batch, "clock": opts.clock, "settle_s": float(opts.settle_s),
-                "decode_max_steps": int(opts.decode_max_steps),
-                "chain_blocks": chain_k}
-        have = identity(existing)
-        diff = [k for k, v in want.items() if have[k] != v]
-        if not diff:
-            here_host = device.describe(dtype, microbench=False)
-            for k, v in (("host", here_host.host), ("device", here_host.name),
-                         ("backend", here_host.backend)):
-                if have[k] != v:
-                    diff.append(k)
-        if diff:
-            k = diff[0]
-            raise UserError(f"{out_path} holds a {'complete' if existing.complete else 'partial'}"
-                            f" table of another run ({k}: {have.get(k)!r} there, "
-                            f"{(want.get(k) if k in want else 'this machine')!r} now); use "
-                            "--restart to overwrite it or --out for another file")
-        if existing.complete and existing.n_layers == n_layers:
-            progress.note(f"{out_path} is already complete for this model and these options; "
-                          "nothing to measure (use --restart to measure again)")
-            return existing
-        resumed = {r.name: r for r in existing.rows}
+def _resume(run: Run) -> tuple[CostTable | None, dict[str, LayerRow]]:
+    """Phase 2: the table already at the output path. Returns (existing table, its rows by
+    name): a complete table of this run with no rows to add comes back with no rows (nothing
+    to measure); a table of another run is refused."""
+    existing = None if run.opts.restart else _load_existing(run.out_path)
+    if existing is None:
+        return None, {}
+    want, have = run.want(), identity(existing)
+    diff = [k for k, v in want.items() if have[k] != v]
+    if not diff:
+        here = device.describe(run.dtype, microbench=False)
+        diff = [k for k, v in (("host", here.host), ("device", here.name),
+                               ("backend", here.backend)) if have[k] != v]
+    if diff:
+        k = diff[0]
+        raise UserError(f"{run.out_path} holds a {'complete' if existing.complete else 'partial'}"
+                        f" table of another run ({k}: {have.get(k)!r} there, "
+                        f"{(want.get(k) if k in want else 'this machine')!r} now); use "
+                        "--restart to overwrite it or --out for another file")
+    if existing.complete and existing.n_layers == run.n_layers:
+        run.progress.note(f"{run.out_path} is already complete for this model and these "
+                          "options; nothing to measure (use --restart to measure again)")
+        return existing, {}
+    return existing, {r.name: r for r in existing.rows}
 
-    if existing is not None and resumed:
-        dev = existing.device
-        progress.note(f"resuming {out_path}: {len(resumed)} of {n_layers + 2} rows already "
-                      "measured, skipping them")
-    else:
-        progress.note("measuring the device (memory bandwidth, matmul throughput)..."
-                      if opts.microbench else "describing the device (microbenchmarks skipped)")
-        dev = device.describe(dtype, microbench=opts.microbench)
 
+def _method_record(run: Run) -> dict[str, Any]:
+    """The table's `method`: how every number was measured (prose for readers, typed fields
+    for the resume check)."""
+    opts, info = run.opts, run.info
     meth = {"warmup": opts.warmup, "repeats": opts.repeats, "statistic": "median",
             "max_rel_spread": opts.max_rel_spread, "max_rounds": opts.max_rounds,
             "remeasure": "a point whose spread exceeds max_rel_spread is measured again (up "
                          "to max_rounds rounds, the tightest kept) unless its round took "
                          "over 60 s",
             "batch": opts.batch, "every_layer": opts.every_layer,
-            "weights": "generated (normal noise, right shapes and dtype)" if generated
-            else f"real weights from {spec.path}",
+            "weights": "generated (normal noise, right shapes and dtype)" if run.generated
+            else f"real weights from {run.spec.path}",
             "prefill": "block: P tokens into an empty KV cache; embed: P token ids; head: "
                        "final norm + LM head on the last position only",
             "decode": "one token with the KV cache filled to the context (written directly); "
@@ -359,7 +521,7 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
                       "for its input: under a CPU quota the setup's CPU would otherwise be "
                       "repaid as throttling inside the timed run (default: 0.02 s under a CPU "
                       "quota, 0 without one)",
-            "chain_blocks": chain_k,
+            "chain_blocks": run.chain_k,
             "chain": "block decode is timed inside a chain of up to chain_blocks distinct "
                      "blocks of its structure (the next ones of the model, their own weights), "
                      "one graph, one evaluation, one pass per sample after the settle, as a "
@@ -374,38 +536,92 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
                             "short step after an idle overruns a CPU quota by up to a tick "
                             "and repays it after the clock stops",
             "profiler": "profiler (mlx-measured-split)"}
+    meth.update(_grid_method(run))
+    return meth
+
+
+def _grid_method(run: Run) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "decode_batch": "one decode step of B streams (grids.decode_batch), each with the "
+                        "context's KV cache, timed in the chain of distinct blocks as batch 1; "
+                        "the chain keeps fewer blocks where a pass of fewer already lasts "
+                        "batch_chain_s (estimated as B x the batch-1 step), listed per block in "
+                        "decode_batch_chain_blocks; embed / head: B tokens / B last positions",
+        "batch_chain_s": float(run.opts.batch_chain_s)}
+    if run.chunks:
+        out["prefill_chunk"] = ("block alone: a chunk of c tokens (grids.prefill_chunk) with "
+                                "grids.prefill_chunk_context tokens already in its KV cache, "
+                                "causal within the chunk; embed: c token ids; head: the last "
+                                "position of the chunk")
+    if run.tp_grid:
+        out["tensor_parallel"] = ("one rank holding k of the n KV heads (k x q_per_kv query "
+                                  "heads, round(intermediate x k / n) MLP columns, to the "
+                                  "quantization group), sliced from each block of the chain "
+                                  "(profiler/tpslice.py), timed as the whole block; the two "
+                                  "all-reduces per block are excluded; k = n is the block's "
+                                  "own measurement")
+    return out
+
+
+def _start_table(run: Run, existing: CostTable | None, resumed: dict[str, LayerRow]
+                 ) -> CostTable:
+    """Phase 3: the table this run fills (a resumed one keeps its rows, device, method)."""
     if existing is not None and resumed:
-        meth = {**existing.method, **{k: v for k, v in meth.items() if k not in
-                                      existing.method}}
+        dev = existing.device
+        run.progress.note(f"resuming {run.out_path}: {len(resumed)} of {run.n_layers + 2} rows "
+                          "already measured, skipping them")
+    else:
+        run.progress.note("measuring the device (memory bandwidth, matmul throughput)..."
+                          if run.opts.microbench else
+                          "describing the device (microbenchmarks skipped)")
+        dev = device.describe(run.dtype, microbench=run.opts.microbench)
+    meth = _method_record(run)
+    if existing is not None and resumed:
+        meth = {**existing.method, **{k: v for k, v in meth.items()
+                                      if k not in existing.method}}
+    tp = None
+    if run.tp_grid:
+        n_heads, n_kv, qpk = tpslice.heads(run.spec.config)
+        tp = (existing.tensor_parallel if existing is not None and resumed and
+              existing.tensor_parallel else
+              grids.tp_section(n_kv, qpk, run.tp_grid, run.info.hidden_size, run.dt.size))
+    return CostTable(model=run.info, dtype=run.dtype, quantization=run.quant, device=dev,
+                     prefill_tokens=run.method.prefill_tokens,
+                     decode_context=run.method.decode_context, rows=[], method=meth,
+                     complete=False, created=existing.created if (existing and resumed) else "",
+                     decode_batch=list(run.batches), prefill_chunk=list(run.chunks),
+                     prefill_chunk_context=run.chunk_context, tensor_parallel=tp)
 
-    table = CostTable(model=info, dtype=dtype, quantization=quant, device=dev,
-                      prefill_tokens=method.prefill_tokens, decode_context=method.decode_context,
-                      rows=[], method=meth, complete=False,
-                      created=existing.created if (existing and resumed) else "")
 
-    order = ["embed"] + [f"layers.{i}" for i in range(n_layers)] + ["head"]
-    done: dict[str, LayerRow] = {n: resumed[n] for n in order if n in resumed}
-
-    def write() -> None:
-        table.rows = [done[n] for n in order if n in done]
-        table.method["peak_rss_bytes"] = max(device.peak_rss_bytes(),
-                                             int(table.method.get("peak_rss_bytes", 0)))
-        table.method["profile_wall_s"] = round(
-            float(meth.get("_wall_before", 0.0)) + time.perf_counter() - started, 2)
-        costtable.write_table(table, out_path)
-
+def _writer(run: Run, table: CostTable, done: dict[str, LayerRow]):
+    """`write()`: the rows done so far, peak memory and wall time, atomically to the path."""
+    meth = table.method
     meth["_wall_before"] = float(meth.get("profile_wall_s", 0.0))
 
-    # Which block measurement each block carries.
-    measured_by_sig: dict[tuple, str] = {}
-    for i in range(n_layers):
+    def write() -> None:
+        table.rows = [done[n] for n in run.order if n in done]
+        meth["peak_rss_bytes"] = max(device.peak_rss_bytes(), int(meth.get("peak_rss_bytes", 0)))
+        meth["profile_wall_s"] = round(
+            float(meth.get("_wall_before", 0.0)) + time.perf_counter() - run.started, 2)
+        costtable.write_table(table, run.out_path)
+
+    return write
+
+
+def _plan(run: Run, table: CostTable, done: dict[str, LayerRow]) -> None:
+    """Phase 4: which block measurement each block carries, the progress bar's work units
+    (~ parameters x tokens processed), and the one-row memory check."""
+    run.measured_by_sig = {}
+    for i in range(run.n_layers):
         r = done.get(f"layers.{i}")
         if r is not None and r.measured_from == r.name:
-            measured_by_sig.setdefault(sigs[i], r.name)
-
-    # Work units for the ETA: ~ parameters x tokens processed.
-    tok_block = sum(method.prefill_tokens) + len(method.decode_context)
-    tok_head = len(method.prefill_tokens) + 1
+            run.measured_by_sig.setdefault(run.sigs[i], r.name)
+    m = run.method
+    tok_block = (sum(m.prefill_tokens) + len(m.decode_context) * sum(run.batches)
+                 + sum(run.chunks)) * (1 + sum(k for k in run.tp_grid[:-1]) /
+                                       max(run.tp_grid[-1] if run.tp_grid else 1, 1))
+    tok_head = len(m.prefill_tokens) + sum(run.batches) + len(run.chunks)
+    parts = run.parts
     head_params = (build.param_count(parts.lm_head) if parts.lm_head is not None
                    else build.param_count(parts.embed))
     embed_params = build.param_count(parts.embed)
@@ -416,89 +632,122 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
             return 2.0 * embed_params
         if name == "head":
             return head_params * (tok_head + 2)
-        return counts[i] * (tok_block + 2)
+        return run.counts[i] * (tok_block + 2)
 
-    plan_sigs: set = set(measured_by_sig)
+    run.units = units
+    plan_sigs: set = set(run.measured_by_sig)
     total = 0.0
-    for i, name in enumerate(order):
+    for i, name in enumerate(run.order):
         li = i - 1 if name.startswith("layers.") else None
         if name in done:
             continue
-        if li is not None and not opts.every_layer:
-            if sigs[li] in plan_sigs:
+        if li is not None and not run.opts.every_layer:
+            if run.sigs[li] in plan_sigs:
                 continue
-            plan_sigs.add(sigs[li])
+            plan_sigs.add(run.sigs[li])
         total += units(name, li)
-    progress.start(total, len(order) - len(done))
-
+    run.progress.start(total, len(run.order) - len(done))
     # One row must fit: refuse up front rather than swap (estimate: parameters x bytes each).
-    per_param = (quant["bits"] / 8 + 2 * dt.size / quant["group_size"]) if quant else dt.size
-    biggest = max(counts + [embed_params, head_params]) * per_param
-    if biggest > dev.memory_usable_bytes > 0:
-        raise UserError(f"the largest layer of {spec.name} needs about {biggest / 2**30:.1f} GiB "
-                        f"in {dtype}{' ' + str(quant['bits']) + '-bit' if quant else ''}, but "
-                        f"only {dev.memory_usable_bytes / 2**30:.1f} GiB is usable here; "
-                        "quantize (--bits 4) or use a smaller dtype")
+    q, dt = run.quant, run.dt
+    per_param = (q["bits"] / 8 + 2 * dt.size / q["group_size"]) if q else dt.size
+    biggest = max(run.counts + [embed_params, head_params]) * per_param
+    usable = table.device.memory_usable_bytes
+    if biggest > usable > 0:
+        raise UserError(f"the largest layer of {run.spec.name} needs about "
+                        f"{biggest / 2**30:.1f} GiB in {run.dtype}"
+                        f"{' ' + str(q['bits']) + '-bit' if q else ''}, but only "
+                        f"{usable / 2**30:.1f} GiB is usable here; quantize (--bits 4) or use a "
+                        "smaller dtype")
 
-    x1 = rows.hidden(opts.batch, 1, hidden_size, dt, seed=opts.seed + 3)
+
+def _measure_rows(run: Run, table: CostTable, done: dict[str, LayerRow], write) -> None:
+    """Phase 5: every row not done yet, in order, the table written after each."""
+    run.x1 = rows.hidden(run.opts.batch, 1, run.info.hidden_size, run.dt,
+                         seed=run.opts.seed + 3)
     rows.flush_caches()  # allocate the flush buffer now, outside every row's peak memory
-    template_caches = _template_caches(model, n_layers)
-    act_bytes = hidden_size * dt.size
-
-    for name in order:
+    run.templates = _template_caches(run.model, run.n_layers)
+    for name in run.order:
         if name in done:
             continue
-        progress.row_started(name)
-        if name == "embed":
-            row = _measure_embed(parts, generated, dt, quant, info, method, act_bytes)
-            done[name] = row
+        run.progress.row_started(name)
+        if name in ("embed", "head"):
+            done[name] = (_measure_embed if name == "embed" else _measure_head)(run)
             write()
-            progress.row_done(name, units(name, None), True)
-            continue
-        if name == "head":
-            row = _measure_head(parts, generated, dt, quant, info, method)
-            done[name] = row
-            write()
-            progress.row_done(name, units(name, None), True)
+            run.progress.row_done(name, run.units(name, None), True)
             continue
         i = int(name.split(".")[1])
-        source = None if opts.every_layer else measured_by_sig.get(sigs[i])
+        source = None if run.opts.every_layer else run.measured_by_sig.get(run.sigs[i])
         if source is not None:
-            ref = done[source]
-            done[name] = replace(ref, name=name, layer=i, measured_from=source)
-            build.release(parts, i)
+            done[name] = replace(done[source], name=name, layer=i, measured_from=source)
+            _share_tp_rows(table, source, i)
+            build.release(run.parts, i)
             write()
-            progress.row_done(name, 0.0, False)
+            run.progress.row_done(name, 0.0, False)
             continue
-        block = parts.layers[i]
-        mx.reset_peak_memory()
-        base = mx.get_active_memory()
-        build.materialise(block, generated=generated, dtype=dt, quant=quant,
-                          seed=opts.seed + 1000 + i)
-        mx.reset_peak_memory()  # peak while running (weights included), not while generating
-        wbytes = build.param_bytes(block)
-        kvb = rows.kv_bytes_per_token(block, template_caches[i], x1)
-        rows.peak_pass(block, template_caches[i], hidden_size, dt, method)
-        peak = max(mx.get_peak_memory() - base, 0)
-        members = _chain_members(i, sigs, done, chain_k, wbytes, dev.memory_usable_bytes)
-        for j in members[1:]:
-            build.materialise(parts.layers[j], generated=generated, dtype=dt, quant=quant,
-                              seed=opts.seed + 1000 + j)
-        t_pre, t_dec = rows.time_chain([parts.layers[j] for j in members],
-                                       [template_caches[j] for j in members], hidden_size, dt,
-                                       method)
-        done[name] = _row_from(t_pre, t_dec, name=name, kind="block", layer=i,
-                               weight_bytes=int(wbytes), activation_bytes_per_token=act_bytes,
-                               kv_bytes_per_token=kvb, peak_memory_bytes=int(peak),
-                               measured_from=name)
-        measured_by_sig.setdefault(sigs[i], name)
-        del block
-        for j in members[1:]:
-            build.release(parts, j)
-        build.release(parts, i)
+        done[name] = _measure_block(run, table, i, done)
+        run.measured_by_sig.setdefault(run.sigs[i], name)
         write()
-        progress.row_done(name, units(name, i), True)
+        run.progress.row_done(name, run.units(name, i), True)
 
+
+def _measure_block(run: Run, table: CostTable, i: int, done: dict[str, LayerRow]) -> LayerRow:
+    """Block i: materialised (with the next blocks of its structure for the decode chain),
+    its peak memory from an untimed pass alone, its prefill and decode (rows.time_chain),
+    then its batch, chunk and tensor-parallel grids (profiler.grids) on the same chain."""
+    o, parts, m = run.opts, run.parts, run.method
+    H, dt = run.info.hidden_size, run.dt
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    block = build.materialise(parts.layers[i], generated=run.generated, dtype=dt,
+                              quant=run.quant, seed=o.seed + 1000 + i)
+    mx.reset_peak_memory()  # peak while running (weights included), not while generating
+    wbytes = build.param_bytes(block)
+    kvb = rows.kv_bytes_per_token(block, run.templates[i], run.x1)
+    rows.peak_pass(block, run.templates[i], H, dt, m)
+    peak = max(mx.get_peak_memory() - base, 0)
+    members = _chain_members(i, run.sigs, done, run.chain_k, wbytes,
+                             table.device.memory_usable_bytes)
+    for j in members[1:]:
+        build.materialise(parts.layers[j], generated=run.generated, dtype=dt, quant=run.quant,
+                          seed=o.seed + 1000 + j)
+    chain = [parts.layers[j] for j in members]
+    caches = [run.templates[j] for j in members]
+    t_pre, t_dec = rows.time_chain(chain, caches, H, dt, m)
+    bt, lengths = grids.batch_grid_timings(
+        chain, caches, H, dt, m, run.batches, t_dec, o.batch_chain_s,
+        (table.device.memory_usable_bytes, int(wbytes), kvb))
+    table.method.setdefault("decode_batch_chain_blocks", {})[f"layers.{i}"] = lengths
+    extra = grids.batch_fields(bt)
+    if run.chunks:
+        extra.update(grids.chunk_fields(rows.time_chunks(
+            block, run.templates[i], H, dt, m, run.chunks, run.chunk_context)))
+    row = _row_from(t_pre, t_dec, name=f"layers.{i}", kind="block", layer=i,
+                    weight_bytes=int(wbytes), activation_bytes_per_token=H * dt.size,
+                    kv_bytes_per_token=kvb, peak_memory_bytes=int(peak),
+                    measured_from=f"layers.{i}", **extra)
+    if run.tp_grid:
+        whole = {"name": row.name, "layer": i, "weight_bytes": row.weight_bytes,
+                 "kv_bytes_per_token": kvb, "prefill_s": row.prefill_s,
+                 "prefill_spread": row.prefill_spread, "decode_s": row.decode_s,
+                 "decode_spread": row.decode_spread}
+        table.tensor_parallel["rows"] += grids.tp_share_rows(
+            chain, caches, run.spec.config, run.tp_grid, whole, H, dt, m, run.x1,
+            grids.down_group_size(block))
+    del block, chain
+    for j in members:
+        build.release(parts, j)
+    return row
+
+
+def _share_tp_rows(table: CostTable, source: str, i: int) -> None:
+    """Block i carries `source`'s measurement: its tensor-parallel rows too."""
+    for r in (table.tensor_parallel or {}).get("rows", []):
+        if r["measured_from"] == source and i not in r["layers"]:
+            r["layers"].append(i)
+
+
+def _finish(run: Run, table: CostTable, write) -> None:
+    """Phase 6: complete=True, the load at the end, the last write."""
     table.complete = True
     table.method.pop("_wall_before", None)
     try:
@@ -507,10 +756,9 @@ def _profile_model(spec: ModelSpec, opts: ProfileOptions | None, out_path,
         pass
     note = device.load_note()
     if note:
-        progress.note(note)
+        run.progress.note(note)
     write()
-    progress.finish()
-    return table
+    run.progress.finish()
 
 
 def _chain_members(i: int, sigs: list, done: dict, k: int, block_bytes: int,
@@ -537,51 +785,69 @@ def _template_caches(model, n_layers: int) -> list:
     return [KVCache() for _ in range(n_layers)]
 
 
-def _measure_embed(parts: build.Parts, generated: bool, dt, quant, info: ModelInfo,
-                   method: rows.Method, act_bytes: int) -> LayerRow:
+def _measure_embed(run: Run) -> LayerRow:
+    parts, m = run.parts, run.method
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    parts.set_embed(build.materialise(parts.embed, generated=generated, dtype=dt, quant=quant,
-                                      seed=method.seed + 10))
+    parts.set_embed(build.materialise(parts.embed, generated=run.generated, dtype=run.dt,
+                                      quant=run.quant, seed=m.seed + 10))
     parts.embed_ready = True
     mx.reset_peak_memory()
     wbytes = build.param_bytes(parts.embed)
-    t_pre, t_dec = rows.time_embed(parts.embed, info.vocab_size, method)
+    t_pre, t_dec, t_bat, t_chk = rows.time_embed(parts.embed, run.info.vocab_size, m,
+                                                 _extra_batches(run), tuple(run.chunks))
     peak = max(mx.get_peak_memory() - base, 0)
     row = _row_from(t_pre, t_dec, name="embed", kind="embed", layer=None,
-                    weight_bytes=int(wbytes), activation_bytes_per_token=act_bytes,
-                    kv_bytes_per_token=0, peak_memory_bytes=int(peak), measured_from="embed")
+                    weight_bytes=int(wbytes),
+                    activation_bytes_per_token=run.info.hidden_size * run.dt.size,
+                    kv_bytes_per_token=0, peak_memory_bytes=int(peak), measured_from="embed",
+                    **_grid_fields(run, t_dec, t_bat, t_chk))
     if not parts.tied:  # a tied head needs the matrix again: keep it until the head is done
         _drop(parts.container, "embed_tokens", parts.embed)
         parts.embed = None
     return row
 
 
-def _measure_head(parts: build.Parts, generated: bool, dt, quant, info: ModelInfo,
-                  method: rows.Method) -> LayerRow:
+def _measure_head(run: Run) -> LayerRow:
+    parts, m, dt = run.parts, run.method, run.dt
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     parts.container.norm = parts.norm = build.materialise(
-        parts.norm, generated=generated, dtype=dt, quant=None, seed=method.seed + 20)
+        parts.norm, generated=run.generated, dtype=dt, quant=None, seed=m.seed + 20)
     if parts.lm_head is not None:
-        parts.set_head(build.materialise(parts.lm_head, generated=generated, dtype=dt,
-                                         quant=quant, seed=method.seed + 21))
+        parts.set_head(build.materialise(parts.lm_head, generated=run.generated, dtype=dt,
+                                         quant=run.quant, seed=m.seed + 21))
         wbytes = build.param_bytes(parts.norm) + build.param_bytes(parts.lm_head)
     else:
         # tied: the embedding matrix is the head (materialised by the embed row, or again
         # here after a resume)
         if not getattr(parts, "embed_ready", False):
-            parts.set_embed(build.materialise(parts.embed, generated=generated, dtype=dt,
-                                              quant=quant, seed=method.seed + 10))
+            parts.set_embed(build.materialise(parts.embed, generated=run.generated, dtype=dt,
+                                              quant=run.quant, seed=m.seed + 10))
         wbytes = build.param_bytes(parts.norm)
     mx.reset_peak_memory()
     head = rows.head_fn(parts.norm, parts.lm_head, parts.embed)
-    t_pre, t_dec = rows.time_head(head, info.hidden_size, dt, method)
+    t_pre, t_dec, t_bat, t_chk = rows.time_head(head, run.info.hidden_size, dt, m,
+                                                _extra_batches(run), tuple(run.chunks))
     peak = max(mx.get_peak_memory() - base, 0)
-    logits_bytes = info.vocab_size * dt.size
     return _row_from(t_pre, t_dec, name="head", kind="head", layer=None,
-                     weight_bytes=int(wbytes), activation_bytes_per_token=int(logits_bytes),
-                     kv_bytes_per_token=0, peak_memory_bytes=int(peak), measured_from="head")
+                     weight_bytes=int(wbytes),
+                     activation_bytes_per_token=int(run.info.vocab_size * dt.size),
+                     kv_bytes_per_token=0, peak_memory_bytes=int(peak), measured_from="head",
+                     **_grid_fields(run, t_dec, t_bat, t_chk))
+
+
+def _extra_batches(run: Run) -> tuple[int, ...]:
+    return tuple(b for b in run.batches if b != 1)
+
+
+def _grid_fields(run: Run, t_dec, t_bat, t_chk) -> dict[str, Any]:
+    """Batch and chunk fields of a row whose decode does not depend on the context (embed,
+    head): the batch timings (batch grid after 1) are reported at every context, as decode is."""
+    out = grids.batch_fields([[t, *t_bat] for t in t_dec])
+    if run.chunks:
+        out.update(grids.chunk_fields(t_chk))
+    return out
 
 
 def _drop(container, attr: str, module) -> None:

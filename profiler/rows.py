@@ -16,6 +16,7 @@ What each time means (all measured, medians of the repeats):
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
@@ -180,10 +181,17 @@ def time_chain(blocks: list, template_caches: list, hidden_size: int, dtype, m: 
 
         prefill.append(_per_block(_t(run, m), len(pre_blocks)))
         del x
+    return prefill, time_decode_chain(blocks, template_caches, hidden_size, dtype, m, m.batch)
+
+
+def time_decode_chain(blocks: list, template_caches: list, hidden_size: int, dtype,
+                      m: Method, batch: int) -> list[Timing]:
+    """Decode timings per C, PER BLOCK, of the chain `blocks` (see `time_chain`) making one
+    step of `batch` streams, each with a KV cache of C tokens."""
     k = len(blocks)
     md = m if k == 1 else replace(m, decode_max_steps=1)
     decode = []
-    x1 = hidden(m.batch, 1, hidden_size, dtype, seed=m.seed + 101)
+    x1 = hidden(batch, 1, hidden_size, dtype, seed=m.seed + 101)
     for j, c in enumerate(m.decode_context):
         caches = [fill_cache(b, t, c, x1, seed=m.seed + 200 + j + 1000 * n)
                   for n, (b, t) in enumerate(zip(blocks, template_caches))]
@@ -201,19 +209,61 @@ def time_chain(blocks: list, template_caches: list, hidden_size: int, dtype, m: 
 
         decode.append(_per_block(_t(step, md, setup=back, between=back), k))
         del caches
-    return prefill, decode
+    return decode
 
 
-def time_embed(embed, vocab_size: int, m: Method):
-    prefill = []
-    for i, p in enumerate(m.prefill_tokens):
-        ids = mx.random.randint(0, vocab_size, (m.batch, p), key=mx.random.key(m.seed + i))
+def batch_chain_length(k: int, batch: int, step_s: float, min_pass_s: float) -> int:
+    """Blocks in the decode chain at `batch` streams: all k, unless a pass of fewer already
+    lasts `min_pass_s` (estimated as batch x the batch-1 step `step_s` per block, the cost of a
+    compute-bound step; a memory-bound one costs less and keeps more blocks). Where a pass
+    lasts that long the per-pass costs the chain averages out are a few percent of it."""
+    if step_s <= 0 or min_pass_s <= 0:
+        return k
+    return max(1, min(k, math.ceil(min_pass_s / (batch * step_s))))
+
+
+def time_chunks(block, template_cache, hidden_size: int, dtype, m: Method, chunks: list[int],
+                context: int) -> list[Timing]:
+    """Timings of `block` prefilling a chunk of c tokens (per `chunks`) with `context` tokens
+    already in its KV cache (written directly, as `fill_cache`), causal within the chunk and
+    attending to the whole cache; the cache is rewound to `context` before every run."""
+    out = []
+    x1 = hidden(m.batch, 1, hidden_size, dtype, seed=m.seed + 301)
+    cache = fill_cache(block, template_cache, context, x1, seed=m.seed + 302) if context \
+        else copy.deepcopy(template_cache)
+    for i, c in enumerate(chunks):
+        x = hidden(m.batch, c, hidden_size, dtype, seed=m.seed + 310 + i)
+
+        def run(x=x):
+            y = block(x, _mask(x, cache), cache)
+            mx.eval(y, *cache_arrays(cache))
+
+        def back():
+            if context:
+                rewind(cache, context)
+            else:
+                cache.trim(cache.offset)
+
+        out.append(_t(run, m, setup=back))
+        del x
+    return out
+
+
+def time_embed(embed, vocab_size: int, m: Method, batches: tuple[int, ...] = (),
+               chunks: tuple[int, ...] = ()):
+    """(prefill timings per P, decode timings per C, decode timings per extra batch size,
+    timings per chunk size). Decode does not depend on the context (measured once, reported at
+    every context), nor a chunk on the tokens before it."""
+
+    def tokens(b, p, seed):
+        ids = mx.random.randint(0, vocab_size, (b, p), key=mx.random.key(seed))
         mx.eval(ids)
-        prefill.append(_t(lambda ids=ids: mx.eval(embed(ids)), m))
-    ids1 = mx.random.randint(0, vocab_size, (m.batch, 1), key=mx.random.key(m.seed + 7))
-    mx.eval(ids1)
-    one = _t(lambda: mx.eval(embed(ids1)), m)
-    return prefill, [one] * len(m.decode_context)
+        return _t(lambda: mx.eval(embed(ids)), m)
+
+    prefill = [tokens(m.batch, p, m.seed + i) for i, p in enumerate(m.prefill_tokens)]
+    one = tokens(m.batch, 1, m.seed + 7)
+    return (prefill, [one] * len(m.decode_context), [tokens(b, 1, m.seed + 7) for b in batches],
+            [tokens(m.batch, c, m.seed + 30 + i) for i, c in enumerate(chunks)])
 
 
 def head_fn(norm, lm_head, embed):
@@ -227,14 +277,18 @@ def head_fn(norm, lm_head, embed):
     return head
 
 
-def time_head(head, hidden_size: int, dtype, m: Method):
-    prefill = []
-    for i, p in enumerate(m.prefill_tokens):
-        x = hidden(m.batch, p, hidden_size, dtype, seed=m.seed + 50 + i)
-        prefill.append(_t(lambda x=x: mx.eval(head(x)), m))
-    x1 = hidden(m.batch, 1, hidden_size, dtype, seed=m.seed + 99)
-    one = _t(lambda: mx.eval(head(x1)), m)
-    return prefill, [one] * len(m.decode_context)
+def time_head(head, hidden_size: int, dtype, m: Method, batches: tuple[int, ...] = (),
+              chunks: tuple[int, ...] = ()):
+    """As `time_embed`, for the final norm + LM head (B streams: B last positions)."""
+
+    def tokens(b, p, seed):
+        x = hidden(b, p, hidden_size, dtype, seed=seed)
+        return _t(lambda: mx.eval(head(x)), m)
+
+    prefill = [tokens(m.batch, p, m.seed + 50 + i) for i, p in enumerate(m.prefill_tokens)]
+    one = tokens(m.batch, 1, m.seed + 99)
+    return (prefill, [one] * len(m.decode_context), [tokens(b, 1, m.seed + 99) for b in batches],
+            [tokens(m.batch, c, m.seed + 80 + i) for i, c in enumerate(chunks)])
 
 
 def kv_bytes_per_token(block, template_cache, x1: mx.array) -> int:

@@ -128,3 +128,130 @@ def test_quantized_columns_must_sit_on_group_boundaries():
         tpslice.slice_block(block, args, (0, 1), (0, 100))
     assert tpslice.shares(4, 512, [1, 3], 64) == [((0, 1), (0, 128)), ((1, 4), (128, 512))]
     assert tpslice.mlp_columns(14336, 1, 8) == 1792 and tpslice.mlp_columns(100, 1, 3, 64) == 64
+
+
+# ------------------------------------------------------------------ the profiler's grids, for real
+
+def _tiny_tp_config(tmp_path, n_layers=3):
+    import json
+
+    cfg = tiny_config(n_layers=n_layers, hidden=256, intermediate=512, heads=8, kv_heads=4)
+    p = tmp_path / "tp-config.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+GRIDS = dict(prefill_tokens=[8, 32], decode_context=[16, 64], repeats=1, warmup=0,
+             microbench=False, decode_batch=[1, 2, 4], prefill_chunk=[8], chain_blocks=2)
+
+
+def test_profile_writes_the_batch_chunk_and_tp_grids(tmp_path):
+    from profiler.costtable import (decode_seconds, read_table, tp_block_bytes,
+                                    tp_block_seconds)
+    from profiler.models import resolve_model
+    from profiler.profile import ProfileOptions, profile_model
+
+    spec = resolve_model(str(_tiny_tp_config(tmp_path)))
+    out = tmp_path / "t.json"
+    profile_model(spec, ProfileOptions(**GRIDS), out)
+    t = read_table(out)
+    assert t.decode_batch == [1, 2, 4] and t.prefill_chunk == [8]
+    assert t.prefill_chunk_context == 64  # the largest decode context
+    for r in t.rows:
+        assert [len(c) for c in r.decode_batch_s] == [3, 3]
+        assert [c[0] for c in r.decode_batch_s] == r.decode_s  # the batch-1 column
+        assert all(v > 0 for c in r.decode_batch_s for v in c)
+        assert len(r.prefill_chunk_s) == 1 and r.prefill_chunk_s[0] > 0
+        for j, ctx in enumerate(t.decode_context):
+            for b, batch in enumerate(t.decode_batch):
+                assert decode_seconds(t, r, ctx, batch) == r.decode_batch_s[j][b]
+        assert decode_seconds(t, r, 16, 1) == t.decode_time(r, 16)
+    chains = t.method["decode_batch_chain_blocks"]
+    assert list(chains) == ["layers.0"] and len(chains["layers.0"]) == 3
+    tp = t.tensor_parallel
+    assert tp["grid_kv_heads"] == [1, 2, 4] and tp["n_kv_heads"] == 4 and tp["q_per_kv"] == 2
+    assert tp["allreduce_bytes_per_token"] == 256 * 4 and tp["allreduces_per_block"] == 2
+    assert sorted(r["kv_heads"] for r in tp["rows"]) == [1, 2, 4]
+    block = t.row("layers.0")
+    for r in tp["rows"]:
+        k = r["kv_heads"]
+        assert r["layers"] == [0, 1, 2] and r["measured_from"] == "layers.0"
+        assert r["mlp_columns"] == 512 * k // 4
+        # KV bytes are exactly the share's heads; weights the share's slices + both norms
+        assert r["kv_bytes_per_token"] == block.kv_bytes_per_token * k // 4
+        assert (r["weight_bytes"] < block.weight_bytes) == (k < 4)
+        assert tp_block_seconds(t, 2, k, "decode", 16) == (r["decode_s"][0], False)
+        assert tp_block_seconds(t, 1, k, "prefill", 32) == (r["prefill_s"][1], False)
+        assert tp_block_bytes(t, 0, k) == (r["weight_bytes"], r["kv_bytes_per_token"])
+    whole = next(r for r in tp["rows"] if r["kv_heads"] == 4)
+    assert whole["decode_s"] == block.decode_s and whole["prefill_s"] == block.prefill_s
+    two, four = (next(r for r in tp["rows"] if r["kv_heads"] == k) for k in (2, 4))
+    s3, derived = tp_block_seconds(t, 0, 3, "decode", 64)
+    assert derived and s3 == pytest.approx((two["decode_s"][1] + four["decode_s"][1]) / 2)
+    assert tp_block_bytes(t, 0, 3)[1] == block.kv_bytes_per_token * 3 // 4
+    assert tp_block_seconds(t, 0, 2, "decode", 40)[1]  # between contexts: derived
+
+
+def test_an_interrupted_run_resumes_with_its_grids(tmp_path):
+    """The resume file (complete=false) holds the batch grid and the tensor-parallel rows of
+    the blocks done; the rerun measures only the rest and completes both."""
+    import json
+
+    from profiler.costtable import read_table
+    from profiler.models import resolve_model
+    from profiler.profile import ProfileOptions, profile_model
+
+    spec = resolve_model(str(_tiny_tp_config(tmp_path, n_layers=2)))
+    out = tmp_path / "r.json"
+    opts = dict(GRIDS, every_layer=True, chain_blocks=1)
+
+    def stop_after_layer0(e):
+        if e.get("event") == "row_done" and e["name"] == "layers.0":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        profile_model(spec, ProfileOptions(**opts), out, progress=stop_after_layer0)
+    part = json.loads(out.read_text())
+    assert part["complete"] is False and part["version"] == 2
+    assert [r["name"] for r in part["rows"]] == ["embed", "layers.0"]
+    assert {r["layers"][0] for r in part["tensor_parallel"]["rows"]} == {0}
+    before = part["tensor_parallel"]["rows"]
+    events = []
+    profile_model(spec, ProfileOptions(**opts), out, progress=events.append)
+    done = [e["name"] for e in events if e["event"] == "row_done"]
+    assert done == ["layers.1", "head"]
+    assert any("resuming" in e.get("text", "") for e in events)
+    t = read_table(out)
+    rows = t.tensor_parallel["rows"]
+    assert rows[:len(before)] == before  # layer 0's rows kept as they were
+    assert sorted((r["layers"][0], r["kv_heads"]) for r in rows) == \
+        [(0, 1), (0, 2), (0, 4), (1, 1), (1, 2), (1, 4)]
+    # another batch grid is another run: refused in one line, not mixed in
+    from profiler.errors import UserError
+
+    with pytest.raises(UserError, match="decode_batch"):
+        profile_model(spec, ProfileOptions(**dict(opts, decode_batch=[1, 8])), out)
+
+
+def test_tp_shares_that_cannot_be_cut_are_refused_naming_the_flag(tmp_path, capsys):
+    from profiler import cli
+
+    cfg = _tiny_tp_config(tmp_path)
+    for shares, says in (("5", "cannot be cut from"), ("0", "out of range"),
+                         ("1.5", "not a whole number")):
+        rc = cli.main([str(cfg), "--tp-shares", shares, "--out", str(tmp_path / "x.json")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "--tp-shares" in err and says in err, err
+    # quantized: one KV head of the 64-wide tiny model cuts o_proj inside a 64-group
+    small = tmp_path / "small.json"
+    import json
+
+    small.write_text(json.dumps(tiny_config(n_layers=2)))
+    rc = cli.main([str(small), "--tp-shares", "1", "--out", str(tmp_path / "y.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tp-shares" in err and "quantization group 64" in err, err
+    rc = cli.main([str(small), "--batch", "2", "--decode-batch", "1,4",
+                   "--out", str(tmp_path / "z.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--batch 2" in err and "--decode-batch" in err, err
+    assert not list(tmp_path.glob("[xyz].json"))
