@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphsplit.plan import Plan, Stage, read_plan, stages_from_json
+from graphsplit.plan import Plan, Stage, read_plan, stage_dict, stages_from_json
 from profiler import options as o
 from profiler.errors import UserError
 
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     rows = splits(plan, args.repredict)
     if args.json:
         print(json.dumps({r.key: {"label": r.label, "source": r.source,
-                                  "stages": [asdict(s) for s in r.stages],
+                                  "stages": [stage_dict(s) for s in r.stages],
                                   "predicted": r.predicted,
                                   **({"error": r.error} if r.error else {})}
                           for r in rows}, indent=2))

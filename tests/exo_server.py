@@ -45,6 +45,16 @@ copied). Each behaviour it reproduces, and the exo file it comes from:
   POST /instance) (src/exo/shared/models/model_cards.py ModelCard.load, fetch_from_hf;
   src/exo/download/download_utils.py download_file_with_retry). Cards carry exo's required
   fields (modelId, storageSize, nLayers, hiddenSize, supportsTensor, tasks, backends, ...).
+- Tensor instances: placement keeps only cycles whose size divides hiddenSize and
+  numKeyValueHeads (and a card with supportsTensor), then shards EVERY rank over all layers
+  [0, n_layers) as TensorShardMetadata, device rank = position in the cycle, world size = cycle
+  length; a one-node cycle is forced to Pipeline/MlxRing; no per-node memory check (only the
+  cycle's total) (src/exo/master/placement.py place_instance,
+  src/exo/master/placement_utils.py get_shard_assignments_for_tensor_parallel).
+  `POST /instance` accepts a TensorShardMetadata instance with the same shape checks and the
+  same total-memory check as a Pipeline one, and NOT the divisibility (exo's loader divides
+  the heads by the group size, src/exo/worker/engines/mlx/auto_parallel.py
+  LlamaShardingStrategy): `check_runnable` asserts what the Tensor loader relies on.
 - `GET /state` (camelCase: instances, topology {nodes, connections}, nodeIdentities, nodeMemory,
   nodeNetwork, nodeBackends, nodeRdmaCtl), `GET /models`, `GET /node_id`,
   `GET /instance/{id}` (404 error body until it exists), `POST /place_instance`.
@@ -596,29 +606,42 @@ class ExoState:
 
 def check_runnable(instance: dict, state: ExoState) -> list[tuple[int, str, int, int]]:
     """What exo's runners rely on and exo's API does NOT check (tests call it on what the
-    bridge posted): ranks 0..w-1 with one world size, half-open layer ranges covering every
-    layer in rank order, the model's layer count, known nodes, and per backend: ring hosts
+    bridge posted): ranks 0..w-1 with one world size and one shard kind; Pipeline: half-open
+    layer ranges covering every layer in rank order; Tensor: every rank all layers and a
+    group size dividing the model's hidden size and KV heads (exo's loader divides them);
+    the model's layer count, known nodes, and per backend: ring hosts
     with 0.0.0.0 at the node's own rank and the neighbours' real addresses, or a jaccl matrix
     and coordinators pointing at rank 0. Returns (rank, node, start, end) per rank; raises
     AssertionError naming what is wrong."""
     tag, body = validate_instance(instance, ["instance"])
     sa = body["shard_assignments"]
     node_of = {r: n for n, r in sa["node_to_runner"].items()}
-    ranks = []
+    ranks, kinds = [], set()
     for runner, tagged in sa["runner_to_shard"].items():
         (stag, sh), = tagged.items()
-        assert stag == "PipelineShardMetadata", stag
+        assert stag in ("PipelineShardMetadata", "TensorShardMetadata"), stag
+        kinds.add(stag)
         ranks.append((sh["device_rank"], node_of[runner], sh["start_layer"], sh["end_layer"],
                       sh["world_size"], sh["n_layers"], sh["model_card"]))
+    assert len(kinds) == 1, f"mixed shard kinds {sorted(kinds)}"
     ranks.sort()
     w = len(ranks)
     assert [r[0] for r in ranks] == list(range(w)), "ranks not 0..w-1"
     assert all(r[4] == w for r in ranks), "world sizes differ"
     card = state.cards[sa["model_id"]]
+    tensor = kinds == {"TensorShardMetadata"}
+    if tensor:
+        kv = card.get("numKeyValueHeads")
+        assert card["supportsTensor"], "model does not support tensor parallelism"
+        assert card["hiddenSize"] % w == 0 and (kv is None or kv % w == 0), \
+            f"hidden {card['hiddenSize']} / KV heads {kv} not divisible by {w} ranks"
     expect = 0
     for rank, node, a, b, _, n, mc in ranks:
         assert state.node(node) is not None, f"unknown node {node}"
-        assert n == card["nLayers"] and a == expect and b > a, f"rank {rank}: [{a}, {b})"
+        if tensor:
+            assert n == card["nLayers"] and (a, b) == (0, n), f"tensor rank {rank}: [{a}, {b})"
+        else:
+            assert n == card["nLayers"] and a == expect and b > a, f"rank {rank}: [{a}, {b})"
         assert (mc.get("modelId") or mc.get("model_id")) == sa["model_id"], "model card"
         expect = b
     assert expect == card["nLayers"], f"layers end at {expect}"

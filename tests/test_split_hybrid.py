@@ -4,7 +4,6 @@ the exact search against brute force; solver labels; plan validation; the CLI.""
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys

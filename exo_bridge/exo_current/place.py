@@ -21,6 +21,13 @@
    `ready` event of THIS instance, with exo's `timeout_seconds` sent and the whole wait bounded
    by `--wait`. `--dry-run` prints the instance JSON and posts nothing.
 
+A plan whose single stage is an equal-share tensor group (graphsplit.hybrid) becomes exo's
+Tensor instance instead (`place_tensor`): TensorShardMetadata ranks in the group's order, every
+rank all layers, from exo's Tensor preview over the group or built from its state, after exo's
+own Tensor rules (supportsTensor; hidden size and KV heads divisible by the group size), which
+`POST /instance` does not check. A hybrid plan (a group inside a pipeline) or unequal shares
+is refused in one line: current exo cannot run it; `exo-bridge run` does.
+
 Every wait has a total bound: `--timeout` per request (connect to last byte), `--wait` for the
 instance. Stdout carries only the instance JSON (dry run) or the result line; progress goes to
 stderr. Every failure is one line (UserError), exit code 2.
@@ -93,8 +100,10 @@ class Exo:
         return {str(m.get("id")) for m in data["data"] if isinstance(m, dict)}
 
 
-def fetch_previews(exo: Exo, model: str, node_ids: list[str], log) -> list[Preview]:
-    """exo's previews over cycles containing `node_ids`; a model exo cannot resolve is said so."""
+def fetch_previews(exo: Exo, model: str, node_ids: list[str], log,
+                   shards: tuple[str, ...] = schema.KNOWN_SHARDS) -> list[Preview]:
+    """exo's previews over cycles containing `node_ids` (instances whose shards are of a kind
+    in `shards`); a model exo cannot resolve is said so."""
     cached = exo.cached_models()
     if cached is not None and model not in cached:
         log(f"note: exo has no cached model card for {model}; exo fetches it from Hugging Face "
@@ -114,7 +123,8 @@ def fetch_previews(exo: Exo, model: str, node_ids: list[str], log) -> list[Previ
     if status >= 400:
         raise UserError(f"{exo.label}: exo refused GET /instance/previews (HTTP {status}): "
                         f"{schema.error_text(data)}")
-    return exo.parse(schema.parse_previews, data, "GET /instance/previews")
+    return exo.parse(lambda d: schema.parse_previews(d, shards), data,
+                     "GET /instance/previews")
 
 
 # ---------------------------------------------------------------- node mapping
@@ -333,6 +343,9 @@ def place(plan: Plan, exo: Exo, model: str, node_map: dict[str, str] | None = No
           skip_memory_check: bool = False, wait_s: float = 120.0,
           log=lambda m: print(m, file=sys.stderr)) -> dict:
     """Place `plan` on exo; returns the instance JSON (posted and ready unless dry_run)."""
+    if any(s.tensor is not None for s in plan.stages):
+        return place_tensor(plan, exo, model, node_map, instance_meta, dry_run,
+                            skip_memory_check, wait_s, log)
     state = exo.call("GET", "/state", ok_404=True)
     if state is None:
         log("note: exo has no /state; plan nodes are taken as exo node ids")
@@ -360,6 +373,137 @@ def place(plan: Plan, exo: Exo, model: str, node_map: dict[str, str] | None = No
     (_, body), = instance.items()
     iid = str(schema.get(body, "instanceId", "instance"))
     log(f"posted instance {iid}; waiting for exo to report it ready (at most {wait_s:g} s)")
+    await_ready(exo, model, iid, wait_s, log)
+    return instance
+
+
+# ---------------------------------------------------------------- a Tensor instance
+
+
+def check_tensor_plan(plan: Plan) -> None:
+    """What current exo can run of a plan with tensor stages, before anything is asked of
+    exo: ONE stage, a group with equal shares (graphsplit.hybrid.shares); else one line that
+    says why and that `exo-bridge run` runs it."""
+    from graphsplit.hybrid.shares import check_runtime_can_run
+
+    check_runtime_can_run(plan.stages, "exo-current", int(plan.model.get("n_kv_heads") or 0)
+                          or sum(plan.stages[0].tensor.kv_heads), 0)
+
+
+def tensor_memory(plan: Plan) -> tuple[dict[str, int] | None, str]:
+    """Bytes each member needs under current exo (all layers at its share, embedding and head
+    whole): the plan's prediction when made for exo-current, else re-predicted from its
+    cluster file."""
+    members = plan.stages[0].members
+    pred = (plan.predicted or {}).get("stage_memory_bytes") or {}
+    if plan.runtime == "exo-current" and all(m in pred for m in members):
+        return {m: int(pred[m]) for m in members}, "the plan"
+    if plan.cluster_file and Path(plan.cluster_file).exists():
+        try:
+            from graphsplit.cluster import load_cluster
+            from graphsplit.costmodel import Workload, predict
+
+            wl = plan.workload or {}
+            mem = predict(load_cluster(plan.cluster_file), plan.stages, Workload(
+                int(wl.get("prompt_tokens", 512)), int(wl.get("context_tokens", 1024)),
+                int(wl.get("streams", 1))), "exo-current").stage_memory_bytes
+            return ({m: int(mem[m]) for m in members},
+                    f"re-predicted from {plan.cluster_file} for exo-current")
+        except (ImportError, UserError, OSError, KeyError) as e:
+            return None, f"cannot re-predict memory from {plan.cluster_file} ({e})"
+    return None, f"the plan was made for runtime {plan.runtime} and has no cluster file"
+
+
+def _check_tensor_memory(plan: Plan, mapping: dict[str, str], exo_nodes: dict[str, NodeInfo],
+                         log) -> None:
+    """exo's Tensor placement checks only the group's summed memory (as POST /instance): the
+    measured per-member need against each node's available RAM is the bridge's job."""
+    need, source = tensor_memory(plan)
+    if need is None:
+        log(f"warning: measured memory not checked: {source}")
+        return
+    for m, b in need.items():
+        info = exo_nodes.get(mapping[m])
+        if info is None or info.ram_available is None:
+            log(f"warning: memory of {m} unknown; not checked")
+        elif b > info.ram_available:
+            raise UserError(f"{m} ({mapping[m]}) needs {b / GIB:.2f} GiB for its share of every "
+                            f"layer under current exo ({source}) but has "
+                            f"{info.ram_available / GIB:.2f} GiB available; re-plan or free "
+                            "memory (--skip-memory-check posts anyway)")
+    log(f"measured memory ok ({source})")
+
+
+def make_tensor_instance(previews: list[Preview], cluster: ClusterState, ranks: list[Rank],
+                         meta: str, model: str, n_layers: int, log) -> tuple[dict, CardView]:
+    """exo's Tensor preview over the group rewritten to the plan's rank order, else a Tensor
+    instance built from exo's state; every rank runs all layers (exo's tensor shards)."""
+    tag, wanted = schema.META_TAGS[meta], {r.node_id for r in ranks}
+    usable = [p.view for p in previews if p.view is not None and p.sharding == "Tensor"
+              and p.view.tag == tag and wanted <= set(p.view.node_ids)
+              and all(sh.tag == schema.TENSOR_SHARD for sh in p.view.shards)]
+    cards = [p.card for p in previews if p.card is not None]
+    if not cards:
+        errors = "; ".join(sorted({p.error for p in previews if p.error})) or "no previews"
+        raise UserError(f"exo offered no placement of {model} over {', '.join(sorted(wanted))} "
+                        f"at all ({errors}), so there is no model card to build an instance "
+                        "from; check that exo sees these nodes and that the model fits them")
+    card = schema.parse_card(usable[0].model_card if usable else cards[0])
+    if card.n_layers != n_layers:
+        raise UserError(f"the plan has {n_layers} layers but exo's model {model} has "
+                        f"{card.n_layers}; re-plan for this model")
+    why = schema.tensor_cut_problem(card, len(ranks))
+    if why:
+        raise UserError(f"exo cannot run {model} as a Tensor instance over {len(ranks)} nodes "
+                        f"(exo: \"{why}\"); split with --runtime mlx-pipeline and run it with "
+                        "`exo-bridge run`, which cuts unequal shares")
+    if usable:
+        view = min(usable, key=lambda v: (len(v.node_ids), sorted(v.node_ids)))
+        log(f"exo's Tensor preview over {', '.join(view.node_ids)} rewritten to the plan's "
+            "rank order")
+        return schema.rewrite_instance(view, ranks, n_layers, topo=cluster.topology), card
+    if cluster.topology is None:
+        raise UserError(f"no {meta} Tensor preview of exo's covers {', '.join(sorted(wanted))} "
+                        "and exo's /state has no topology to build one from")
+    log(f"no {meta} Tensor preview of exo's covers {', '.join(sorted(wanted))}; Tensor "
+        "instance built from exo's state")
+    port = random.SystemRandom().randint(49153, 65534)
+    port += port >= 52415
+    return schema.build_instance(tag, card, ranks, cluster.topology, port,
+                                 shard_tag=schema.TENSOR_SHARD), card
+
+
+def place_tensor(plan: Plan, exo: Exo, model: str, node_map: dict[str, str] | None = None,
+                 instance_meta: str = "MlxRing", dry_run: bool = False,
+                 skip_memory_check: bool = False, wait_s: float = 120.0,
+                 log=lambda m: print(m, file=sys.stderr)) -> dict:
+    """A plan whose single stage is an equal-share tensor group, as exo's Tensor instance:
+    rank i = the group's i-th node, every rank [0, n_layers)."""
+    check_tensor_plan(plan)
+    state = exo.call("GET", "/state", ok_404=True)
+    members = list(plan.stages[0].members)
+    cluster = (exo.parse(schema.parse_state, state, "GET /state") if state is not None else
+               ClusterState({m: NodeInfo(m) for m in members}, None, {}))
+    mapping = map_nodes(members, cluster.nodes, node_map)
+    ranks = [Rank(mapping[m], 0, plan.n_layers) for m in members]
+    kinds = (schema.PIPELINE_SHARD, schema.TENSOR_SHARD)
+    previews = fetch_previews(exo, model, sorted(mapping.values()), log, kinds)
+    if not any(p.card for p in previews):  # the model card from any placement of exo's
+        previews += fetch_previews(exo, model, [], lambda m: None, kinds)
+    instance, _ = exo.parse(lambda p: make_tensor_instance(p, cluster, ranks, instance_meta,
+                                                           model, plan.n_layers, log),
+                            previews, "GET /instance/previews")
+    if not skip_memory_check:
+        _check_tensor_memory(plan, mapping, cluster.nodes, log)
+    log("tensor group: " + ", ".join(f"rank {i} {m}={mapping[m]} ({k} KV heads)" for i, (m, k)
+                                     in enumerate(zip(members, plan.stages[0].tensor.kv_heads))))
+    if dry_run:
+        return instance
+    exo.call("POST", "/instance", schema.post_body(instance))
+    (_, body), = instance.items()
+    iid = str(schema.get(body, "instanceId", "instance"))
+    log(f"posted Tensor instance {iid}; waiting for exo to report it ready (at most "
+        f"{wait_s:g} s)")
     await_ready(exo, model, iid, wait_s, log)
     return instance
 
@@ -412,5 +556,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         (tag, body), = instance.items()
         print(f"placed {model} on exo as {tag} {body.get('instanceId', body.get('instance_id'))} "
-              f"({len(plan.stages)} ranks), ready")
+              f"({sum(len(s.members) for s in plan.stages)} ranks), ready")
     return 0

@@ -24,8 +24,9 @@ A newer `ShardAssignments` (open upstream work) lists `shards: [[node, runner, s
 rank order with `primaryOutputNode`; both forms are read and written back in the form they came
 in. Older exo's `MlxRingInstance.hosts` (one host per rank) is re-indexed too.
 
-Also here: `/instance/previews` entries (snake_case; Tensor previews and `instance: null` entries
-are skipped, not fatal), `/instance/await`'s server-sent events (`{"type": "ready", ...}` or
+Also here: `/instance/previews` entries (snake_case; Tensor previews, for a pipeline plan, and
+`instance: null` entries are skipped, not fatal; a Tensor plan reads TensorShardMetadata ranks,
+every rank all layers [0, n_layers), equal shares), `/instance/await`'s server-sent events (`{"type": "ready", ...}` or
 `{"type": "timeout", ...}`), error bodies (`{"error": {"message": ...}}` from exo's handlers,
 `{"detail": [...]}` from its request validation), `/state` (node names, memory, topology
 connections with their addresses, RDMA interfaces), and building an instance from scratch
@@ -47,6 +48,8 @@ from profiler.errors import UserError
 
 KNOWN_INSTANCES = ("MlxRingInstance", "MlxJacclInstance")
 KNOWN_SHARDS = ("PipelineShardMetadata",)
+PIPELINE_SHARD, TENSOR_SHARD = "PipelineShardMetadata", "TensorShardMetadata"
+TENSOR_SHARDS = (TENSOR_SHARD,)  # what a Tensor instance's ranks are (exo's shards.py)
 PLACEHOLDER_IP = "198.51.100.1"  # exo's address for ring ranks that are not neighbours
 SELF_IP = "0.0.0.0"
 
@@ -159,8 +162,9 @@ class InstanceView:
         return None if v is None else memory_bytes(v, "modelCard.storageSize")
 
 
-def parse_instance(data: Any) -> InstanceView:
-    """A tag-wrapped instance (optionally inside `{"instance": ...}`) -> InstanceView."""
+def parse_instance(data: Any, shards: tuple[str, ...] = KNOWN_SHARDS) -> InstanceView:
+    """A tag-wrapped instance (optionally inside `{"instance": ...}`) -> InstanceView; its
+    shards must be of a kind in `shards` (Pipeline by default, Tensor for a Tensor plan)."""
     if isinstance(data, dict) and len(data) == 1 and "instance" in data:
         data = data["instance"]
     tag, body = untag(data, KNOWN_INSTANCES, "instance")
@@ -183,7 +187,8 @@ def parse_instance(data: Any) -> InstanceView:
                 raise ExoSchemaError(f"unexpected exo JSON at {where}.runnerToShard[{runner}]: "
                                      "runner has no node in nodeToRunner")
             entries.append((r2n[str(runner)], str(runner), shard))
-    shards = [_shard_view(node, runner, shard, f"{where}.shard[{runner}]")
+    kinds = shards
+    shards = [_shard_view(node, runner, shard, f"{where}.shard[{runner}]", kinds)
               for node, runner, shard in entries]
     if not shards:
         raise ExoSchemaError(f"unexpected exo JSON at {where}: the instance has no shards")
@@ -209,8 +214,9 @@ def _list_form(items: Any, where: str) -> list[tuple[str, str, Any]]:
     return out
 
 
-def _shard_view(node: str, runner: str, shard: Any, where: str) -> ShardView:
-    stag, sbody = untag(shard, KNOWN_SHARDS, f"shard of runner {runner}")
+def _shard_view(node: str, runner: str, shard: Any, where: str,
+                kinds: tuple[str, ...] = KNOWN_SHARDS) -> ShardView:
+    stag, sbody = untag(shard, kinds, f"shard of runner {runner}")
     try:
         return ShardView(runner_id=runner, node_id=node, tag=stag,
                          device_rank=int(get(sbody, "deviceRank", where)),
@@ -289,10 +295,11 @@ class Preview:
     skipped: str | None = None  # why an instance that is there is not used
 
 
-def parse_previews(data: Any) -> list[Preview]:
+def parse_previews(data: Any, shards: tuple[str, ...] = KNOWN_SHARDS) -> list[Preview]:
     """Every entry of a previews answer. Entries with no instance (exo's `error` entries),
-    Tensor-sharded ones and instance kinds this bridge does not know are kept with `view=None`
-    and the reason: a client skips what it does not use."""
+    ones whose shards are not of a kind in `shards` (Tensor ones, for a pipeline plan) and
+    instance kinds this bridge does not know are kept with `view=None` and the reason: a
+    client skips what it does not use."""
     items = get(data, "previews", "previews") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise ExoSchemaError("unexpected exo JSON from /instance/previews: expected "
@@ -310,7 +317,7 @@ def parse_previews(data: Any) -> list[Preview]:
                      card_of_instance(inst) if isinstance(inst, dict) else None)
         if inst:
             try:
-                pv.view = parse_instance(inst)
+                pv.view = parse_instance(inst, shards)
             except ExoSchemaError as e:
                 pv.skipped = str(e)
         out.append(pv)
@@ -745,11 +752,13 @@ def jaccl_devices(order: list[str], topo: Topology) -> list[list[str | None]]:
 
 
 def build_instance(tag: str, card: CardView, ranks: list[Rank], topo: Topology, port: int,
-                   make_id: Callable[[], str] = new_id) -> dict:
+                   make_id: Callable[[], str] = new_id,
+                   shard_tag: str = PIPELINE_SHARD) -> dict:
     """An instance built from exo's state alone (no placement of exo's covers these nodes):
-    pipeline shards carrying exo's model card, ring hosts or jaccl devices and coordinators
-    from exo's topology, by exo's rules (self 0.0.0.0, ring neighbours at the address the
-    connection reaches, others the placeholder)."""
+    shards (`shard_tag`: pipeline, or tensor with every rank [0, n_layers) as exo's
+    get_shard_assignments_for_tensor_parallel writes them) carrying exo's model card, ring
+    hosts or jaccl devices and coordinators from exo's topology, by exo's rules (self 0.0.0.0,
+    ring neighbours at the address the connection reaches, others the placeholder)."""
     if len({r.node_id for r in ranks}) != len(ranks):
         raise UserError("the plan puts two stages on the same exo node; map each plan node to a "
                         "different exo node")
@@ -757,7 +766,7 @@ def build_instance(tag: str, card: CardView, ranks: list[Rank], topo: Topology, 
     r2s, n2r = {}, {}
     for i, r in enumerate(ranks):
         runner = make_id()
-        r2s[runner] = {"PipelineShardMetadata": {
+        r2s[runner] = {shard_tag: {
             "modelCard": card.raw, "deviceRank": i, "worldSize": world,
             "startLayer": r.start_layer, "endLayer": r.end_layer, "nLayers": card.n_layers}}
         n2r[r.node_id] = runner
@@ -773,6 +782,24 @@ def build_instance(tag: str, card: CardView, ranks: list[Rank], topo: Topology, 
         raise ExoSchemaError(f"exo-bridge cannot build a {tag}; it knows "
                              f"{', '.join(KNOWN_INSTANCES)}")
     return {tag: body}
+
+
+def tensor_cut_problem(card: CardView, ranks: int) -> str | None:
+    """Why exo cannot run `ranks` equal Tensor ranks of this model, in exo's words, or None:
+    supportsTensor, and hiddenSize and numKeyValueHeads divisible by the rank count
+    (src/exo/master/placement.py place_instance; its loader divides heads by the group size,
+    src/exo/worker/engines/mlx/auto_parallel.py). `POST /instance` checks neither."""
+    raw = card.raw
+    if not get(raw, "supportsTensor", "modelCard", required=False, default=False):
+        return ("Requested Tensor sharding but this model does not support tensor "
+                f"parallelism: {card.model_id}")
+    hidden = get(raw, "hiddenSize", "modelCard")
+    kv = get(raw, "numKeyValueHeads", "modelCard", required=False)
+    if not isinstance(hidden, int) or hidden % ranks or (isinstance(kv, int) and kv % ranks):
+        return (f"No tensor sharding found for model with hidden_size={hidden}"
+                + (f", num_key_value_heads={kv}" if kv is not None else "")
+                + f" across {ranks} nodes")
+    return None
 
 
 def exo_layer_bytes(card: CardView, layers: int) -> int:
