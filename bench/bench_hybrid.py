@@ -100,7 +100,7 @@ def profile_node(tb: Testbed, node: str, model_dir: Path, out: Path, prompt: int
         sys.executable, "-c", "import sys; from profiler.cli import main; sys.exit(main())",
         str(model_dir), "--out", str(out), "--prefill-tokens", str(prompt), "--decode-context",
         str(context), "--warmup", "2", "--repeats", str(repeats), "--quiet", "--restart",
-        "--clock", "wall", "--tp-shares", "1,2,3"]
+        "--clock", "wall", "--tp-shares", "1,2,3", "--decode-batch", "1", "--prefill-chunk", "none"]
     t = time.time()
     cp = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if cp.returncode != 0:
@@ -263,6 +263,36 @@ def verdicts(results: list, rows: list[tuple]) -> list[str]:
     return lines
 
 
+def allreduce_lines(results: list, cluster_path: Path) -> list[str]:
+    """Per tensor row: the measured all-reduce of a decode step inside the run (median per call
+    over the group's members, from the ranks' own timings: it includes waiting for the slower
+    member's blocks) against the group's measured collective at that size (what the cost model
+    charges per call)."""
+    import statistics
+
+    from graphsplit.cluster import load_cluster
+
+    cluster = load_cluster(cluster_path)
+    nbytes = MODEL_CONFIG["hidden_size"] * 4
+    out = []
+    for r in results:
+        for s in r.stages:
+            if s.tensor is None:
+                continue
+            calls = []
+            for rk in r.ranks:
+                if rk.get("group_ranks") and r.ranks[rk["group_ranks"][0]]["stage"] == \
+                        [s.start_layer, s.end_layer]:
+                    calls += rk["allreduce_s"][2 * s.n_layers:]  # decode steps only
+            col = cluster.collective(s.tensor.nodes)
+            if calls and col is not None:
+                out.append(f"{r.label}: {'+'.join(s.tensor.nodes)} all-reduce per call, decode: "
+                           f"in the run {1e3 * statistics.median(calls):.2f} ms (median over "
+                           f"{len(calls)} calls, both members), measured alone "
+                           f"{1e3 * col.time(nbytes):.2f} ms")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", default=str(ROOT / "data" / "bench" / "hybrid"))
@@ -307,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         rs = sorted(every[label], key=lambda x: x.tpot_s)
         results.append(rs[len(rs) // 2])
     table = format_table(results)
-    lines = verdicts(results, rows)
+    lines = verdicts(results, rows) + allreduce_lines(results, cluster_path)
     print(table)
     print()
     print("\n".join(lines))

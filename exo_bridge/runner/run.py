@@ -511,7 +511,8 @@ def format_table(results: list[RunResult]) -> str:
     for r in results:
         e = r.errors_pct()
         p = r.predicted
-        st = " ".join(f"{s.node}:{s.start_layer}-{s.end_layer}" for s in r.stages)
+        st = " ".join(f"{'+'.join(getattr(s, 'members', (s.node,)))}:{s.start_layer}-"
+                      f"{s.end_layer}" for s in r.stages)
         tps_p = p.get("throughput_tps")
         rows.append((r.label, st, _ms(r.tpot_s), _ms(p.get("tpot_s")), _pct(e["tpot_s"]),
                      _ms(r.ttft_s), _ms(p.get("ttft_s")), _pct(e["ttft_s"]),
