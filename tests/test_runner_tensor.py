@@ -152,7 +152,8 @@ def _cli(tmp_path, tensor, *extra, kv=4):
     ({"nodes": ["b", "a"], "kv_heads": [2, 2], "mlp_columns": [48, 48]}, 4, "first member"),
     # the plan agrees with itself but not with the model given by --model: the runner refuses
     ({"nodes": ["a", "b"], "kv_heads": [1, 1], "mlp_columns": [48, 48]}, 2,
-     "tensor.kv_heads [1, 1] sums to 2, the model has 4"),
+     "the model given to the run: stages[0].tensor.kv_heads: [1, 1] sums to 2 but the model "
+     "has 4"),
 ])
 def test_plan_the_runner_cannot_cut_is_one_line_exit_2(tmp_path, tensor, kv, says):
     cp = _cli(tmp_path, tensor, kv=kv)

@@ -23,6 +23,9 @@ What a rank does:
    arrival times, every rank its per-step compute times (time from input available to output
    evaluated, so waiting on the network is excluded) for diagnosing prediction errors.
 
+A hybrid plan's job carries `groups` (tensor-parallel groups inside the pipeline): its ranks
+run `exo_bridge.runner.tensor`'s stage instead (one hook in `run`; design in that module).
+
 Timing: TTFT = from the start of the prefill on rank 0 to the first token id arriving back at
 rank 0; TPOT = (arrival of the last token - arrival of the first) / (max_tokens - 1).
 """

@@ -55,7 +55,7 @@ from profiler.errors import UserError
 
 
 class TensorPlanError(UserError):
-    """A tensor group the runner cannot run (shares that do not cut the model)."""
+    """A hybrid plan the runner cannot run (a node in two places)."""
 
 
 # ----------------------------------------------------------------------------- layout (no MLX)
@@ -84,47 +84,26 @@ def model_dims(config: dict[str, Any]) -> dict[str, int]:
             "hidden_size": int(cfg["hidden_size"])}
 
 
-def check_tensor(tensor: dict[str, Any], dims: dict[str, int], where: str) -> None:
-    """Shares are whole KV heads (each >= 1, summing to n_kv_heads) and MLP columns (each >= 1,
-    summing to intermediate_size), one per node; one TensorPlanError line otherwise."""
-    nodes, kv, cols = tensor.get("nodes"), tensor.get("kv_heads"), tensor.get("mlp_columns")
-    n, inter = dims["n_kv_heads"], dims["intermediate_size"]
-    if not isinstance(nodes, list) or len(nodes) < 1 or len(set(nodes)) != len(nodes):
-        raise TensorPlanError(f"{where}: tensor.nodes must be a list of distinct node ids")
-    for name, xs, total in (("kv_heads", kv, n), ("mlp_columns", cols, inter)):
-        if not isinstance(xs, list) or len(xs) != len(nodes) or \
-                not all(isinstance(x, int) and not isinstance(x, bool) for x in xs):
-            raise TensorPlanError(f"{where}: tensor.{name} must be a list of {len(nodes)} whole "
-                                  "numbers, one per node of tensor.nodes")
-        if min(xs) < 1:
-            raise TensorPlanError(f"{where}: tensor.{name} {xs} has a share below 1; every "
-                                  f"member needs at least one (fewer members, or re-plan)")
-        if sum(xs) != total:
-            raise TensorPlanError(f"{where}: tensor.{name} {xs} sums to {sum(xs)}, the model "
-                                  f"has {total}; re-plan with split-model for this model")
-
-
 def hybrid_layout(stages: list[Any], config: dict[str, Any]) -> list[RankSpec]:
     """World ranks of a plan's stages, stage by stage, group members contiguous.
 
-    `stages`: objects with node / start_layer / end_layer and an optional `tensor` dict
-    (graphsplit.plan.Stage, or any with those attributes). A plain stage is one rank holding
-    every head and column."""
+    `stages`: graphsplit.plan.Stage (with its optional `tensor`, a TensorSpec). A plain stage is
+    one rank holding every head and column. Shares that do not cut the model the run loads, or
+    a node in two stages: one UserError line."""
+    from graphsplit.plan import check_tensor
+
     dims = model_dims(config)
     out: list[RankSpec] = []
     for g, s in enumerate(stages):
-        t = getattr(s, "tensor", None)
-        if t is not None and not isinstance(t, dict):
-            t = t.to_dict()  # graphsplit.plan.TensorSpec
-        if not t:
+        t = s.tensor
+        if t is None:
             out.append(RankSpec(s.node, s.start_layer, s.end_layer, g, 0,
                                 (0, dims["n_kv_heads"]), (0, dims["intermediate_size"])))
             continue
-        where = f"stage {g} (node {s.node}, layers {s.start_layer}-{s.end_layer})"
-        check_tensor(t, dims, where)
-        if t["nodes"][0] != s.node:
-            raise TensorPlanError(f"{where}: tensor.nodes must start with the stage's node "
-                                  f"{s.node!r} (it receives from the previous stage)")
+        # the plan's own check, against the model the run loads (it may not be the plan's)
+        check_tensor(s, g, "the model given to the run", dims["n_kv_heads"],
+                     dims["intermediate_size"])
+        t = t.to_dict()
         h = c = 0
         for i, (node, k, m) in enumerate(zip(t["nodes"], t["kv_heads"], t["mlp_columns"])):
             out.append(RankSpec(node, s.start_layer, s.end_layer, g, i, (h, h + k), (c, c + m)))
