@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             else {}
         write_cluster(cluster_path, profiles, keep)
         measure_links(tb, cluster_path, P, args.reuse)
-        measure_groups(tb, cluster_path, P, args.reuse, 5 if args.quick else 10)
+        measure_groups(tb, cluster_path, P, args.reuse, 8 if args.quick else 20)
         rows = plan_rows(cluster_path, out, P, context)
         every = run_rows(tb, rows, model_dir, P, N, runs)
     results = []
