@@ -12,8 +12,9 @@ namespaces and link emulation through `measure_collective(hostfiles=, wrappers=)
   ring backend (no `Group.split`).
 
 Sizes: one token's activation (hidden x activation bytes), one prompt's (prompt_tokens x hidden x
-activation bytes) and their geometric mean. Each size: `warmup` untimed calls, then `repeats`
-timed ones, each after a barrier and `gap_ms` idle (a decode step's all-reduce follows compute);
+activation bytes) and their geometric mean. `warmup` untimed rounds, then `repeats` timed ones,
+each round every size and both algorithms once (round robin), each call after a barrier and
+`gap_ms` idle (a decode step's all-reduce follows compute);
 rank 0 keeps the median and the spread ((max - min) / median, the cost table's definition).
 From the smallest and largest size: bandwidth_Bps = (n_max - n_min) / (t_max - t_min),
 latency_s = t_min - n_min / bandwidth_Bps (clipped at 0), the cost model's alpha + n / beta.
@@ -53,25 +54,25 @@ def collective_sizes(hidden: int, dtype_bytes: int, prompt_tokens: int) -> list[
     return sorted({tok, max(tok, mid), pre})
 
 
-def _time_op(op, x, repeats: int, warmup: int, gap_s: float, barrier) -> list[float]:
+def _time_once(op, x, gap_s: float, barrier) -> float:
     import mlx.core as mx
 
-    out = []
-    for i in range(warmup + repeats):
-        barrier()
-        if gap_s:
-            time.sleep(gap_s)
-        t0 = time.perf_counter()
-        mx.eval(op(x))
-        if i >= warmup:
-            out.append(time.perf_counter() - t0)
-    return out
+    barrier()
+    if gap_s:
+        time.sleep(gap_s)
+    t0 = time.perf_counter()
+    mx.eval(op(x))
+    return time.perf_counter() - t0
 
 
 def rank_program(sizes: list[int], repeats: int, warmup: int, gap_s: float,
                  backend: str = "ring") -> dict[str, Any] | None:
     """Run in each of the group's processes (MLX_HOSTFILE / MLX_RANK set). Rank 0 returns
-    {"k", "sizes_bytes", "all_sum": {"seconds", "spread"}, "chain": {...}}, the others None."""
+    {"k", "sizes_bytes", "all_sum": {"seconds", "spread"}, "chain": {...}}, the others None.
+
+    Round robin: each repeat times every size with both algorithms once, so a slow spell of a
+    shared machine hits all of them alike instead of one size (measured on the loaded testbed
+    with one size after another: medians 1.8 / 9.4 / 1.7 ms for 4 / 12 / 32 KiB)."""
     import mlx.core as mx
 
     from exo_bridge.runner.stage_worker import ring_socket_fds
@@ -88,22 +89,23 @@ def rank_program(sizes: list[int], repeats: int, warmup: int, gap_s: float,
         chain(ones)
         chain.seconds.clear()
 
-    res: dict[str, Any] = {"k": k, "sizes_bytes": [], "repeats": repeats}
     algos = {"all_sum": lambda x: mx.distributed.all_sum(x, group=g), "chain": chain}
+    xs = [mx.ones((max(1, int(n) // 4),), dtype=mx.float32) for n in sizes]
+    mx.eval(xs)
+    times = {(name, i): [] for name in algos for i in range(len(xs))}
+    for rep in range(warmup + repeats):
+        for i, x in enumerate(xs):
+            for name, op in algos.items():
+                t = _time_once(op, x, gap_s, barrier)
+                if rep >= warmup:
+                    times[name, i].append(t)
+    res: dict[str, Any] = {"k": k, "sizes_bytes": [int(x.nbytes) for x in xs],
+                           "repeats": repeats}
     for name in algos:
-        res[name] = {"seconds": [], "spread": [], "min": [], "max": []}
-    for n in sizes:
-        x = mx.ones((max(1, int(n) // 4),), dtype=mx.float32)
-        mx.eval(x)
-        res["sizes_bytes"].append(int(x.nbytes))
-        for name, op in algos.items():
-            ts = _time_op(op, x, repeats, warmup, gap_s, barrier)
-            med = statistics.median(ts)
-            d = res[name]
-            d["seconds"].append(med)
-            d["spread"].append((max(ts) - min(ts)) / med if med > 0 else 0.0)
-            d["min"].append(min(ts))
-            d["max"].append(max(ts))
+        ts = [times[name, i] for i in range(len(xs))]
+        meds = [statistics.median(t) for t in ts]
+        res[name] = {"seconds": meds, "min": [min(t) for t in ts], "max": [max(t) for t in ts],
+                     "spread": [(max(t) - min(t)) / m if m > 0 else 0.0 for t, m in zip(ts, meds)]}
     return res if r == 0 else None
 
 
