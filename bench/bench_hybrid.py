@@ -17,7 +17,8 @@ Steps, all real:
 3. Each node profiled UNDER ITS QUOTA (`profile-model DIR --tp-shares ...`: whole blocks and
    one tensor-parallel rank's share of a block), every link with `profile-link mlx`, and the
    all-reduce of each candidate group with `profile-link collective` (the runner's own paths, in
-   the nodes' namespaces and cgroups) -> `data/bench/hybrid/cluster.json`.
+   the nodes' namespaces and cgroups, each call after half a block's compute: `--busy-ms`)
+   -> `data/bench/hybrid/cluster.json`.
 4. `split-model --hybrid` (graphsplit.hybrid.make.make_hybrid_plan) plans for latency under our
    runtime (mlx-pipeline) -> `plan.json`, with the pure-pipeline optimum and exo's placements
    (Pipeline: memory-proportional over the smallest cycle; Tensor: equal shares over the
@@ -132,20 +133,36 @@ def measure_links(tb: Testbed, cluster_path: Path, P: int, reuse: bool) -> None:
                 f"{m.latency_ms:.3f} ms {1e3 * m.bandwidth_gbps:.1f} Mbit/s")
 
 
-def measure_groups(tb: Testbed, cluster_path: Path, P: int, reuse: bool, repeats: int) -> None:
+def busy_ms(profiles: dict[str, Path], group: tuple[str, ...], context: int) -> float:
+    """Half of one member's measured block decode at the group's equal share: the compute a rank
+    does before each of a block's two all-reduces (from its profile, under its quota)."""
+    from profiler.costtable import read_table, tp_block_seconds
+
+    k = MODEL_CONFIG["num_key_value_heads"] // len(group)
+    return max(1e3 * tp_block_seconds(read_table(profiles[n]), 0, k, "decode", context)[0] / 2
+               for n in group)
+
+
+def measure_groups(tb: Testbed, cluster_path: Path, profiles: dict[str, Path], P: int,
+                   context: int, reuse: bool, repeats: int) -> None:
     """`profile-link collective` over each candidate group, ranks in the nodes' namespaces and
-    cgroups through the link emulation."""
+    cgroups through the link emulation, each call after computing as long as a member computes
+    half a block (`--busy-ms`): under a CPU quota an all-reduce right after compute pays
+    throttling and wake-ups that one after idling does not (measured here: 1.3-3.8 ms idle,
+    3.9-15 ms after 10 ms of compute, 4 KiB, fast pair)."""
     have = {tuple(sorted(c["nodes"])) for c in
             json.loads(cluster_path.read_text()).get("collectives", [])}
     sizes = collective_sizes(MODEL_CONFIG["hidden_size"], 4, P)
     for g in GROUPS:
         if reuse and tuple(sorted(g)) in have:
             continue
+        busy = busy_ms(profiles, g, context)
         with tb.ring(list(g)) as ring:
             res = measure_collective(len(g), sizes, hostfiles=ring.hostfiles,
-                                     wrappers=ring.wrappers, repeats=repeats, gap_ms=5.0)
+                                     wrappers=ring.wrappers, repeats=repeats, gap_ms=0.0,
+                                     busy_ms=busy)
         e = write_collective(cluster_path, entry_from(res, list(g), "ring"))
-        log(f"all-reduce {'+'.join(g)}: " + ", ".join(
+        log(f"all-reduce {'+'.join(g)} after {busy:.1f} ms of compute: " + ", ".join(
             f"{n} B {1e3 * t:.2f} ms" for n, t in zip(e["sizes_bytes"], e["seconds"]))
             + f" (mx all_sum: {', '.join(f'{1e3 * t:.2f}' for t in e['mlx_all_sum']['seconds'])}"
             " ms)")
@@ -329,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             else {}
         write_cluster(cluster_path, profiles, keep)
         measure_links(tb, cluster_path, P, args.reuse)
-        measure_groups(tb, cluster_path, P, args.reuse, 8 if args.quick else 20)
+        measure_groups(tb, cluster_path, profiles, P, context, args.reuse,
+                       8 if args.quick else 20)
         rows = plan_rows(cluster_path, out, P, context)
         every = run_rows(tb, rows, model_dir, P, N, runs)
     results = []

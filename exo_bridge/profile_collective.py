@@ -54,19 +54,33 @@ def collective_sizes(hidden: int, dtype_bytes: int, prompt_tokens: int) -> list[
     return sorted({tok, max(tok, mid), pre})
 
 
-def _time_once(op, x, gap_s: float, barrier) -> float:
+def busy(seconds: float) -> None:
+    """Compute (small matmuls) for `seconds` of wall time, as a rank computes its share of a
+    block before the block's all-reduce. Under a CPU quota (the testbed's nodes) this spends the
+    quota as the run does, so the all-reduce pays the same throttling and wake-ups."""
+    import mlx.core as mx
+
+    a = mx.ones((64, 64))
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        mx.eval(a @ a)
+
+
+def _time_once(op, x, gap_s: float, barrier, busy_s: float = 0.0) -> float:
     import mlx.core as mx
 
     barrier()
     if gap_s:
         time.sleep(gap_s)
+    if busy_s:
+        busy(busy_s)
     t0 = time.perf_counter()
     mx.eval(op(x))
     return time.perf_counter() - t0
 
 
 def rank_program(sizes: list[int], repeats: int, warmup: int, gap_s: float,
-                 backend: str = "ring") -> dict[str, Any] | None:
+                 backend: str = "ring", busy_s: float = 0.0) -> dict[str, Any] | None:
     """Run in each of the group's processes (MLX_HOSTFILE / MLX_RANK set). Rank 0 returns
     {"k", "sizes_bytes", "all_sum": {"seconds", "spread"}, "chain": {...}}, the others None.
 
@@ -96,11 +110,11 @@ def rank_program(sizes: list[int], repeats: int, warmup: int, gap_s: float,
     for rep in range(warmup + repeats):
         for i, x in enumerate(xs):
             for name, op in algos.items():
-                t = _time_once(op, x, gap_s, barrier)
+                t = _time_once(op, x, gap_s, barrier, busy_s)
                 if rep >= warmup:
                     times[name, i].append(t)
     res: dict[str, Any] = {"k": k, "sizes_bytes": [int(x.nbytes) for x in xs],
-                           "repeats": repeats}
+                           "repeats": repeats, "gap_ms": 1e3 * gap_s, "busy_ms": 1e3 * busy_s}
     for name in algos:
         ts = [times[name, i] for i in range(len(xs))]
         meds = [statistics.median(t) for t in ts]
@@ -146,7 +160,8 @@ def entry_from(res: dict[str, Any], nodes: list[str], backend: str) -> dict[str,
     e: dict[str, Any] = {"nodes": list(nodes), "op": OP, "backend": backend,
                          "sizes_bytes": sizes, **_fitted(res[primary], sizes),
                          "algorithm": "neighbour-chain" if primary == "chain" else "all_sum",
-                         "repeats": res.get("repeats"),
+                         "repeats": res.get("repeats"), "gap_ms": res.get("gap_ms"),
+                         "busy_ms": res.get("busy_ms"),
                          "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     e["mlx_all_sum" if other == "all_sum" else "chain"] = _fitted(res[other], sizes)
     return e
@@ -156,12 +171,12 @@ def entry_from(res: dict[str, Any], nodes: list[str], backend: str) -> dict[str,
 
 
 def _start(rank: int, hostfile: str, sizes: list[int], repeats: int, gap_ms: float,
-           wrapper: list[str] | None, backend: str):
+           wrapper: list[str] | None, backend: str, busy_ms: float = 0.0):
     env = dict(os.environ, MLX_HOSTFILE=hostfile, MLX_RANK=str(rank))
     cmd = (wrapper or []) + [
         sys.executable, "-m", "exo_bridge.profile_link", "collective", "--rank-from-env",
         "--sizes", json.dumps({str(n): n for n in sizes}), "--repeats", str(repeats),
-        "--gap-ms", str(gap_ms), "--backend", backend]
+        "--gap-ms", str(gap_ms), "--backend", backend, "--busy-ms", str(busy_ms)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -169,7 +184,7 @@ def _start(rank: int, hostfile: str, sizes: list[int], repeats: int, gap_ms: flo
 def measure_collective(k: int, sizes: list[int], *, hostfiles: list[str] | None = None,
                        wrappers: list[list[str]] | None = None, repeats: int = 10,
                        gap_ms: float = 5.0, timeout_s: float = 180.0,
-                       backend: str = "ring") -> dict[str, Any]:
+                       backend: str = "ring", busy_ms: float = 0.0) -> dict[str, Any]:
     """Start the group's k ranks on this machine (loopback by default; the testbed passes
     per-rank hostfiles and namespace wrappers) and return rank 0's result. A rank that fails or
     a run past timeout_s is one UserError line naming the rank and its log."""
@@ -188,7 +203,7 @@ def measure_collective(k: int, sizes: list[int], *, hostfiles: list[str] | None 
     try:
         for r in range(k):
             procs.append(_start(r, hostfiles[r], sizes, repeats, gap_ms,
-                                wrappers[r] if wrappers else None, backend))
+                                wrappers[r] if wrappers else None, backend, busy_ms))
         outs = _wait_ranks(procs, timeout_s)
         return parse_rank0(outs[0])
     finally:

@@ -636,6 +636,9 @@ def _collective_parser(sub) -> None:
     c.add_argument("--repeats", type=o.positive_int(10000), default=10)
     c.add_argument("--gap-ms", type=o.float_in(0, 60000), default=5.0,
                    help="idle time before each timed all-reduce (default 5)")
+    c.add_argument("--busy-ms", type=o.float_in(0, 60000), default=0.0,
+                   help="compute this long before each timed all-reduce, as a rank computes "
+                   "its share of a block (default 0; under CPU quotas give about that time)")
     c.add_argument("--cluster", type=o.path("cluster file"), default=None,
                    help="cluster JSON to write the group's entry into (needs --nodes)")
     c.add_argument("--json", action="store_true")
@@ -649,7 +652,8 @@ def _main_collective(args) -> int:
 
     if args.rank_from_env:  # a rank started by measure_collective (which bounds it)
         sizes = sorted(set((args.sizes or {}).values()))
-        res = pc.rank_program(sizes, args.repeats, 2, args.gap_ms / 1e3, args.backend)
+        res = pc.rank_program(sizes, args.repeats, 2, args.gap_ms / 1e3, args.backend,
+                              args.busy_ms / 1e3)
         if res is not None:
             print(pc.COLL_TAG + json.dumps(res), flush=True)
         os._exit(0)
@@ -669,13 +673,14 @@ def _main_collective(args) -> int:
         if len(nodes) < 2:
             raise UserError("--local needs --nodes with at least 2 node ids (one rank each)")
         res = pc.measure_collective(len(nodes), sizes, repeats=args.repeats,
-                                    gap_ms=args.gap_ms, timeout_s=args.timeout)
+                                    gap_ms=args.gap_ms, timeout_s=args.timeout,
+                                    busy_ms=args.busy_ms)
     else:
         if not args.hostfile or args.rank is None:
             raise UserError("profile-link collective needs --hostfile FILE and --rank N on "
                             "each host (or --local)")
         proc = pc._start(args.rank, args.hostfile, sizes, args.repeats, args.gap_ms, None,
-                         "ring")
+                         "ring", args.busy_ms)
         try:
             out = _wait_ranks([proc], args.timeout, ranks=[args.rank],
                               hint="are the other ranks running, with the same hostfile?")[0]

@@ -311,7 +311,8 @@ def test_collective_on_three_loopback_ranks_writes_the_group_entry(tmp_path):
     cp = subprocess.run([sys.executable, "-m", "exo_bridge.profile_link", "collective", "--local",
                          "--nodes", "a,b,c", "--hidden", "64", "--dtype-bytes", "4",
                          "--prompt-tokens", "16", "--repeats", "3", "--gap-ms", "0",
-                         "--cluster", str(cl), "--json"], capture_output=True, text=True,
+                         "--busy-ms", "1", "--cluster", str(cl), "--json"],
+                        capture_output=True, text=True,
                         timeout=180)
     assert cp.returncode == 0, cp.stderr
     data = json.loads(cl.read_text())
@@ -321,6 +322,7 @@ def test_collective_on_three_loopback_ranks_writes_the_group_entry(tmp_path):
     e = by[("a", "b", "c")]
     assert e["nodes"] == ["a", "b", "c"] and e["op"] == "all_sum" and e["backend"] == "ring"
     assert e["sizes_bytes"] == [256, 1024, 4096] and e["algorithm"] == "neighbour-chain"
+    assert (e["repeats"], e["gap_ms"], e["busy_ms"]) == (3, 0.0, 1.0)  # how it was measured
     for d in (e, e["mlx_all_sum"]):
         assert len(d["seconds"]) == len(d["spread"]) == 3
         assert all(t > 0 for t in d["seconds"]) and d["latency_s"] >= 0
