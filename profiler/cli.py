@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "already in the KV cache (default 16; none: no chunk grid)")
     p.add_argument("--tp-shares", type=o.int_grid(1, 1 << 20, none=True), default=None,
                    help="tensor-parallel shares to time one rank of a block at, in KV heads "
-                        "(default 1, n/2 and n of the model's n KV heads; none: no "
+                        "(default 1 and n of the model's n KV heads; none: no "
                         "tensor-parallel grid)")
     p.add_argument("--chain-blocks", type=o.int_in(1, 1024), default=8,
                    help="block decode is timed in a chain of up to this many distinct blocks "
@@ -116,7 +116,7 @@ def check_memory(spec, opts) -> None:
     # dtype auto: float32 on the CPU build (Linux), bfloat16 on Metal / CUDA (see
     # profile.resolve_precision); without MLX here, Linux is taken as the CPU build (the larger)
     act = DTYPE_BYTES.get(opts.dtype) or (2 if sys.platform == "darwin" else 4)
-    from profiler.profile import decode_batch_grid, tp_grid
+    from profiler.settings import decode_batch_grid, tp_grid
 
     tp = tp_grid(opts, spec.config, spec.name, group if bits else None)
     n = tp[-1] if tp else 1
@@ -133,8 +133,8 @@ def _main(argv: list[str] | None = None) -> int:
     from profiler.models import resolve_model
 
     spec = resolve_model(args.model)  # unknown names fail here, before MLX is imported
-    from profiler.profile import (DEFAULT_DECODE, DEFAULT_PREFILL, DEFAULT_PREFILL_CHUNK,
-                                  ProfileOptions, check_options)
+    from profiler.settings import (DEFAULT_DECODE, DEFAULT_PREFILL, DEFAULT_PREFILL_CHUNK,
+                                   ProfileOptions, check_options)
 
     opts = ProfileOptions(
         dtype=args.dtype,

@@ -29,14 +29,6 @@ from profiler import build, rows, tpslice
 from profiler.measure import Timing
 
 
-def default_tp_shares(n_kv_heads: int) -> list[int]:
-    """1, n/2 and n KV heads (n alone when n == 1): the ends and the middle of the share range;
-    other shares are interpolated (linear in kv_heads, marked derived by the reader). Three
-    shares cost about (1 + n/2) / n of one block's measurement on top of it (the n share is
-    the block's own)."""
-    return sorted({1, max(1, n_kv_heads // 2), n_kv_heads})
-
-
 def batch_grid_timings(blocks: list, caches: list, hidden_size: int, dtype, m: rows.Method,
                        batches: list[int], decode_b1: list[Timing], min_pass_s: float,
                        memory: tuple[int, int, int] = (0, 0, 0)

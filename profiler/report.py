@@ -158,6 +158,7 @@ def summary(table: CostTable, out_path=None, wall_s: float | None = None) -> str
                      f"{fmt_bytes(tot_w):>10}   (sums of rows: derived)")
         lines.append(f"derived: {1 / tot_dec:.2f} tokens/s decode at {c0} context, "
                      f"{tot_pre:.2f} s to prefill {p_last} tokens, on this machine alone")
+    lines += grid_lines(table)
     rss = table.method.get("peak_rss_bytes")
     wall = wall_s if wall_s is not None else table.method.get("profile_wall_s")
     extra = []
@@ -170,6 +171,36 @@ def summary(table: CostTable, out_path=None, wall_s: float | None = None) -> str
     if out_path:
         lines.append(f"cost table: {out_path}")
     return "\n".join(lines)
+
+
+def grid_lines(table: CostTable) -> list[str]:
+    """The batch, chunk and tensor-parallel grids of the first measured block, one line each
+    (times measured; per stream and share of the whole block: derived)."""
+    blocks = [r for r in table.blocks() if r.measured_from == r.name]
+    if not blocks:
+        return []
+    b, c0, out = blocks[0], table.decode_context[0], []
+    if len(table.decode_batch) > 1 and b.decode_batch_s:
+        steps = " / ".join(f"{t * 1e3:.1f}" for t in b.decode_batch_s[0])
+        per = " / ".join(f"{t * 1e3 / n:.1f}" for t, n in zip(b.decode_batch_s[0],
+                                                              table.decode_batch))
+        out.append(f"{b.name} decode step at batch {','.join(map(str, table.decode_batch))} "
+                   f"@{c0} ctx: {steps} ms (measured); per stream {per} ms (derived)")
+    if table.prefill_chunk and b.prefill_chunk_s:
+        ch = ", ".join(f"{c} tok {t * 1e3:.1f} ms" for c, t in zip(table.prefill_chunk,
+                                                                  b.prefill_chunk_s))
+        out.append(f"{b.name} prefill chunk @{table.prefill_chunk_context} ctx: {ch} (measured)")
+    tp = table.tensor_parallel
+    if tp:
+        shares = sorted((r for r in tp["rows"] if r["measured_from"] == b.name),
+                        key=lambda r: r["kv_heads"])
+        n = tp["n_kv_heads"]
+        parts = [f"{r['kv_heads']}/{n} heads {r['decode_s'][0] * 1e3:.1f} ms decode, "
+                 f"{r['prefill_s'][-1] * 1e3:.0f} ms prefill" for r in shares]
+        out.append(f"{b.name} one tensor-parallel rank (all-reduces excluded; "
+                   f"{fmt_bytes(tp['allreduce_bytes_per_token'])}/token each, 2 per block): "
+                   + "; ".join(parts) + " (measured)")
+    return out
 
 
 def _has(table: CostTable) -> bool:

@@ -20,10 +20,11 @@ any share instead of equal ones and without a group:
 The two partial sums are what the two all-reduces of a tensor-parallel block add up. With
 `reduce=None` they are left as they are: the block then does exactly one rank's compute and
 memory traffic, all-reduces excluded (what `profile-model --tp-shares` times), and its output
-is not the model's. With `reduce` (e.g. an `mx.distributed.all_sum` over the group) each
-partial sum is reduced where mlx-lm's ShardedToAllLinear reduces it (right after the
-projection, before its bias), and the ranks together compute the block. A bias of o_proj /
-down_proj is kept on the rank whose columns start at 0 only, so the sum holds it once.
+is not the model's; a bias of o_proj / down_proj is kept on the rank whose columns start at 0
+only, so the sum of the partials holds it once. With `reduce` (e.g. an `mx.distributed.all_sum`
+over the group) each partial sum is reduced where mlx-lm's ShardedToAllLinear reduces it
+(right after the projection), then every rank adds the bias, and every rank holds the block's
+output.
 
 The result is a shallow copy of `block` of the same mlx-lm class: norms, rope and every other
 member are shared with `block`, the sliced projections are new arrays (contiguous copies, so
@@ -151,14 +152,18 @@ def slice_block(block: nn.Module, args, kv_heads_range: tuple[int, int],
     new_attn.q_proj = _rows(attn.q_proj, a * qpk * hd, b * qpk * hd)
     new_attn.k_proj = _rows(attn.k_proj, a * hd, b * hd)
     new_attn.v_proj = _rows(attn.v_proj, a * hd, b * hd)
-    new_attn.o_proj = _reduced(_cols(attn.o_proj, a * qpk * hd, b * qpk * hd, a == 0), reduce)
+    # the bias of o_proj / down_proj: without reduce on the rank whose columns start at 0
+    # (the partial sums add it once); with reduce on every rank, after the reduction
+    new_attn.o_proj = _reduced(_cols(attn.o_proj, a * qpk * hd, b * qpk * hd,
+                                     a == 0 or reduce is not None), reduce)
     new_attn.n_heads = (b - a) * qpk
     new_attn.n_kv_heads = b - a
 
     new_mlp = copy.copy(mlp)
     new_mlp.gate_proj = _rows(mlp.gate_proj, c, d)
     new_mlp.up_proj = _rows(mlp.up_proj, c, d)
-    new_mlp.down_proj = _reduced(_cols(mlp.down_proj, c, d, c == 0), reduce)
+    new_mlp.down_proj = _reduced(_cols(mlp.down_proj, c, d, c == 0 or reduce is not None),
+                                 reduce)
 
     out = copy.copy(block)
     out.self_attn = new_attn

@@ -304,3 +304,39 @@ def test_memory_estimate_counts_the_decode_chain():
     assert chain.peak > alone.peak and block > 100 << 20  # 7 more blocks of ~130 MiB
     tight = memfit.estimate(cfg, 64, 256, 1, 4, 4, 64, chain_blocks=8, limit=8 * block)
     assert tight.chain == block  # a quarter of 8 blocks' worth: a chain of 2
+
+
+def test_memory_estimate_counts_the_batch_grid_chunks_and_tp_slices(capsys):
+    """memfit takes decode (and its chain) at every batch of --decode-batch, a prefill chunk at
+    its context, and the sliced tensor-parallel copies (profiler.grids)."""
+    from profiler import memfit
+    from profiler.models import resolve_model
+
+    cfg = resolve_model("llama-3-8b").config
+    kw = dict(chain_blocks=8, limit=64 << 30)
+    base = memfit.estimate(cfg, 64, 256, 1, 4, 4, 64, **kw)
+    wide = memfit.estimate(cfg, 64, 256, 1, 4, 4, 64, decode_batch=(1, 16), **kw)
+    assert wide.batch == 16 and wide.decode == 16 * base.decode  # every term scales with B
+    kv_ctx = (wide.chain - base.chain) // 7  # 7 more blocks, each with 15 more streams' KV
+    assert kv_ctx == 15 * 256 * 2 * 8 * 128 * 4
+    chunk = memfit.estimate(cfg, 64, 256, 1, 4, 4, 64, chunk_max=512, chunk_context=8192, **kw)
+    assert chunk.prefill > base.prefill and chunk.decode == base.decode
+    tp = memfit.estimate(cfg, 64, 256, 1, 4, 4, 64, tp_share=0.5, **kw)
+    block = base.chain // 7 - 256 * 2 * 8 * 128 * 4  # a chain block: weights + 1 stream's KV
+    assert tp.tp == int(8 * 0.5 * block) and tp.peak == base.peak + tp.tp
+    rc = profile_cli.main(["llama-3-8b", "--decode-batch", "1,4096",
+                           "--decode-context", "16384"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--decode-batch (largest 4096)" in err, err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--tp-shares", "16"], "cannot be cut from llama-3-8b's 8 KV heads"),
+    (["--tp-shares", "none", "--prefill-chunk", "0"], "--prefill-chunk"),
+    (["--decode-batch", "4,2"], "strictly increasing"),
+    (["--chain-blocks", "0"], "--chain-blocks"),
+])
+def test_profile_model_grid_flags_are_checked_before_mlx(argv, says, capsys):
+    rc = profile_cli.main(["llama-3-8b", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and says in err, err

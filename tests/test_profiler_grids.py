@@ -88,9 +88,10 @@ def test_sliced_block_decodes_with_its_own_share_of_the_kv_cache():
     assert [c.keys.shape[1] for c in part_c] == [1, 3] and full_c.keys.shape[1] == 4
 
 
-def test_reduce_hook_reduces_the_partial_sums_then_adds_the_bias_once():
-    """With `reduce`, o_proj / down_proj reduce their partial sums, then add the bias (as mlx's
-    ShardedToAllLinear does around all_sum); the bias sits on the rank whose columns start at 0."""
+def test_reduce_hook_reduces_the_partial_sums_then_every_rank_adds_the_bias():
+    """Without `reduce` the bias of o_proj / down_proj sits on the rank whose columns start at
+    0 (the partials sum to the whole); with `reduce` every rank reduces its partial sum, then
+    adds the bias (as mlx's ShardedToAllLinear does around all_sum)."""
     cfg = tiny_config(n_layers=1, hidden=256, intermediate=512, heads=8, kv_heads=4)
     cfg.update(attention_bias=True, mlp_bias=True)
     block, args = _block(cfg)
@@ -104,10 +105,81 @@ def test_reduce_hook_reduces_the_partial_sums_then_adds_the_bias_once():
     for r, (p, q, (_, (c, d))) in enumerate(zip(plain, doubled, ranges)):
         y = p.mlp.down_proj(z[..., c:d])
         partial = y - bias if r == 0 else y
-        want = 2 * partial + bias if r == 0 else 2 * partial
-        assert mx.allclose(q.mlp.down_proj(z[..., c:d]), want, atol=1e-4).item()
+        assert mx.allclose(q.mlp.down_proj(z[..., c:d]), 2 * partial + bias, atol=1e-4).item()
         outs.append(y)
     assert mx.allclose(outs[0] + outs[1], block.mlp.down_proj(z), atol=1e-4).item()
+
+
+_RANK = """
+import sys
+import mlx.core as mx
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from tests.test_profiler_grids import _block, _tp_cfg
+from profiler import tpslice
+from mlx_lm.models.cache import KVCache
+
+g = mx.distributed.init(backend="ring", strict=True)
+shares = [int(v) for v in sys.argv[3].split(",")]
+cfg, quant = _tp_cfg()
+block, args = _block(cfg, quant)
+kv, cols = tpslice.shares(4, 512, shares, 64)[g.rank()]
+part = tpslice.slice_block(block, args, kv, cols,
+                           reduce=lambda y: mx.distributed.all_sum(y, group=g))
+x = mx.random.normal((1, 6, 256), key=mx.random.key(2))
+cache = KVCache()
+part(x[:, :5], "causal", cache)
+y = part(x[:, 5:], None, cache)
+mx.eval(y)
+np.save(sys.argv[2] + f"/rank{g.rank()}.npy", np.array(y))
+"""
+
+
+def _tp_cfg():
+    cfg = tiny_config(n_layers=1, hidden=256, intermediate=512, heads=8, kv_heads=4)
+    cfg.update(attention_bias=True, mlp_bias=True)
+    return cfg, {"bits": 4, "group_size": 64}
+
+
+def test_ranks_with_all_sum_over_a_real_ring_compute_the_whole_block(tmp_path):
+    """Two processes over mx.distributed's ring backend on loopback, shares 3 + 1 KV heads of
+    a 4-bit block with biases, the all-reduces done by `reduce=all_sum`: a prefill then one
+    decode step with each rank's own KV cache gives the whole block's output on both ranks."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from mlx_lm.models.cache import KVCache
+
+    from exo_bridge.runner.run import free_ports
+
+    root = str(Path(__file__).resolve().parent.parent)
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    procs = [subprocess.Popen([sys.executable, str(script), root, str(tmp_path), "3,1"],
+                              env=dict(os.environ, MLX_HOSTFILE=str(hostfile), MLX_RANK=str(r),
+                                       PYTHONPATH=root), cwd=root, stderr=subprocess.PIPE)
+             for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=240)[1].decode()[-800:] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    cfg, quant = _tp_cfg()
+    block, _ = _block(cfg, quant)
+    x = mx.random.normal((1, 6, 256), key=mx.random.key(2))
+    cache = KVCache()
+    block(x[:, :5], "causal", cache)
+    want = np.array(block(x[:, 5:], None, cache))
+    for r in range(2):
+        got = np.load(tmp_path / f"rank{r}.npy")
+        assert np.allclose(got, want, atol=1e-4, rtol=1e-4), (r, np.abs(got - want).max())
 
 
 @pytest.mark.parametrize("kv,cols,says", [
@@ -142,7 +214,8 @@ def _tiny_tp_config(tmp_path, n_layers=3):
 
 
 GRIDS = dict(prefill_tokens=[8, 32], decode_context=[16, 64], repeats=1, warmup=0,
-             microbench=False, decode_batch=[1, 2, 4], prefill_chunk=[8], chain_blocks=2)
+             microbench=False, decode_batch=[1, 2, 4], prefill_chunk=[8], chain_blocks=2,
+             tp_shares=[1, 2])
 
 
 def test_profile_writes_the_batch_chunk_and_tp_grids(tmp_path):
@@ -255,3 +328,14 @@ def test_tp_shares_that_cannot_be_cut_are_refused_naming_the_flag(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and "--batch 2" in err and "--decode-batch" in err, err
     assert not list(tmp_path.glob("[xyz].json"))
+
+
+def test_batch_chain_shortens_only_where_a_pass_already_lasts_long():
+    from profiler.rows import batch_chain_length
+
+    # CPU-like: 0.156 s per block step at batch 1 (one Llama-3-8B 4-bit block, measured)
+    assert [batch_chain_length(8, b, 0.156, 1.0) for b in (2, 4, 8, 16)] == [4, 2, 1, 1]
+    # GPU-like: 1 ms per block step: the whole chain at every batch
+    assert [batch_chain_length(8, b, 0.001, 1.0) for b in (2, 16, 64)] == [8, 8, 8]
+    assert batch_chain_length(8, 16, 0.156, 0.0) == 8  # 0: always the whole chain
+    assert batch_chain_length(3, 2, 0.0, 1.0) == 3  # no batch-1 time: the whole chain
