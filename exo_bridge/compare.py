@@ -107,7 +107,8 @@ def render(plan: Plan, rows: list[Split]) -> str:
     base = next((r for r in rows if r.key == "exo-current" and r.predicted.get("tpot_s")), None)
     for r in rows:
         p = r.predicted
-        layers = ", ".join(f"{s.node}[{s.start_layer},{s.end_layer})" for s in r.stages) \
+        layers = ", ".join(f"{'+'.join(s.members)}[{s.start_layer},{s.end_layer})"
+                           for s in r.stages) \
             or f"({r.error or 'not in the plan; no cluster file to compute it'})"
         lines.append(f"{r.label:<30} {_fmt(p.get('tpot_s'), 1000):>10} "
                      f"{_fmt(p.get('ttft_s'), 1, 3):>10} {_fmt(p.get('throughput_tps'), 1, 1):>10}"

@@ -149,7 +149,7 @@ def exo_current_tensor_stages(cluster) -> list[Stage]:
     need = model_storage_bytes(cluster.nodes[0].table)
     m = cluster.nodes[0].table.model
     kv, hidden, L = m.num_key_value_heads, m.hidden_size, cluster.n_layers
-    if not kv:
+    if not kv:  # an older table: from its tensor-parallel section
         from graphsplit.hybrid.costs import model_dims
         kv = model_dims(cluster)[0]
     for k in range(1, len(cluster.nodes) + 1):
@@ -163,8 +163,8 @@ def exo_current_tensor_stages(cluster) -> list[Stage]:
             ids = [n.id for n in best[1]]
             if k == 1:
                 return [Stage(ids[0], 0, L)]
-            inter = m.intermediate_size or kv
-            return [tensor_stage(ids, [kv // k] * k, 0, L, inter)]
+            from graphsplit.hybrid.costs import model_dims
+            return [tensor_stage(ids, [kv // k] * k, 0, L, model_dims(cluster)[1])]
     raise ExoWouldRefuse(
         f"exo would refuse: no set of nodes holds the model's {_gb(need)} with a size that "
         f"divides hidden_size {hidden} and num_key_value_heads {kv} (exo: \"No tensor sharding "

@@ -118,3 +118,17 @@ def test_fake_exo_tensor_runnable_check_is_exos_loader_rule():
     assert [r[1] for r in check_runnable(schema.build_instance(
         "MlxRingInstance", card, ranks[:2], topo, 50000, shard_tag=schema.TENSOR_SHARD), st)
             ] == ["id-studio", "id-mini"]
+
+
+def test_legacy_exo_strategy_refuses_a_tensor_plan(tmp_path):
+    """Legacy exo's strategy (stand-alone, inside exo's process) would run the group's first
+    node alone over the group's layers: it refuses instead, naming `exo-bridge run`."""
+    from exo_bridge.exo_legacy.strategy import StrategyError, read_plan_view
+
+    p = tensor_plan(tmp_path, [tensor_stage(["studio", "mini"], [4, 4], 0, 32, INTER)])
+    with pytest.raises(StrategyError, match="stage 0 is tensor-parallel.*exo-bridge run"):
+        read_plan_view(str(p))
+    data = json.loads(p.read_text())
+    del data["stages"][0]["tensor"]
+    data["stages"][0]["end_layer"] = 32
+    assert read_plan_view(data).stages[0].node == "studio"

@@ -246,6 +246,9 @@ def test_exact_search_equals_brute_force(case, objective):
     assert r.optimal and r.proven == "optimal-all-orders-subsets" and r.gap == 0.0
     if shares == "equal":
         assert all(s.tensor is None or s.tensor.equal for s in r.stages)
+    seeded = solve_hybrid(c, objective, w, use_all, shares,  # pruned by the pipeline optimum
+                          seed=solve(c, objective, w, "mlx-pipeline", use_all))
+    assert seeded.fun == pytest.approx(b.fun, rel=1e-9) and seeded.optimal
 
 
 def test_hybrid_wins_where_tensor_pays_and_pipeline_where_it_does_not():
@@ -259,6 +262,15 @@ def test_hybrid_wins_where_tensor_pays_and_pipeline_where_it_does_not():
     assert r2.fun == pytest.approx(pipe.fun, rel=1e-12) and r2.stages == pipe.stages
 
 
+def test_use_all_nodes_with_more_nodes_than_layers_needs_a_group():
+    from graphsplit.hybrid.make import make_hybrid_plan
+
+    c = cluster({"a": 0.01, "b": 0.02, "c": 0.04}, L=2)
+    plan = make_hybrid_plan(c, "latency", W, "mlx-pipeline", use_all_nodes=True)
+    assert sorted(m for s in plan.stages for m in s.members) == ["a", "b", "c"]
+    assert "error" in plan.baselines["pipeline"]
+
+
 def test_restricted_search_is_labelled_a_bound_with_its_gap():
     c = cluster({"a": 0.02, "b": 0.02, "c": 0.04}, L=4, t8k=0.0001, t64k=0.0002)
     r = solve_hybrid(c, "latency", W, max_group=1)
@@ -268,6 +280,19 @@ def test_restricted_search_is_labelled_a_bound_with_its_gap():
     assert r.lower_bound <= exact.fun <= r.fun
     d = r.to_dict()
     assert d["proven"] == "bound" and d["optimal"] is False and d["gap"] == r.gap
+
+
+def test_cluster_beyond_the_exact_limits_is_a_bound_seeded_by_the_pipeline(monkeypatch):
+    from graphsplit.hybrid import search
+
+    c = cluster({"a": 0.02, "b": 0.02, "c": 0.04}, L=4, t8k=0.0001, t64k=0.0002)
+    exact = solve_hybrid(c, "throughput", W)
+    pipe = solve(c, "throughput", W, "mlx-pipeline")
+    monkeypatch.setattr(search, "MAX_EXACT_NODES", 2)
+    monkeypatch.setattr(search, "MAX_RESTRICTED_NODES", 2)  # single nodes only: the seed
+    r = solve_hybrid(c, "throughput", W, seed=pipe)
+    assert r.proven == "bound" and not r.optimal and r.stages == pipe.stages
+    assert r.lower_bound <= exact.fun < r.fun and "beyond the exact program" in r.message
 
 
 def test_same_plan_whatever_the_order_of_nodes_and_collectives():
@@ -302,14 +327,8 @@ def test_exo_current_tensor_baseline_is_the_smallest_divisible_set():
 
 
 def _write(tmp_path, collectives=True):
-    t = tables({"a": 0.01, "b": 0.012, "c": 0.03}, L=4)
-    p = write_cluster(tmp_path, t)
-    for n, tab in t.items():  # the table files carry the tensor_parallel section
-        f = tmp_path / "profiles" / f"{n}.json"
-        d = json.loads(f.read_text())
-        d["tensor_parallel"] = tab.tensor_parallel
-        d["model"].update(num_key_value_heads=4, intermediate_size=256)
-        f.write_text(json.dumps(d))
+    p = write_cluster(tmp_path, tables({"a": 0.01, "b": 0.012, "c": 0.03}, L=4))
+    assert "tensor_parallel" in json.loads((tmp_path / "profiles" / "a.json").read_text())
     d = json.loads(p.read_text())
     if collectives:
         d["collectives"] = [{"nodes": ["b", "a"], "op": "all_sum", "backend": "ring",
@@ -354,6 +373,22 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, args, words):
     r = run(_write(tmp_path), *args)
     assert r.returncode == 2 and words in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_roofline_derived_node_scales_its_bases_tensor_profile(tmp_path):
+    from graphsplit.hybrid import tables as tp
+
+    p = _write(tmp_path)
+    d = json.loads(p.read_text())
+    d["nodes"].append({"id": "m", "derive_from": "a", "chip": {
+        "memory_bandwidth_gbs": 200, "fp16_tflops": 40, "memory_bytes": 64 * GiB}})
+    p.write_text(json.dumps(d))
+    c = load_cluster(p)
+    base, _ = tp.tp_seconds(c.node("a"), 0, 2, "decode", 128)
+    derived, _ = tp.tp_seconds(c.node("m"), 0, 2, "decode", 128)
+    assert derived == pytest.approx(base * 100 / 200)  # bandwidth ratio, as its rows
+    pre, _ = tp.tp_seconds(c.node("m"), 0, 2, "prefill", 64)
+    assert pre == pytest.approx(tp.tp_seconds(c.node("a"), 0, 2, "prefill", 64)[0] * 10 / 40)
 
 
 def test_cluster_collective_fields_checked(tmp_path):

@@ -26,8 +26,8 @@ in. Older exo's `MlxRingInstance.hosts` (one host per rank) is re-indexed too.
 
 Also here: `/instance/previews` entries (snake_case; Tensor previews, for a pipeline plan, and
 `instance: null` entries are skipped, not fatal; a Tensor plan reads TensorShardMetadata ranks,
-every rank all layers [0, n_layers), equal shares), `/instance/await`'s server-sent events (`{"type": "ready", ...}` or
-`{"type": "timeout", ...}`), error bodies (`{"error": {"message": ...}}` from exo's handlers,
+every rank all layers [0, n_layers), equal shares), `/instance/await`'s server-sent events
+(`{"type": "ready", ...}` or `{"type": "timeout", ...}`), error bodies (`{"error": {"message": ...}}` from exo's handlers,
 `{"detail": [...]}` from its request validation), `/state` (node names, memory, topology
 connections with their addresses, RDMA interfaces), and building an instance from scratch
 when no preview covers the planned nodes. Any shape it does not know where it needs one raises

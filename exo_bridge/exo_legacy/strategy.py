@@ -216,6 +216,13 @@ def read_plan_view(plan: Any) -> PlanView:
                         [Span(s.node, s.start_layer, s.end_layer) for s in plan.stages],
                         dict(plan.nodes or {}), plan.objective, dict(plan.workload or {}),
                         plan.cluster_file)
+    raw = plan["stages"] if isinstance(plan, dict) else plan.stages
+    tens = [i for i, s in enumerate(raw) if (s.get("tensor") if isinstance(s, dict)
+                                             else getattr(s, "tensor", None))]
+    if tens:  # a tensor-parallel stage (graphsplit.hybrid): not something legacy exo can run
+        raise StrategyError(f"{source}: stage {tens[0]} is tensor-parallel but legacy exo has no "
+                            "tensor parallelism (a shard is one node's layer range); run it "
+                            "with `exo-bridge run`, or split without --hybrid")
     check_chain(view.stages, view.n_layers, source)
     cf = view.cluster_file
     if where is not None and cf and not Path(cf).exists() and (where / cf).exists():

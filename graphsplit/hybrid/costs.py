@@ -39,7 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from graphsplit.costmodel import Pass, Prediction, Workload, check_runtime, protocol, stage_memory
+from graphsplit.costmodel import (Pass, Prediction, Protocol, Workload, check_runtime, protocol,
+                                  stage_memory)
 from graphsplit.hybrid import tables
 from graphsplit.hybrid.shares import check_runtime_can_run
 from graphsplit.plan import Stage, check_stages
@@ -54,7 +55,7 @@ class UnmeasuredGroup(UserError):
 class HybridPrediction(Prediction):
     """Prediction plus, per tensor stage (keyed by its node), what its group costs."""
     tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
-    derived_shares: bool = False  # some share was interpolated between measured shares
+    derived_shares: bool = False  # a rank's time interpolated between measured shares / sizes
 
 
 def model_dims(cluster) -> tuple[int, int, int]:
@@ -64,6 +65,9 @@ def model_dims(cluster) -> tuple[int, int, int]:
     kv, inter = m.num_key_value_heads, m.intermediate_size
     if not kv:
         kv = tables.n_kv_heads(cluster.nodes[0])
+    if not inter:  # an older table: the MLP columns of a measured share, scaled to all heads
+        r = tables.section(cluster.nodes[0])["rows"][0]
+        inter = round(r["mlp_columns"] * kv / r["kv_heads"])
     return int(kv), int(inter), int(m.hidden_size)
 
 
@@ -141,8 +145,8 @@ def group_time(cluster, st: Stage, passes: Sequence[Pass], runtime: str, first: 
     return GroupTime(blocks + ar + entry + extra, blocks, ar, entry, own, derived)
 
 
-def _rows_protocol(passes, runtime):
-    from graphsplit.costmodel import Protocol
+def _rows_protocol(passes, runtime) -> Protocol:
+    """The runtime's protocol restricted to `passes` (for embedding / head rows)."""
     return Protocol(runtime, tuple(passes), head_on_every_rank=runtime == "exo-current",
                     token_closure=runtime != "exo-current")
 

@@ -79,10 +79,16 @@ def solve(cluster, objective: str, workload: Workload, runtime: str, use_all_nod
         raise UserError("--hybrid --runtime exo-legacy: legacy exo has no tensor parallelism "
                         "(a shard is one node's layer range); use --runtime mlx-pipeline (run "
                         "with `exo-bridge run`) or --runtime exo-current, or drop --hybrid")
-    pipe = api.solve(cluster, objective, workload, runtime, use_all_nodes, solver)
+    try:
+        pipe = api.solve(cluster, objective, workload, runtime, use_all_nodes, solver)
+    except UserError as e:  # more nodes than layers: no pipeline, but groups may hold them all
+        if not use_all_nodes or len(cluster.nodes) <= cluster.n_layers:
+            raise
+        pipe = SplitResult(None, float("inf"), True, 2, str(e), "pipeline")
     if runtime == "exo-current":
         return _exo_current(cluster, objective, workload, use_all_nodes, pipe), pipe
-    return solve_hybrid(cluster, objective, workload, use_all_nodes, tp_shares, max_group), pipe
+    return solve_hybrid(cluster, objective, workload, use_all_nodes, tp_shares, max_group,
+                        seed=pipe), pipe
 
 
 def make_hybrid_plan(cluster, objective: str = "latency", workload: Workload = Workload(),
@@ -99,7 +105,7 @@ def make_hybrid_plan(cluster, objective: str = "latency", workload: Workload = W
     pred = predict(cluster, res.stages, workload, runtime).to_dict()
     pred["derived_from"] = "measured cost tables and measured collectives" + (
         " (some nodes roofline-estimated)" if pred["estimated"] else "") + (
-        " (some shares interpolated between measured shares)"
+        " (some tensor-parallel shares or sizes interpolated between measured ones)"
         if pred.get("derived_shares") else "")
     base = {}
     if pipe.stages is not None:

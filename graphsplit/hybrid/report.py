@@ -17,10 +17,11 @@ def tensor_lines(plan: Plan) -> list[str]:
         if s.tensor is None:
             continue
         t = (p.get("tensor") or {}).get(s.node, {})
+        derived = ", some interpolated between measured shares or sizes" if t.get("derived_shares") \
+            else ""
         lines.append(f"stage {i + 1} is tensor-parallel over {'+'.join(s.tensor.nodes)} "
                      f"(chain order; shares {'/'.join(map(str, s.tensor.kv_heads))} KV heads, "
-                     f"{'/'.join(map(str, s.tensor.mlp_columns))} MLP columns"
-                     f"{', some interpolated between measured shares' if t.get('derived_shares') else ''}):")
+                     f"{'/'.join(map(str, s.tensor.mlp_columns))} MLP columns{derived}):")
         own = t.get("member_compute_s", {})
         for m, k in zip(s.tensor.nodes, s.tensor.kv_heads):
             used, cap = p["stage_memory_bytes"].get(m, 0), p["stage_capacity_bytes"].get(m, 0)

@@ -13,7 +13,7 @@ choices only affect the stage itself). Dynamic program over states (first member
 stage, set of used nodes, open candidate c, its first block a), value = min sum of the closed
 stages; closing c at b and opening c' (disjoint from the set) costs
 T = C_c[a, b] + link(t_c -> h_c', b); closing at L pays the ring closure t_c -> f. Vectorised
-over (a, b) per (state, c') pair. `cap` bounds every T (S(cap) = min sum s.t. max <= cap).
+over (a, b) per (state, next first member) pair. `cap` bounds every T (S(cap) = min sum s.t. max <= cap).
 
 * latency / ttft: one uncapped run.
 * throughput: min over caps T of G(T) = max(S(T) / B, T) is the optimum (the optimal plan's own
@@ -24,7 +24,9 @@ over (a, b) per (state, c') pair. `cap` bounds every T (S(cap) = min sum s.t. ma
 The state space is complete, so the result is optimal over every plan the model can price
 (label "optimal-all-orders-subsets"); groups never measured are not plans it can price and are
 listed as left out. With --max-group (or a cluster too large for the exact program: more than
-MAX_EXACT_CANDIDATES candidate kinds) the search is restricted and labelled "bound": its
+MAX_EXACT_NODES nodes or MAX_EXACT_CANDIDATES candidate kinds; then groups of two up to
+MAX_RESTRICTED_NODES for latency and ttft, else the pipeline optimum alone) the search is
+restricted and labelled "bound": its
 objective is compared with a lower bound (every block at its cheapest candidate per block, no
 links; graphsplit.hybrid.search.lower_bound) and the gap is reported.
 
@@ -50,13 +52,33 @@ from graphsplit.result import SplitResult
 
 INF = np.inf
 REL = 1e-9
-MAX_EXACT_CANDIDATES = 160
+MAX_EXACT_CANDIDATES = 160  # beyond these the search is restricted and labelled "bound"
+MAX_EXACT_NODES = 8
+MAX_RESTRICTED_NODES = 10  # up to here pairs are still searched (latency / ttft; throughput's
+# capped runs are too many there): beyond, the seed (the pipeline optimum) alone
 
 
-def _dp(hc: HybridCosts, use_all: bool, cap: float = INF):
-    """Min sum of stage times (every one <= cap). Returns (value, path, work) where path is
-    [(candidate index, first block)] in execution order, or (inf, None, work)."""
+def _per_block(hc: HybridCosts) -> np.ndarray:
+    """The cheapest cost of each block on any node or group (blocks and all-reduces only)."""
+    cc, L = hc.cc, hc.L
+    per = np.min(np.diff(cc.prefix, axis=1), axis=0)
+    for c in hc.cands:
+        if c.blocks is not None:
+            per = np.minimum(per, [c.blocks[i, i + 1] for i in range(L)])
+    return per
+
+
+def _dp(hc: HybridCosts, use_all: bool, cap: float = INF, incumbent: float = INF):
+    """Min sum of stage times (every one <= cap) below `incumbent`. Returns (value, path,
+    work) where path is [(candidate index, first block)] in execution order, or (inf, None,
+    work) when no plan beats the incumbent. Branch and bound: a state whose value plus a lower
+    bound on the rest (every remaining block at its cheapest, the cheapest head) reaches the
+    best plan so far cannot lead to a better one."""
     L, D = hc.L, len(hc.ids)
+    per = _per_block(hc)
+    rest = np.concatenate([np.cumsum(per[::-1])[::-1], [0.0]])
+    rest[:L] += hc.cc.t_head.min()
+    rest *= 1 - 1e-9  # rounding never prunes an optimal plan
     full = (1 << D) - 1
     out, close, cands = hc.cc.out, hc.cc.close, hc.cands
     capped = np.isfinite(cap)
@@ -78,11 +100,12 @@ def _dp(hc: HybridCosts, use_all: bool, cap: float = INF):
 
     for ci, c in enumerate(cands):
         val[state((c.head, c.mask, ci))][0] = 0.0
-    best, best_end, work = INF, None, 0
+    best, best_end, work = incumbent, None, 0
     for mask in range(1, full + 1):
         for si in sorted(by_mask.get(mask, []), key=lambda i: keys[i]):
             f, _, ci = keys[si]
             v = val[si]
+            v[v + rest >= best] = INF
             if not np.isfinite(v).any():
                 continue
             c = cands[ci]
@@ -94,17 +117,22 @@ def _dp(hc: HybridCosts, use_all: bool, cap: float = INF):
                 a = int(np.argmin(tot))
                 if tot[a] < best * (1 - REL):
                     best, best_end = float(tot[a]), (si, a)
+            by_head: dict[int, tuple] = {}  # closing c at b depends on the next head only
             for cj, c2 in enumerate(cands):
                 if c2.mask & mask:
                     continue
-                work += 1
-                T = c.C + out[c.tail, c2.head][None, :]
-                if capped:
-                    T = np.where(T <= cap, T, INF)
-                M = v[:, None] + T
-                arg = np.argmin(M, axis=0)
-                nv = M[arg, cols]
-                if not np.isfinite(nv).any():
+                if c2.head not in by_head:
+                    work += 1
+                    T = c.C + out[c.tail, c2.head][None, :]
+                    if capped:
+                        T = np.where(T <= cap, T, INF)
+                    M = v[:, None] + T
+                    arg = np.argmin(M, axis=0)
+                    nv = M[arg, cols]
+                    nv[nv + rest >= best] = INF
+                    by_head[c2.head] = (nv, arg, np.isfinite(nv).any())
+                nv, arg, any_ = by_head[c2.head]
+                if not any_:
                     continue
                 sj = state((f, mask | c2.mask, cj))
                 upd = nv < val[sj] * (1 - REL)
@@ -167,40 +195,36 @@ def _all_stage_times(hc: HybridCosts) -> np.ndarray:
     return v
 
 
-def _throughput(hc: HybridCosts, use_all: bool, B: int):
-    """min over caps of max(S(cap) / B, cap) by binary search (module docstring)."""
+def _throughput(hc: HybridCosts, use_all: bool, B: int, seed: float = INF):
+    """min over caps T of G(T) = max(S(T) / B, T), exactly, by elimination (module docstring):
+    with the best F found so far, a cap T >= F cannot improve (G >= T), and a capped run that
+    finds no plan with sum < B x F rules out every smaller cap too (S only grows as T falls);
+    a run that finds one improves F and rules out the caps below it (G >= S(T) / B) or above
+    F. Every probe halves the range of candidate caps; runs are pruned at B x F. `seed`: the
+    objective of a plan known beforehand (the pipeline optimum), beaten or kept by the caller."""
     caps = _all_stage_times(hc)
-    work = 0
-    lo, hi = 0, len(caps) - 1
-    found = {}
-
-    def run(i):
-        nonlocal work
-        if i not in found:
-            v, p, w = _dp(hc, use_all, caps[i] * (1 + REL))
-            work += w
-            found[i] = (v, p)
-        return found[i]
-
-    if not len(caps) or run(hi)[1] is None:
-        return INF, None, work
-    while lo < hi:  # first cap with S(cap) / B <= cap
+    v0, p0, work = _dp(hc, use_all, INF, B * seed)  # min sum, no cap: a first plan
+    best, best_p = seed, None
+    if p0 is not None:
+        f0 = max(v0 / B, max(_stage_times(hc, p0)))
+        if f0 < best * (1 - REL):
+            best, best_p = f0, p0
+    lo, hi = 0, int(np.searchsorted(caps, best * (1 - REL)))
+    while lo < hi:
         mid = (lo + hi) // 2
-        v, p = run(mid)
-        if p is not None and v / B <= caps[mid]:
-            hi = mid
-        else:
+        v, p, w = _dp(hc, use_all, caps[mid] * (1 + REL), B * best)
+        work += w
+        if p is None:  # S(caps[mid]) >= B x best: no cap <= mid helps
             lo = mid + 1
-    best, best_p = INF, None
-    for i in (lo - 1, lo):
-        if i < 0:
-            continue
-        v, p = run(i)
-        if p is None:
             continue
         f = max(v / B, max(_stage_times(hc, p)))
         if f < best * (1 - REL):
             best, best_p = f, p
+        hi = min(hi, int(np.searchsorted(caps, best * (1 - REL))))
+        if v / B >= best * (1 - REL) or v / B > caps[mid]:
+            lo = mid + 1  # every smaller cap has G >= S(caps[mid]) / B >= best
+        else:
+            hi = min(hi, mid)  # S / B <= cap: G(T) >= T > caps[mid] >= f >= best above it
     return best, best_p, work
 
 
@@ -209,11 +233,8 @@ def lower_bound(hc: HybridCosts, objective: str, B: int) -> float:
     cost on any node or group (blocks and all-reduces only: no links, no chain, memory only as
     far as the block alone must fit), plus the cheapest embedding and head. Throughput: also
     the costliest single block (a stage holds at least one)."""
-    cc, L = hc.cc, hc.L
-    per = np.min(np.diff(cc.prefix, axis=1), axis=0)
-    for c in hc.cands:
-        if c.blocks is not None:
-            per = np.minimum(per, [c.blocks[i, i + 1] for i in range(L)])
+    cc = hc.cc
+    per = _per_block(hc)
     s = float(per.sum() + cc.t_embed.min() + cc.t_head.min())
     if objective == "throughput":
         return max(s / B, float(per.max()))
@@ -222,32 +243,42 @@ def lower_bound(hc: HybridCosts, objective: str, B: int) -> float:
 
 def solve_hybrid(cluster, objective: str = "latency", workload: Workload = Workload(),
                  use_all_nodes: bool = False, tp_shares: str = "any",
-                 max_group: int | None = None) -> SplitResult:
-    """The best hybrid plan for runtime mlx-pipeline (see the module docstring)."""
+                 max_group: int | None = None, seed: SplitResult | None = None) -> SplitResult:
+    """The best hybrid plan for runtime mlx-pipeline (see the module docstring). `seed`: a
+    plan already known (the pure-pipeline optimum under mlx-pipeline, same objective and
+    use_all_nodes), kept when nothing beats it and pruning the search meanwhile."""
     t0 = time.perf_counter()
     metric = "prefill" if objective == "ttft" else "decode"
     hc = build(cluster, workload, metric, tp_shares, max_group)
+    known = seed is not None and seed.stages is not None
     restricted = max_group is not None
-    if len(hc.cands) > MAX_EXACT_CANDIDATES:
-        restricted = True
-        hc.cands = [c for c in hc.cands if len(c.group) <= 2]
-        hc.skipped.append(f"groups of 3+ nodes ({MAX_EXACT_CANDIDATES}+ candidate stage kinds "
-                          "is beyond the exact program here)")
+    D = len(hc.ids)
     B = workload.streams
+    full = build(cluster, workload, metric, tp_shares, None) if restricted else hc
+    lb = lower_bound(full, objective, B)  # over every candidate, before any restriction
+    if D > MAX_EXACT_NODES or len(hc.cands) > MAX_EXACT_CANDIDATES:
+        restricted = True
+        keep = 2 if D <= MAX_RESTRICTED_NODES and objective != "throughput" else 1
+        hc.cands = [c for c in hc.cands if len(c.group) <= keep]
+        hc.skipped.append(f"groups of {keep + 1}+ nodes ({D} nodes, {len(hc.cands)} candidate "
+                          "stage kinds: beyond the exact program's limits "
+                          f"({MAX_EXACT_NODES} nodes, {MAX_EXACT_CANDIDATES} kinds))")
+        if keep == 1 and known:  # the pipeline optimum is the search over single nodes
+            hc.cands = []
+    sv = seed.fun if known else INF
     if objective == "throughput":
-        val, path, work = _throughput(hc, use_all_nodes, B)
+        val, path, work = _throughput(hc, use_all_nodes, B, sv)
     else:
-        val, path, work = _dp(hc, use_all_nodes)
+        val, path, work = _dp(hc, use_all_nodes, INF, sv)
     extra = {"left_out": list(hc.skipped), "candidates": len(hc.cands)}
     dt = time.perf_counter() - t0
-    if path is None:
+    if path is None and not known:
         return SplitResult(None, INF, not restricted, 2, "infeasible: no hybrid plan fits",
                            "hybrid-dp", dt, work, extra)
-    stages = _stages(hc, path)
-    groups = sum(1 for c in hc.cands if c.shares is not None)
+    stages = _stages(hc, path) if path is not None else list(seed.stages)
+    val = val if path is not None else sv
+    groups = len({c.group for c in hc.cands if c.shares is not None})
     if restricted:
-        lb = lower_bound(hc, objective, B) if max_group is None else \
-            lower_bound(build(cluster, workload, metric, tp_shares, None), objective, B)
         gap = (val - lb) / val if val > 0 else 0.0
         res = SplitResult(stages, val, False, 1,
                           f"restricted search ({'; '.join(hc.skipped)}); lower bound "
@@ -257,7 +288,7 @@ def solve_hybrid(cluster, objective: str = "latency", workload: Workload = Workl
     left = f"; left out: {'; '.join(hc.skipped)}" if hc.skipped else ""
     res = SplitResult(stages, val, True, 0,
                       f"exact over every order and subset of {len(hc.ids)} nodes and "
-                      f"{groups} measured tensor-group kinds, all share vectors{left}",
+                      f"{groups} measured tensor groups, every share vector and chain order{left}",
                       "hybrid-dp", dt, work, extra)
     _label(res, "optimal-all-orders-subsets", val, 0.0)
     return res
