@@ -526,6 +526,12 @@ def read_cluster_for_link(cluster_path: str | Path, src: str, dst: str) -> dict[
     """The parsed cluster file, checked field by field, with nodes `src` and `dst`; called
     before measuring (a bad file is refused at once, not after the measurement) and again under
     the lock to write."""
+    return read_cluster_with(cluster_path, [("--from", src), ("--to", dst)])
+
+
+def read_cluster_with(cluster_path: str | Path, named: list[tuple[str, str]]) -> dict[str, Any]:
+    """The parsed, field-checked cluster file; every (option, node id) of `named` must be one
+    of its nodes (one line naming the option otherwise)."""
     from graphsplit.cluster import ClusterError, check_fields
 
     path = Path(cluster_path)
@@ -536,7 +542,7 @@ def read_cluster_for_link(cluster_path: str | Path, src: str, dst: str) -> dict[
         raise ClusterError(f"{what}: the top level must be a JSON object with 'nodes'")
     check_fields(data, what)
     ids = {n["id"] for n in data["nodes"]}
-    for opt, x in (("--from", src), ("--to", dst)):
+    for opt, x in named:
         if x not in ids:
             raise UserError(f"{what}: no node {x!r} (given by {opt}); nodes: "
                             f"{', '.join(sorted(ids))}")
@@ -591,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     _measure_args(x, repeats=10, gap_ms=20.0)
     x.add_argument("--local", action="store_true",
                    help="start both ranks here on loopback (a self-test of the runtime path)")
+    _collective_parser(sub)
     for name in ("measure", "self-test"):
         m = sub.add_parser(name, help="measure the link to a server" if name == "measure"
                            else "server and client on loopback")
@@ -601,6 +608,102 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the whole measurement must finish within this (default 60 s)")
         _measure_args(m, repeats=15, gap_ms=0.0)
     return ap
+
+
+def _collective_parser(sub) -> None:
+    """`profile-link collective`: the all-reduce of a tensor-parallel group (profile_collective)."""
+    c = sub.add_parser("collective", help="all-reduce (all_sum) over a group of nodes, at the "
+                       "sizes a tensor-parallel decode step and prefill sum; per group into the "
+                       "cluster file")
+    c.add_argument("--nodes", type=o.text("node ids"), default=None,
+                   help="the group's node ids in rank order, comma-separated (e.g. a,b,c)")
+    c.add_argument("--local", action="store_true",
+                   help="start every rank here on loopback (a self-test of the runtime path)")
+    c.add_argument("--hostfile", type=o.path("hostfile"),
+                   help="ring hostfile, one [\"ip:port\"] per rank; run one command per host")
+    c.add_argument("--rank", type=o.int_in(0, 4095), help="this host's rank (0 reports)")
+    c.add_argument("--rank-from-env", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--sizes", type=o.json_sizes(MAX_MESSAGE), default=None, help=argparse.SUPPRESS)
+    c.add_argument("--backend", type=o.text("backend"), default="ring", help=argparse.SUPPRESS)
+    c.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=180.0,
+                   help="seconds for the whole measurement, every rank included (default 180)")
+    c.add_argument("--hidden", type=o.positive_int(MAX_HIDDEN), default=4096,
+                   help="model hidden size (default 4096)")
+    c.add_argument("--dtype-bytes", type=o.int_choice((1, 2, 4)), default=2,
+                   help="activation bytes (default 2)")
+    c.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=128,
+                   help="prompt length: the prefill all-reduce's tokens (default 128)")
+    c.add_argument("--repeats", type=o.positive_int(10000), default=10)
+    c.add_argument("--gap-ms", type=o.float_in(0, 60000), default=5.0,
+                   help="idle time before each timed all-reduce (default 5)")
+    c.add_argument("--busy-ms", type=o.float_in(0, 60000), default=0.0,
+                   help="compute this long before each timed all-reduce, as a rank computes "
+                   "its share of a block (default 0; under CPU quotas give about that time)")
+    c.add_argument("--cluster", type=o.path("cluster file"), default=None,
+                   help="cluster JSON to write the group's entry into (needs --nodes)")
+    c.add_argument("--json", action="store_true")
+
+
+def _main_collective(args) -> int:
+    """Measure (locally, or this host's rank of a multi-host group) and write rank 0's entry."""
+    import os
+
+    from exo_bridge import profile_collective as pc
+
+    if args.rank_from_env:  # a rank started by measure_collective (which bounds it)
+        sizes = sorted(set((args.sizes or {}).values()))
+        res = pc.rank_program(sizes, args.repeats, 2, args.gap_ms / 1e3, args.backend,
+                              args.busy_ms / 1e3)
+        if res is not None:
+            print(pc.COLL_TAG + json.dumps(res), flush=True)
+        os._exit(0)
+    nodes = [x.strip() for x in (args.nodes or "").split(",") if x.strip()]
+    if args.cluster and not nodes:
+        raise UserError("--cluster needs --nodes A,B,... (the group's node ids in rank order)")
+    if len(set(nodes)) != len(nodes):
+        raise UserError(f"--nodes {args.nodes}: a node is named twice; give each once")
+    if args.cluster:
+        pc.read_cluster_for_group(args.cluster, nodes)  # refuse a bad file before measuring
+    sizes = pc.collective_sizes(args.hidden, args.dtype_bytes, args.prompt_tokens)
+    if sizes[-1] > MAX_MESSAGE:
+        raise UserError(f"--prompt-tokens {args.prompt_tokens} x --hidden {args.hidden} x "
+                        f"--dtype-bytes {args.dtype_bytes} = {sizes[-1]} bytes per message, "
+                        f"more than {MAX_MESSAGE} (1 GiB); lower --prompt-tokens")
+    if args.local:
+        if len(nodes) < 2:
+            raise UserError("--local needs --nodes with at least 2 node ids (one rank each)")
+        res = pc.measure_collective(len(nodes), sizes, repeats=args.repeats,
+                                    gap_ms=args.gap_ms, timeout_s=args.timeout,
+                                    busy_ms=args.busy_ms)
+    else:
+        if not args.hostfile or args.rank is None:
+            raise UserError("profile-link collective needs --hostfile FILE and --rank N on "
+                            "each host (or --local)")
+        proc = pc._start(args.rank, args.hostfile, sizes, args.repeats, args.gap_ms, None,
+                         "ring", args.busy_ms)
+        try:
+            out = _wait_ranks([proc], args.timeout, ranks=[args.rank],
+                              hint="are the other ranks running, with the same hostfile?")[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if pc.COLL_TAG not in out[0]:
+            os._exit(0)  # not rank 0: rank 0 reports
+        res = pc.parse_rank0(out)
+        if nodes and len(nodes) != res["k"]:
+            raise UserError(f"--nodes names {len(nodes)} nodes, the hostfile {res['k']} ranks; "
+                            "give one node per rank, in rank order")
+    entry = pc.entry_from(res, nodes or [f"rank{r}" for r in range(res["k"])], "ring")
+    if args.cluster:
+        pc.write_collective(args.cluster, entry)
+    if args.json:
+        print(json.dumps({"collective": entry, "written": bool(args.cluster)}, indent=1),
+              flush=True)
+    else:
+        print(pc.report(entry), flush=True)
+        if args.cluster:
+            print(f"wrote collective {','.join(nodes)} into {args.cluster}", flush=True)
+    os._exit(0)
 
 
 def check_sizes(args) -> dict[str, int]:
@@ -627,6 +730,8 @@ def _report(m: LinkMeasurement) -> str:
 @guard
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd == "collective":
+        return _main_collective(args)
     if args.cmd == "serve":
         print(f"profile-link: serving on {args.host}:{args.port} (Ctrl-C stops)", flush=True)
         serve(args.host, args.port, once=args.once)

@@ -326,7 +326,7 @@ def cluster_from_dict(data: Any, base_dir: str | Path = ".", where: str = "clust
     return Cluster(model=model, nodes=nodes, links=_links(data.get("links", []), specs, where),
                    default_link=default, path=path,
                    runtimes=_runtimes(data.get("runtimes", {}), f"{where}: runtimes"),
-                   collectives=_collectives(data.get("collectives", []), specs, where,
+                   collectives=_collectives(data.get("collectives", []), specs, where),
                    calibrations=calibrations)
 
 

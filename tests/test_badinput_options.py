@@ -54,6 +54,7 @@ PREFIX = {
     "profile-link self-test": ["self-test"],
     "profile-link mlx": ["mlx"],
     "what-if": ["/nonexistent/cluster.json"],
+    "profile-link collective": ["collective"],
 }
 # Commands whose options are checked elsewhere (none today): any option not listed fails this suite.
 ELSEWHERE: set[str] = set()

@@ -273,3 +273,124 @@ def test_mlx_two_hosts_mode_reports_on_rank_0(tmp_path):
     out1 = r1.communicate(timeout=60)
     assert r0.returncode == 0 and r1.returncode == 0, (r0.stderr, out1[1])
     assert json.loads(r0.stdout)["measurement"]["sizes"]["prompt"]["bytes"] == 8 * 64 * 2
+
+
+# --------------------------------------------------------------- collectives (tensor groups)
+
+from exo_bridge import profile_collective as pc  # noqa: E402
+
+
+def _cluster3(tmp_path, **extra):
+    cl = tmp_path / "cluster.json"
+    cl.write_text(json.dumps({"model": "m", "nodes": [{"id": "a"}, {"id": "b"}, {"id": "c"}],
+                              "links": [{"from": "a", "to": "b", "latency_ms": 1,
+                                         "bandwidth_gbps": 1}], **extra}))
+    return cl
+
+
+def test_collective_sizes_are_a_decode_step_and_a_prefill():
+    assert pc.collective_sizes(4096, 2, 128) == [8192, 92680, 1048576]
+    assert pc.collective_sizes(64, 4, 1) == [256]  # one token: one size
+
+
+def test_alpha_beta_fit_recovers_an_affine_link():
+    sizes = [1000, 10_000, 100_000]
+    lat, bw = pc.fit_alpha_beta(sizes, [2e-4 + n / 5e8 for n in sizes])
+    assert lat == pytest.approx(2e-4) and bw == pytest.approx(5e8)
+    assert pc.fit_alpha_beta(sizes, [3e-4, 2e-4, 1e-4])[1] is None  # no growth: no bandwidth
+
+
+def test_collective_on_three_loopback_ranks_writes_the_group_entry(tmp_path):
+    """Three real mx.distributed ranks: both algorithms timed at every size; the entry (I3) goes
+    into the cluster file beside everything already there."""
+    pytest.importorskip("mlx.core")
+    old = {"op": "all_sum", "sizes_bytes": [8], "latency_s": 1.0, "bandwidth_Bps": 1.0}
+    cl = _cluster3(tmp_path, collectives=[
+        {"nodes": ["c", "a", "b"], "seconds": [9.0], **old},  # same group: replaced
+        {"nodes": ["a", "b"], "seconds": [7.0], **old}])  # another group: kept
+    cp = subprocess.run([sys.executable, "-m", "exo_bridge.profile_link", "collective", "--local",
+                         "--nodes", "a,b,c", "--hidden", "64", "--dtype-bytes", "4",
+                         "--prompt-tokens", "16", "--repeats", "3", "--gap-ms", "0",
+                         "--busy-ms", "1", "--cluster", str(cl), "--json"],
+                        capture_output=True, text=True,
+                        timeout=180)
+    assert cp.returncode == 0, cp.stderr
+    data = json.loads(cl.read_text())
+    assert data["links"][0]["latency_ms"] == 1  # nothing already in the file lost
+    by = {tuple(sorted(c["nodes"])): c for c in data["collectives"]}
+    assert set(by) == {("a", "b", "c"), ("a", "b")} and by[("a", "b")]["seconds"] == [7.0]
+    e = by[("a", "b", "c")]
+    assert e["nodes"] == ["a", "b", "c"] and e["op"] == "all_sum" and e["backend"] == "ring"
+    assert e["sizes_bytes"] == [256, 1024, 4096] and e["algorithm"] == "neighbour-chain"
+    assert (e["repeats"], e["gap_ms"], e["busy_ms"]) == (3, 0.0, 1.0)  # how it was measured
+    for d in (e, e["mlx_all_sum"]):
+        assert len(d["seconds"]) == len(d["spread"]) == 3
+        assert all(t > 0 for t in d["seconds"]) and d["latency_s"] >= 0
+    assert e == json.loads(cp.stdout)["collective"]
+    from graphsplit.cluster import _collectives  # what the planner reads back (hybplan's reader)
+
+    got = _collectives(data["collectives"], {"a": {}, "b": {}, "c": {}}, "cluster")
+    assert got[(("a", "b", "c"), "all_sum")].seconds == tuple(e["seconds"])
+
+
+def test_write_collective_replaces_only_its_group_and_keeps_concurrent_writes(tmp_path):
+    cl = _cluster3(tmp_path)
+    res = {"k": 2, "sizes_bytes": [256, 4096], "repeats": 3,
+           "all_sum": {"seconds": [1e-3, 2e-3], "spread": [0.1, 0.1]},
+           "chain": {"seconds": [1e-3, 3e-3], "spread": [0.1, 0.1]}}
+    groups = [["a", "b"], ["b", "c"], ["a", "c"], ["c", "a", "b"]]
+    threads = [threading.Thread(target=pc.write_collective,
+                                args=(cl, pc.entry_from(res, g, "ring"))) for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = sorted(tuple(sorted(c["nodes"])) for c in json.loads(cl.read_text())["collectives"])
+    assert got == [("a", "b"), ("a", "b", "c"), ("a", "c"), ("b", "c")]
+    e = pc.entry_from(res, ["b", "a"], "ring")
+    assert e["latency_s"] == pytest.approx(1e-3 - 256 * 2e-3 / 3840)
+    assert e["bandwidth_Bps"] == pytest.approx(3840 / 2e-3)
+    pc.write_collective(cl, e)  # the same set in another order replaces a,b
+    assert len(json.loads(cl.read_text())["collectives"]) == 4
+    flat = dict(res, chain={"seconds": [3e-3, 2e-3], "spread": [0.1, 0.1]})
+    e = pc.entry_from(flat, ["a", "b"], "ring")  # no growth with size: a lower bound, said so
+    assert e["bandwidth_Bps"] == pytest.approx(4096 / 2e-3) and "lower bound" in \
+        e["bandwidth_note"]
+    with pytest.raises(UserError, match="no node 'zz' \\(given by --nodes\\)"):
+        pc.write_collective(cl, pc.entry_from(res, ["a", "zz"], "ring"))
+    bad = _cluster3(tmp_path, collectives={"a": 1})
+    with pytest.raises(UserError, match="collectives"):
+        pc.write_collective(bad, e)
+    assert json.loads(bad.read_text())["collectives"] == {"a": 1}  # refused, not rewritten
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--local", "--cluster", "{cl}"], "--cluster needs --nodes"),
+    (["--local", "--nodes", "a,zz", "--cluster", "{cl}"], "no node 'zz' (given by --nodes)"),
+    (["--local", "--nodes", "a,a"], "named twice"),
+    (["--local", "--nodes", "a"], "at least 2 node ids"),
+    (["--nodes", "a,b"], "needs --hostfile FILE and --rank N"),
+    (["--local", "--nodes", "a,b", "--hidden", "1048576", "--prompt-tokens", "1024"],
+     "lower --prompt-tokens"),
+])
+def test_collective_bad_input_is_one_line_before_measuring(tmp_path, argv, says):
+    cl = _cluster3(tmp_path)
+    before = cl.read_text()
+    cp = subprocess.run([sys.executable, "-m", "exo_bridge.profile_link", "collective",
+                         *[a.replace("{cl}", str(cl)) for a in argv]],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and cp.stderr.count("\n") == 1, cp.stderr
+    assert says in cp.stderr
+    assert cl.read_text() == before
+
+
+def test_collective_rank_whose_peers_never_come_is_bounded_by_timeout(tmp_path):
+    from exo_bridge.runner.run import free_ports
+
+    hf = tmp_path / "hostfile.json"
+    hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(3)]))
+    cp = subprocess.run([sys.executable, "-m", "exo_bridge.profile_link", "collective",
+                         "--hostfile", str(hf), "--rank", "0", "--timeout", "3"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and cp.stderr.count("\n") == 1, cp.stderr
+    assert "rank 0 failed: did not finish within --timeout 3 s" in cp.stderr

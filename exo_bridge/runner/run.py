@@ -40,8 +40,9 @@ from typing import Any
 from exo_bridge.runner.stage_worker import RESULT_TAG, encode_job
 from exo_bridge.runner.streams import (DEFAULT_MAX_BATCH, PATTERNS, ServeResult,
                                        ms_text, pct_errors, pct_text, stream_prompts)
+from exo_bridge.runner.tensor import hybrid_layout, is_hybrid, job_groups
 from graphsplit.manual import apply_layers
-from graphsplit.plan import Plan, Stage, check_stages, read_plan, stages_from_json
+from graphsplit.plan import Plan, Stage, check_stages, read_plan, stage_dict, stages_from_json
 from profiler import fields as F
 from profiler import options as o
 from profiler.errors import UserError, guard
@@ -83,7 +84,7 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["stages"] = [asdict(s) for s in self.stages]
+        d["stages"] = [stage_dict(s) for s in self.stages]
         d["error_pct"] = self.errors_pct()
         d["breakdown"] = breakdown(self)
         return d
@@ -336,7 +337,7 @@ def launch_mlx(job: dict[str, Any], hostfile: str, timeout_s: float, python: str
     The package must be installed at the same interpreter path on every host (`--python`).
     """
     cmd = [sys.executable, "-m", "mlx._distributed_utils.launch", "--hostfile", hostfile,
-           "--backend", "ring", "--python", python or sys.executable, "--",
+           "--backend", job.get("backend", "ring"), "--python", python or sys.executable, "--",
            "-m", "exo_bridge.runner.stage_worker", "--job", encode_job(job)]
     fd, log = tempfile.mkstemp(prefix="exo-bridge-run-mlx-launch-", suffix=".log")
     try:
@@ -360,23 +361,30 @@ def launch_mlx(job: dict[str, Any], hostfile: str, timeout_s: float, python: str
 def launch(job: dict[str, Any], stages: list[Stage], *, hostfile: str | None = None,
            python: str | None = None, hosts: list[str] | None = None,
            wrappers: list[list[str]] | None = None, timeout_s: float = 600.0,
-           env: dict[str, str] | None = None,
-           hostfiles: list[str] | None = None) -> list[dict[str, Any]]:
-    """Start the job's ranks (remote hosts: mlx.launch; else local processes) and return each
-    rank's result dict."""
+           env: dict[str, str] | None = None, hostfiles: list[str] | None = None,
+           names: list[str] | None = None, backend: str = "ring") -> list[dict[str, Any]]:
+    """Start the job's ranks (remote hosts or another backend: mlx.launch; else local
+    processes) and return each rank's result dict. `names`: the ranks' nodes in world order
+    (default one per stage; a hybrid plan has one per tensor-group member)."""
+    names = names or [s.node for s in stages]
     if hostfile:
-        check_hostfile(hostfile, len(stages))
+        check_hostfile(hostfile, len(names))
+    if backend != "ring":  # MPI / jaccl: started by mlx.launch with a hostfile of hosts
+        if not hostfile or _hostfile_is_local(hostfile):
+            raise UserError(f"--backend {backend} needs --hostfile with the hosts' addresses "
+                            "(mlx.launch starts the ranks); on this machine use --backend ring")
+        job["backend"] = backend
     if hostfile and not _hostfile_is_local(hostfile):
         return launch_mlx(job, hostfile, timeout_s, python)
     ports = None
     if hostfile:
         hosts = _hostfile_hosts(hostfile)
-        if len(hosts) != len(stages):
+        if len(hosts) != len(names):
             raise UserError(f"hostfile {hostfile} has {len(hosts)} hosts for "
-                            f"{len(stages)} stages")
+                            f"{len(names)} ranks")
         ports = _hostfile_ports(hostfile)
     return launch_local(job, hosts=hosts, wrappers=wrappers, timeout_s=timeout_s, env=env,
-                        hostfiles=hostfiles, ports=ports, names=[s.node for s in stages])
+                        hostfiles=hostfiles, ports=ports, names=names)
 
 
 def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, max_tokens: int,
@@ -385,7 +393,8 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                hostfile: str | None = None, python: str | None = None,
                timeout_s: float = 600.0, warmup_prompt: int = 8, warmup_tokens: int = 2,
                env: dict[str, str] | None = None, seed: int = 0,
-               hostfiles: list[str] | None = None, protocol: str = "ring") -> RunResult:
+               hostfiles: list[str] | None = None, protocol: str = "ring",
+               extra: dict[str, Any] | None = None) -> RunResult:
     """Run one split end to end and measure it; see the module docstring."""
     if max_tokens < 1 or prompt_tokens < 1:
         raise UserError("--prompt-tokens and --max-tokens must be at least 1")
@@ -400,9 +409,13 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
            "prompt": make_prompt(vocab_of(spec["config"]), prompt_tokens, seed),
            "max_tokens": max_tokens, "warmup_prompt": warmup_prompt,
            "warmup_tokens": warmup_tokens, "protocol": protocol}
+    names = [s.node for s in stages]
+    if is_hybrid(stages):  # tensor groups: one rank per member (exo_bridge.runner.tensor)
+        names = hybrid_job(job, stages, spec, protocol, extra or {})
     t0 = time.perf_counter()
     ranks = launch(job, stages, hostfile=hostfile, python=python, hosts=hosts,
-                   wrappers=wrappers, timeout_s=timeout_s, env=env, hostfiles=hostfiles)
+                   wrappers=wrappers, timeout_s=timeout_s, env=env, hostfiles=hostfiles,
+                   names=names, backend=(extra or {}).get("backend", "ring"))
     wall = time.perf_counter() - t0
     r0 = ranks[0]
     tpot = r0.get("tpot_s")
@@ -413,79 +426,9 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                      protocol=protocol)
 
 
-def check_serving(pattern: str, protocol: str, streams: int, micro_batch: int,
-                  max_batch: int, prompt_tokens: int) -> None:
-    """The combinations a multi-stream run can execute (one line each otherwise)."""
-    if pattern not in PATTERNS:
-        raise UserError(f"--pattern {pattern!r} is not one of {', '.join(PATTERNS)}")
-    if pattern == "micro-batch" and protocol == "exo-current":
-        raise UserError("--pattern micro-batch cannot run under --protocol exo-current: its "
-                        "all-gather is a barrier every step, so micro-batches never overlap; "
-                        "use --pattern batch-through or --protocol ring")
-    for name, v in (("--streams", streams), ("--micro-batch", micro_batch),
-                    ("--max-batch", max_batch)):
-        if not isinstance(v, int) or v < 1:
-            raise UserError(f"{name} must be a whole number >= 1, got {v!r}")
-    if protocol == "exo-current" and prompt_tokens < 2:
-        raise UserError("--protocol exo-current needs --prompt-tokens of at least 2 (exo "
-                        "re-decodes the last two prompt tokens)")
-
-
-def serve_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int,
-                 max_tokens: int, streams: int, *, pattern: str = "micro-batch",
-                 micro_batch: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
-                 label: str = "plan", predicted: dict[str, Any] | None = None,
-                 protocol: str = "ring", seed: int = 0, timeout_s: float = 600.0,
-                 warmup_prompt: int = 8, warmup_tokens: int = 2, **where) -> ServeResult:
-    """Serve `streams` concurrent streams through one split under a batching pattern
-    (exo_bridge.runner.streams) and measure every stream. `where`: hosts, wrappers, hostfile,
-    python, env, hostfiles as for `launch`. `micro_batch` above `streams` is clamped to it."""
-    micro_batch = min(micro_batch, streams)
-    check_serving(pattern, protocol, streams, micro_batch, max_batch, prompt_tokens)
-    n_layers = int(spec["config"].get("num_hidden_layers") or spec["config"]["n_layers"])
-    check_stages(stages, n_layers, label)
-    job = {"model": spec, "stages": [[s.start_layer, s.end_layer] for s in stages],
-           "serve": True, "prompts": stream_prompts(vocab_of(spec["config"]), prompt_tokens,
-                                                    streams, seed),
-           "max_tokens": max_tokens, "pattern": pattern, "micro_batch": micro_batch,
-           "max_batch": max_batch, "warmup_prompt": warmup_prompt,
-           "warmup_tokens": warmup_tokens, "protocol": protocol}
-    t0 = time.perf_counter()
-    ranks = launch(job, stages, timeout_s=timeout_s, **where)
-    wall = time.perf_counter() - t0
-    rec = ranks[0]["streams"]
-    return ServeResult(label=label, stages=list(stages), pattern=pattern, protocol=protocol,
-                       streams=streams, micro_batch=micro_batch, max_batch=max_batch,
-                       prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                       tokens=[x["tokens"] for x in rec], times_s=[x["times_s"] for x in rec],
-                       predicted=dict(predicted or {}), ranks=ranks, wall_s=wall)
-
-
-def serve_prediction(cluster, stages: list[Stage], prompt_tokens: int, max_tokens: int,
-                     streams: int, runtime: str, pattern: str, micro_batch: int,
-                     max_batch: int) -> dict[str, Any]:
-    """The cost model's numbers for this multi-stream run: graphsplit.costmodel.predict at the
-    run's workload (prompt P, mean decode context P + N // 2, B streams, decode batch = the
-    micro-batch, or batch-through's min(B, max batch)), with `source` saying which model.
-    Per-stream TPOT = the predicted cycle (one decode step of every served stream)."""
-    from graphsplit.batching import PATTERN
-    from graphsplit.costmodel import Workload, predict
-
-    batch = micro_batch if pattern == "micro-batch" else min(streams, max_batch)
-    wl = Workload(prompt_tokens=prompt_tokens, context_tokens=prompt_tokens + max_tokens // 2,
-                  streams=streams, batch=batch)
-    p = predict(cluster, stages, wl, runtime).to_dict()
-    src = (f"graphsplit.costmodel.predict({runtime}, B={streams}, decode batch {batch}: "
-           f"{PATTERN[runtime]} model; ttft = one prompt alone)")
-    if pattern != PATTERN[runtime]:
-        src += f"; note: this run's pattern is {pattern}"
-    if pattern == "batch-through" and streams > max_batch and runtime != "exo-current":
-        src += (f"; the model overlaps the {-(-streams // max_batch)} batches, the run "
-                "does not (waves)")
-    return {"throughput_tps": p.get("throughput_tps"), "tpot_s": p.get("cycle_s"),
-            "ttft_s": p.get("ttft_s"), "batch": batch,
-            "micro_batches": p.get("micro_batches"), "bottleneck_s": p.get("bottleneck_s"),
-            "stage_compute_s": p.get("stage_compute_s"), "source": src}
+    ranks = launch(job, stages, hostfile=hostfile, python=python, hosts=hosts,
+                   wrappers=wrappers, timeout_s=timeout_s, env=env, hostfiles=hostfiles,
+                   names=names, backend=(extra or {}).get("backend", "ring"))
 
 
 def measure_message_overhead(hidden: int, repeats: int = 50, dtype: str = "float32", *,
@@ -560,7 +503,8 @@ def format_table(results: list[RunResult]) -> str:
     for r in results:
         e = r.errors_pct()
         p = r.predicted
-        st = " ".join(f"{s.node}:{s.start_layer}-{s.end_layer}" for s in r.stages)
+        st = " ".join(f"{'+'.join(getattr(s, 'members', (s.node,)))}:{s.start_layer}-"
+                      f"{s.end_layer}" for s in r.stages)
         tps_p = p.get("throughput_tps")
         rows.append((r.label, st, _ms(r.tpot_s), _ms(p.get("tpot_s")), _pct(e["tpot_s"]),
                      _ms(r.ttft_s), _ms(p.get("ttft_s")), _pct(e["ttft_s"]),
@@ -590,7 +534,7 @@ def breakdown(r: RunResult) -> dict[str, Any]:
     pc, pp, pl = (p.get("stage_compute_s") or {}, p.get("stage_prefill_s") or {},
                   p.get("stage_link_s") or {})
     stages = []
-    for s, rk in zip(r.stages, r.ranks):
+    for s, rk in zip(r.stages, _stage_ranks(r)):
         stages.append({"node": s.node, "layers": [s.start_layer, s.end_layer],
                        "decode_s": _mean(rk.get("decode_compute_s") or []),
                        "pred_decode_s": pc.get(s.node),
@@ -607,6 +551,15 @@ def breakdown(r: RunResult) -> dict[str, Any]:
             "measured_comm_s": (r.tpot_s - comp) if r.tpot_s else None,
             "pred_compute_s": sum(pc.values()) if pc else None, "pred_comm_s": links,
             "measured_head_s": head, "pred_head_s": p.get("head_pace_s")}
+
+
+def _stage_ranks(r: RunResult) -> list[dict[str, Any]]:
+    """One rank's result per stage: the rank itself, or for a tensor group its last member
+    (which ends the stage: its compute includes waiting for the group's all-reduces)."""
+    if not any("group_ranks" in rk for rk in r.ranks):
+        return r.ranks
+    tails = sorted({rk["group_ranks"][-1] for rk in r.ranks})
+    return [r.ranks[t] for t in tails]
 
 
 def format_breakdown(r: RunResult) -> str:
@@ -652,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-token protocol to run: ring (ours: activation on, token id back), "
                     "exo-legacy (the same as legacy exo's numpy messages), exo-current (all-gather "
                     "of the last hidden state, head on every rank); default: the plan's runtime")
+    ap.add_argument("--backend", default="ring", choices=("ring", "mpi", "jaccl"),
+                    help="mx.distributed backend (default ring; mpi / jaccl through mlx.launch "
+                    "and --hostfile; tensor groups use Group.split there, docs/exo-bridge.md)")
     ap.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=600.0,
                     help="seconds per run (default 600)")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
@@ -709,8 +665,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.stages_from == "all" else [args.stages_from]
     protocol = args.protocol or RUNTIME_PROTOCOL[plan.runtime]
     runtime = PROTOCOL_RUNTIME[protocol]
+    if is_hybrid(plan.stages):  # refuse a plan the runner cannot run before starting anything
+        check_hybrid(plan.stages, spec, protocol)
     if args.calibrate or any(x is not None for x in (args.streams, args.pattern,
                                                      args.micro_batch, args.max_batch)):
+        if is_hybrid(plan.stages):
+            raise UserError("--streams / --pattern / --micro-batch / --max-batch / --calibrate "
+                            "serve pipeline plans only; a plan with tensor-parallel stages runs "
+                            "one stream: drop those options")
         return main_serve(args, plan, spec, P, which, protocol)
     rewl = run_workload(plan, P, args.max_tokens)
     results = []
@@ -725,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                                                for s in stages), file=sys.stderr, flush=True)
         results.append(run_stages(stages, spec, P, args.max_tokens, label=w, predicted=pred,
                                   hostfile=args.hostfile, python=args.python,
-                                  timeout_s=args.timeout, protocol=protocol))
+                                  timeout_s=args.timeout, protocol=protocol,
+                                  extra={"backend": args.backend}))
     wl = plan.workload.get("prompt_tokens")
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))

@@ -25,6 +25,9 @@ What a rank does:
    arrival times, every rank its per-step compute times (time from input available to output
    evaluated, so waiting on the network is excluded) for diagnosing prediction errors.
 
+A hybrid plan's job carries `groups` (tensor-parallel groups inside the pipeline): its ranks
+run `exo_bridge.runner.tensor`'s stage instead (one hook in `run`; design in that module).
+
 Timing: TTFT = from the start of the prefill on rank 0 to the first token id arriving back at
 rank 0; TPOT = (arrival of the last token - arrival of the first) / (max_tokens - 1).
 """
@@ -462,7 +465,12 @@ def generate_exo_current(stage: Stage, prompt: list[int], max_tokens: int) -> di
 
 def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
     t_load = time.perf_counter()
-    stage = Stage(job, rank, size, group)
+    if job.get("groups"):  # a hybrid plan: tensor-parallel groups (exo_bridge.runner.tensor)
+        from exo_bridge.runner.tensor import make_tensor_stage
+
+        stage = make_tensor_stage(job, rank, size, group)
+    else:
+        stage = Stage(job, rank, size, group)
     load_s = time.perf_counter() - t_load
     if job.get("serve"):  # many streams: the runtime batching patterns (streams.py)
         from exo_bridge.runner.streams import serve
@@ -489,6 +497,10 @@ def run(job: dict[str, Any], rank: int, size: int, group) -> dict[str, Any]:
         "prefill_wait_s": stage.wait_s[0] if stage.wait_s else None,
         "peak_memory_bytes": mx.get_peak_memory(),
     }
+    if job.get("groups"):
+        from exo_bridge.runner.tensor import tensor_result
+
+        res.update(tensor_result(stage))
     if stage.protocol == "exo-current":
         res["all_tokens"] = out["tokens"]  # every rank samples: they must agree
     if rank == 0:
@@ -564,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     group = None
     rank = 0
     if size > 1:
-        group = mx.distributed.init(backend="ring", strict=True)
+        group = mx.distributed.init(backend=job.get("backend", "ring"), strict=True)
         rank = group.rank()
         if group.size() != size:
             print(f"stage_worker: the ring has {group.size()} ranks but the plan {size} stages",
