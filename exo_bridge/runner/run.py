@@ -42,7 +42,8 @@ from exo_bridge.runner.streams import (DEFAULT_MAX_BATCH, PATTERNS, ServeResult,
                                        ms_text, pct_errors, pct_text, stream_prompts)
 from exo_bridge.runner.tensor import hybrid_layout, is_hybrid, job_groups
 from graphsplit.manual import apply_layers
-from graphsplit.plan import Plan, Stage, check_stages, read_plan, stage_dict, stages_from_json
+from graphsplit.plan import (Plan, Stage, check_stages, read_plan, stage_dict,
+                             stages_from_json)
 from profiler import fields as F
 from profiler import options as o
 from profiler.errors import UserError, guard
@@ -426,9 +427,99 @@ def run_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int, ma
                      protocol=protocol)
 
 
-    ranks = launch(job, stages, hostfile=hostfile, python=python, hosts=hosts,
-                   wrappers=wrappers, timeout_s=timeout_s, env=env, hostfiles=hostfiles,
-                   names=names, backend=(extra or {}).get("backend", "ring"))
+def check_serving(pattern: str, protocol: str, streams: int, micro_batch: int,
+                  max_batch: int, prompt_tokens: int) -> None:
+    """The combinations a multi-stream run can execute (one line each otherwise)."""
+    if pattern not in PATTERNS:
+        raise UserError(f"--pattern {pattern!r} is not one of {', '.join(PATTERNS)}")
+    if pattern == "micro-batch" and protocol == "exo-current":
+        raise UserError("--pattern micro-batch cannot run under --protocol exo-current: its "
+                        "all-gather is a barrier every step, so micro-batches never overlap; "
+                        "use --pattern batch-through or --protocol ring")
+    for name, v in (("--streams", streams), ("--micro-batch", micro_batch),
+                    ("--max-batch", max_batch)):
+        if not isinstance(v, int) or v < 1:
+            raise UserError(f"{name} must be a whole number >= 1, got {v!r}")
+    if protocol == "exo-current" and prompt_tokens < 2:
+        raise UserError("--protocol exo-current needs --prompt-tokens of at least 2 (exo "
+                        "re-decodes the last two prompt tokens)")
+
+
+def serve_stages(stages: list[Stage], spec: dict[str, Any], prompt_tokens: int,
+                 max_tokens: int, streams: int, *, pattern: str = "micro-batch",
+                 micro_batch: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
+                 label: str = "plan", predicted: dict[str, Any] | None = None,
+                 protocol: str = "ring", seed: int = 0, timeout_s: float = 600.0,
+                 warmup_prompt: int = 8, warmup_tokens: int = 2, **where) -> ServeResult:
+    """Serve `streams` concurrent streams through one split under a batching pattern
+    (exo_bridge.runner.streams) and measure every stream. `where`: hosts, wrappers, hostfile,
+    python, env, hostfiles as for `launch`. `micro_batch` above `streams` is clamped to it."""
+    micro_batch = min(micro_batch, streams)
+    check_serving(pattern, protocol, streams, micro_batch, max_batch, prompt_tokens)
+    n_layers = int(spec["config"].get("num_hidden_layers") or spec["config"]["n_layers"])
+    check_stages(stages, n_layers, label)
+    job = {"model": spec, "stages": [[s.start_layer, s.end_layer] for s in stages],
+           "serve": True, "prompts": stream_prompts(vocab_of(spec["config"]), prompt_tokens,
+                                                    streams, seed),
+           "max_tokens": max_tokens, "pattern": pattern, "micro_batch": micro_batch,
+           "max_batch": max_batch, "warmup_prompt": warmup_prompt,
+           "warmup_tokens": warmup_tokens, "protocol": protocol}
+    t0 = time.perf_counter()
+    ranks = launch(job, stages, timeout_s=timeout_s, **where)
+    wall = time.perf_counter() - t0
+    rec = ranks[0]["streams"]
+    return ServeResult(label=label, stages=list(stages), pattern=pattern, protocol=protocol,
+                       streams=streams, micro_batch=micro_batch, max_batch=max_batch,
+                       prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                       tokens=[x["tokens"] for x in rec], times_s=[x["times_s"] for x in rec],
+                       predicted=dict(predicted or {}), ranks=ranks, wall_s=wall)
+
+
+def serve_prediction(cluster, stages: list[Stage], prompt_tokens: int, max_tokens: int,
+                     streams: int, runtime: str, pattern: str, micro_batch: int,
+                     max_batch: int) -> dict[str, Any]:
+    """The cost model's numbers for this multi-stream run: graphsplit.costmodel.predict at the
+    run's workload (prompt P, mean decode context P + N // 2, B streams, decode batch = the
+    micro-batch, or batch-through's min(B, max batch)), with `source` saying which model.
+    Per-stream TPOT = the predicted cycle (one decode step of every served stream)."""
+    from graphsplit.batching import PATTERN
+    from graphsplit.costmodel import Workload, predict
+
+    batch = micro_batch if pattern == "micro-batch" else min(streams, max_batch)
+    wl = Workload(prompt_tokens=prompt_tokens, context_tokens=prompt_tokens + max_tokens // 2,
+                  streams=streams, batch=batch)
+    p = predict(cluster, stages, wl, runtime).to_dict()
+    src = (f"graphsplit.costmodel.predict({runtime}, B={streams}, decode batch {batch}: "
+           f"{PATTERN[runtime]} model; ttft = one prompt alone)")
+    if pattern != PATTERN[runtime]:
+        src += f"; note: this run's pattern is {pattern}"
+    if pattern == "batch-through" and streams > max_batch and runtime != "exo-current":
+        src += (f"; the model overlaps the {-(-streams // max_batch)} batches, the run "
+                "does not (waves)")
+    return {"throughput_tps": p.get("throughput_tps"), "tpot_s": p.get("cycle_s"),
+            "ttft_s": p.get("ttft_s"), "batch": batch,
+            "micro_batches": p.get("micro_batches"), "bottleneck_s": p.get("bottleneck_s"),
+            "stage_compute_s": p.get("stage_compute_s"), "source": src}
+
+
+def check_hybrid(stages: list[Any], spec: dict[str, Any], protocol: str):
+    """The world layout of a hybrid plan, or one UserError line saying why it cannot run."""
+    if protocol != "ring":
+        raise UserError(f"--protocol {protocol}: a plan with tensor-parallel stages runs under "
+                        "the ring protocol only (exo's runtimes cannot run unequal shares inside "
+                        "a pipeline); use --protocol ring")
+    return hybrid_layout(stages, spec["config"])
+
+
+def hybrid_job(job: dict[str, Any], stages: list[Any], spec: dict[str, Any], protocol: str,
+               extra: dict[str, Any]) -> list[str]:
+    """Turn `job` into a hybrid one (per-rank layers + `groups`); returns the ranks' nodes in
+    world order (stage by stage, each group's members contiguous, its leader first)."""
+    layout = check_hybrid(stages, spec, protocol)
+    job["stages"] = [[r.start, r.end] for r in layout]
+    job["groups"] = job_groups(layout)
+    job.update({k: v for k, v in extra.items() if k in ("collective", "return_logits")})
+    return [r.node for r in layout]
 
 
 def measure_message_overhead(hidden: int, repeats: int = 50, dtype: str = "float32", *,
