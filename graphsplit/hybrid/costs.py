@@ -85,8 +85,9 @@ def collective(cluster, group: Sequence[str], runtime: str = "mlx-pipeline"):
         where = f" in {cluster.path}" if cluster.path else ""
         raise UnmeasuredGroup(
             f"group {'+'.join(group)}: no measured all_sum over exactly these nodes{where}; "
-            f"measure it with `exo-bridge profile-link collective --nodes {','.join(group)} "
-            f"--cluster {cluster.path or 'CLUSTER.json'}` (or leave the group out)")
+            f"measure it with `profile-link collective --nodes {','.join(group)} "
+            f"--cluster {cluster.path or 'CLUSTER.json'} --hostfile HOSTS.json --rank R` on "
+            "each member (or leave the group out)")
     return c
 
 
