@@ -55,13 +55,18 @@ import numpy as np
 from graphsplit.costmodel import ChainCosts, Workload, predict
 from graphsplit.plan import Stage
 from graphsplit.result import ALL_ORDERS, BOUND, GIVEN_ORDER, SplitResult
-from graphsplit.solve_types import TypedCosts, padded, as_typed, coarsen, typed_costs
+from graphsplit.solve_types import TypedCosts, as_typed, coarsen, n_keys, padded, typed_costs
 
 INF = np.inf
 MAX_PARETO_POINTS = 200
-# the exact program's size limit (count-vector states x types; 16 distinct nodes: 2^16 x 16);
-# beyond, the best plan found with a proven lower bound (deterministic: no time limit)
-MAX_KEYS = 1 << 20
+# the exact program's size limit: count-vector states x types x (blocks + 1), the size of its
+# reverse bound (_reverse_lower_bound), which it builds whole; 12 distinct nodes x 126 layers fit,
+# 13 do not, 24 nodes in 4 types of 6 need 1.2 million. Beyond, the best plan found with a
+# proven lower bound (deterministic: a size, not a time limit)
+MAX_KEYS = 1 << 27
+# programs this small (5 distinct nodes) run without the seed and the reverse bound: building
+# them costs more than they prune
+SMALL_KEYS = 160
 REL = 1e-9  # relative tolerance: sums of the same times in another order differ by rounding
 
 
@@ -310,6 +315,21 @@ def _reverse_lower_bound(cc, use_all: bool, cap: float) -> np.ndarray:
     return H
 
 
+def _memo(tc, key, make, max_elems: int = 1 << 22):
+    """make(), kept on tc under key when it holds at most max_elems numbers (the per-cap tables
+    of a repeated solve of the same cost arrays: chain_costs caches those)."""
+    memo = tc.__dict__.setdefault("_memo", {})
+    if key in memo:
+        return memo[key]
+    val = make()
+    arrays = val if isinstance(val, tuple) else getattr(val, "__dict__", {"v": val}).values()
+    if sum(np.size(a) for a in arrays) <= max_elems:
+        if len(memo) >= 16:
+            memo.pop(next(iter(memo)))
+        memo[key] = val
+    return val
+
+
 def _chunks(n: int, per_row: int, max_elems: int = 1 << 22):
     """Slices of range(n), each of at most max_elems / per_row rows (bounds temporaries)."""
     step = max(1, max_elems // max(per_row, 1))
@@ -547,7 +567,8 @@ def _bitmask_dp_vec(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
     (see _bitmask_dp)."""
     tc = as_typed(cc)
     sp, T, L = tc.space, tc.D, tc.L
-    rq, fill = _range_queries(tc, cap), _fill_params(tc, cap)
+    rq = _memo(tc, ("rq", cap), lambda: _range_queries(tc, cap))
+    fill = _memo(tc, ("fill", cap), lambda: _fill_params(tc, cap))
     best, work = [incumbent, None], 0
     levels = [_first_level(tc, relax_first)]
     for k in range(1, sp.total + 1):
@@ -580,7 +601,8 @@ def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
     it or a cheaper plan). In the throughput search most capped runs end in (a) or (b), which
     removes the ~T / 2 factor that the first type adds to the state space."""
     tc = as_typed(cc)
-    hrev = _reverse_lower_bound(tc, use_all, cap)
+    hrev = None if tc.n_keys <= SMALL_KEYS else \
+        _memo(tc, ("hrev", use_all, cap), lambda: _reverse_lower_bound(tc, use_all, cap))
     v, p, w = _bitmask_dp_vec(tc, use_all, cap, incumbent, relax_first=True, hrev=hrev)
     if p is None or len(p) == 1:
         return v, p, w
@@ -806,9 +828,10 @@ def _where(proven: str) -> str:
             BOUND: "best found (a bound, not proven optimal)"}[proven]
 
 
-def _fastest_first(cc: ChainCosts) -> list[int]:
-    """Node indices by total block time, then id: a canonical order for seeds and bounds."""
-    return sorted(range(cc.D), key=lambda d: (cc.prefix[d, -1], d))
+def _fastest_first(cc: ChainCosts, nodes=None) -> list[int]:
+    """Node indices (all, or `nodes`) by total block time, then id: a canonical order for seeds
+    and plans."""
+    return sorted(range(cc.D) if nodes is None else nodes, key=lambda d: (cc.prefix[d, -1], d))
 
 
 def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, given_order: bool,
@@ -820,22 +843,42 @@ def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, given_order: 
     if given_order:
         return _solve_on(cc, objective, use_all_nodes, list(range(cc.D)), name, t0, bound)
     tc = typed_costs(cc)
-    if tc.n_keys <= max_keys:
+    if tc.n_keys * (tc.L + 1) <= max_keys:
         return _solve_on(tc, objective, use_all_nodes, None, name, t0, bound)
     return _solve_bounded(cc, tc, objective, use_all_nodes, name, t0, max_keys)
 
 
+def _fastest_types(tc: TypedCosts, max_keys: int) -> TypedCosts | None:
+    """The exact program over the fastest types (total block time of their first node, then
+    id), as many as fit max_keys: its plans are plans of the cluster."""
+    order = sorted(range(tc.D), key=lambda t: (tc.cc.prefix[tc.members[t][0], -1], tc.ids[t]))
+    keep = []
+    for t in order:
+        if n_keys([len(tc.members[u]) for u in keep + [t]]) * (tc.L + 1) > max_keys:
+            break
+        keep.append(t)
+    return TypedCosts(tc.cc, [tc.members[t] for t in sorted(keep)], exact=True) if keep else None
+
+
 def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes: bool,
                    name: str, t0: float, max_keys: int) -> SplitResult:
-    """More node types than the exact program can hold in max_keys: the fixed-order optimum
-    over the canonical order (fastest first) as the plan, and the exact optimum of the
-    coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs) as a
-    proven lower bound. Deterministic (no time limit), labelled "bound" unless the two meet."""
-    order = _fastest_first(cc)
-    up = _solve_on(cc, objective, use_all_nodes, order, name, t0)
+    """More node types than the exact program can hold in max_keys: the better of the
+    fixed-order optimum over the canonical order (fastest first) and, unless every node must
+    be used, the exact optimum over the fastest types that fit, as the plan; the exact optimum
+    of the coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs)
+    as a proven lower bound. Deterministic (a size, no time limit); labelled "bound" unless
+    the two meet."""
+    up = _solve_on(cc, objective, use_all_nodes, _fastest_first(cc), name, t0)
+    work = up.nit
+    fast = None if use_all_nodes else _fastest_types(tc, max_keys)
+    if fast is not None:
+        sub = _solve_on(fast, objective, False, None, name, t0)
+        work += sub.nit
+        if sub.stages is not None and (up.stages is None or sub.fun < up.fun):
+            up = sub
     if up.stages is None:  # no plan in this order: the relaxation still bounds
         up = SplitResult(None, INF, False, 1, "", name)
-    rc = coarsen(tc, max_keys)
+    rc = coarsen(tc, max(1, max_keys // (tc.L + 1)))
     seed = None if up.stages is None else rc.type_path(
         [(cc.ids.index(s.node), s.start_layer, s.end_layer) for s in up.stages])
     low = _solve_on(rc, "latency" if objective == "pareto" else objective, use_all_nodes, None,
@@ -843,17 +886,18 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
     lb = low.fun * (1 - 1e-9)  # inf: the relaxation has no plan, so neither has the cluster
     if up.stages is None:
         if not np.isfinite(lb):
-            return _infeasible(name, t0, up.nit + low.nit)
+            return _infeasible(name, t0, work + low.nit)
         return SplitResult(None, INF, False, 1, f"no plan found over the canonical order; "
                            f"a plan may exist (lower bound {lb:.6g})", name,
-                           time.perf_counter() - t0, up.nit + low.nit, proven=BOUND,
+                           time.perf_counter() - t0, work + low.nit, proven=BOUND,
                            lower_bound=lb)
     proven = _label(False, up.fun, lb)
-    msg = (f"{objective} {_where(proven)}: {tc.D} node types exceed the exact program's "
-           f"{max_keys} states; plan = the optimum for the nodes fastest first, lower bound = "
-           f"the exact optimum over {rc.D} merged groups")
+    msg = (f"{objective} {_where(proven)}: {tc.D} node types exceed the exact program's size "
+           f"limit ({max_keys}); plan = the best of the optimum for the nodes fastest first and "
+           f"the optimum over the fastest types, lower bound = the exact optimum over {rc.D} "
+           "merged groups")
     return SplitResult(up.stages, up.fun, proven != BOUND, 0 if proven != BOUND else 1, msg,
-                       name, time.perf_counter() - t0, up.nit + low.nit, up.extra,
+                       name, time.perf_counter() - t0, work + low.nit, up.extra,
                        proven=proven, lower_bound=lb)
 
 
@@ -863,6 +907,8 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     DP over its subsequences) or a TypedCosts with order None (the count-vector program over
     every order and subset; exact types: optimal, merged groups: a lower bound)."""
     cc = sc.cc if isinstance(sc, TypedCosts) else sc
+    fastest = _fastest_first(cc, sorted(d for g in sc.members for d in g)
+                             if isinstance(sc, TypedCosts) else None)
     B = cc.workload.streams
     work_total = [0]
     proven = ALL_ORDERS if order is None else GIVEN_ORDER
@@ -882,23 +928,23 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
                            else None, fun, True, 0, msg, name, time.perf_counter() - t0,
                            work_total[0], extra or {}, proven=proven)
 
-    if objective == "throughput" and order is None and cc.D > 2:
+    if objective == "throughput" and order is None and len(fastest) > 2:
         # a fixed-order optimum (cheap, fastest nodes first) is the first incumbent; the search
         # needs no min-sum run (see _throughput_search)
         if seed_path is None:
-            fo = _solve_on(cc, "throughput", use_all_nodes, _fastest_first(cc), "seed", t0)
+            fo = _solve_on(cc, "throughput", use_all_nodes, fastest, "seed", t0)
             work_total[0] += fo.nit
             if fo.stages is not None:
                 seed_path = sc.type_path([(cc.ids.index(st.node), st.start_layer,
                                            st.end_layer) for st in fo.stages])
         if seed_path is not None:
-            best, n_dp = _throughput_search(sc, dp, None, seed_path, B, cc.D)
+            best, n_dp = _throughput_search(sc, dp, None, seed_path, B, len(fastest))
             return result(best[1], best[0], f"throughput for {B} stream(s) {where} "
                           f"({n_dp} capped DP runs after a fixed-order seed)")
     seed = INF
-    if order is None and cc.D > 1:
+    if order is None and len(fastest) > 1 and sc.n_keys > SMALL_KEYS:
         # branch-and-bound seed: the fixed-order DP with the fastest nodes first (cheap)
-        v, p, w = _ring_dp(cc, _fastest_first(cc), use_all_nodes)
+        v, p, w = _ring_dp(cc, fastest, use_all_nodes)
         work_total[0] += w
         if p is not None:
             seed = v * (1 + 1e-9) + 1e-15
@@ -910,7 +956,7 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     if objective not in ("throughput", "pareto"):
         raise ValueError(objective)
     if objective == "throughput":
-        best, n_dp = _throughput_search(sc, dp, val, path, B, cc.D)
+        best, n_dp = _throughput_search(sc, dp, val, path, B, len(fastest))
         return result(best[1], best[0],
                       f"throughput for {B} stream(s) {where} ({n_dp + 1} DP runs)")
     pts, complete = _pareto_walk(sc, dp, val, path)
