@@ -495,8 +495,9 @@ def _next_level(pieces, T: int, L: int) -> _Level | None:
 
 def _expand(tc, lvl: _Level, rows: slice, k: int, rq, fill, hrev, use_all: bool, cap: float,
             relax_first: bool, best: list):
-    """Expand rows of level k: prune by the bounds, record a plan that ends here (in best:
-    [value, (level, key, d, b)]), extend to level k + 1. Returns (states expanded, piece)."""
+    """Expand rows of level k: prune by the bounds (fill: the set bound's table over every
+    state, or its _fill_params), record a plan that ends here (in best: [value, (level, key,
+    d, b)]), extend to level k + 1. Returns (states expanded, piece)."""
     sp, L = tc.space, tc.L
     keys = lvl.keys[rows]
     f, Ms = keys // sp.n_states, keys % sp.n_states
@@ -505,7 +506,8 @@ def _expand(tc, lvl: _Level, rows: slice, k: int, rq, fill, hrev, use_all: bool,
     U[pad] = INF
     # prune: blocks b.. still go to d and the nodes outside the state
     avail = (sp.full - Ms)[:, None] + sp.radix[mem]  # (n, W)
-    lbk = _set_lower_bound(tc, cap, sp.cnt[avail.ravel()], fill).reshape(avail.shape + (L + 1,))
+    lbk = fill[avail] if isinstance(fill, np.ndarray) else \
+        _set_lower_bound(tc, cap, sp.cnt[avail.ravel()], fill).reshape(avail.shape + (L + 1,))
     if hrev is not None:
         lbk = np.maximum(lbk, hrev[avail, mem])
     U = np.where(U + lbk < best[0], U, INF)
@@ -569,6 +571,8 @@ def _bitmask_dp_vec(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
     sp, T, L = tc.space, tc.D, tc.L
     rq = _memo(tc, ("rq", cap), lambda: _range_queries(tc, cap))
     fill = _memo(tc, ("fill", cap), lambda: _fill_params(tc, cap))
+    if sp.n_states <= 1 << 14:  # small: the whole table at once (else per expanded batch)
+        fill = _memo(tc, ("lbt", cap), lambda: _set_lower_bound(tc, cap, fill=fill))
     best, work = [incumbent, None], 0
     levels = [_first_level(tc, relax_first)]
     for k in range(1, sp.total + 1):
