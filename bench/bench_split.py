@@ -71,10 +71,10 @@ def make_typed_cluster(L: int, kinds: int, per_kind: int, seed: int = 4):
 
 
 def what(res) -> str:
-    if res.stages is None:
-        return "no plan"
+    if res.status == 2:
+        return "infeasible"
     if res.proven == "bound":
-        return f"bound, gap {res.gap:.1%}"
+        return f"bound, gap {res.gap:.1%}" if res.gap is not None else "bound"
     return res.proven
 
 

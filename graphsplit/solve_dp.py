@@ -40,6 +40,16 @@ still-allowed nodes, a superset of the real transitions). Exact: the state
 space is complete; ties resolve to the first index (smallest block, smallest node index), and
 node indices follow node ids (bitmask) or the given order (fixed), so answers are deterministic.
 
+Types. The free-order program runs on node types (graphsplit.solve_types): interchangeable
+nodes (twins) are counted, not listed, so a state's "set of used nodes" is a count vector of
+types and the first / current node a type; with every node its own type it is the bitmask
+program above. Complexity O(S T^3 L log L) per run for S = prod_t (n_t + 1) count vectors and
+T types; only the states reached below the bounds are stored, a level at a time.
+
+Labels. Every result says what it proves (graphsplit.result): "optimal-all-orders-subsets"
+(the typed program within MAX_KEYS), "optimal-given-order" (the fixed-order DP), or "bound"
+(beyond MAX_KEYS: the best plan found and a proven lower bound, see _solve_bounded).
+
 Reference: PipeEdge (Hu et al., 2022) bitmask DP over device subsets; min-sum / min-max
 contiguous partitioning (classical DP, e.g. Pinar & Aykanat 2004).
 """
@@ -60,10 +70,11 @@ from graphsplit.solve_types import TypedCosts, as_typed, coarsen, n_keys, padded
 INF = np.inf
 MAX_PARETO_POINTS = 200
 # the exact program's size limit: count-vector states x types x (blocks + 1), the size of its
-# reverse bound (_reverse_lower_bound), which it builds whole; 12 distinct nodes x 126 layers fit,
-# 13 do not, 24 nodes in 4 types of 6 need 1.2 million. Beyond, the best plan found with a
-# proven lower bound (deterministic: a size, not a time limit)
-MAX_KEYS = 1 << 27
+# reverse bound (_reverse_lower_bound), which it builds whole: 12 distinct nodes x 126 layers
+# (6.2 million) fit, 13 do not; 24 nodes in 4 types of 6 need 1.2 million. Beyond, the best
+# plan found with a proven lower bound, from programs of a quarter of this size each
+# (deterministic: a size, not a time limit)
+MAX_KEYS = 1 << 23
 # programs this small (5 distinct nodes) run without the seed and the reverse bound: building
 # them costs more than they prune
 SMALL_KEYS = 160
@@ -871,9 +882,9 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
     be used, the exact optimum over the fastest types that fit, as the plan; the exact optimum
     of the coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs)
     as a proven lower bound. Deterministic (a size, no time limit); labelled "bound" unless
-    the two meet."""
+    the two meet. The two exact programs get a quarter of max_keys each."""
     up = _solve_on(cc, objective, use_all_nodes, _fastest_first(cc), name, t0)
-    work = up.nit
+    work, limit, max_keys = up.nit, max_keys, max_keys // 4
     fast = None if use_all_nodes else _fastest_types(tc, max_keys)
     if fast is not None:
         sub = _solve_on(fast, objective, False, None, name, t0)
@@ -897,7 +908,7 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
                            lower_bound=lb)
     proven = _label(False, up.fun, lb)
     msg = (f"{objective} {_where(proven)}: {tc.D} node types exceed the exact program's size "
-           f"limit ({max_keys}); plan = the best of the optimum for the nodes fastest first and "
+           f"limit ({limit}); plan = the best of the optimum for the nodes fastest first and "
            f"the optimum over the fastest types, lower bound = the exact optimum over {rc.D} "
            "merged groups")
     return SplitResult(up.stages, up.fun, proven != BOUND, 0 if proven != BOUND else 1, msg,
