@@ -47,7 +47,7 @@ METHOD = {"warmup": 2, "repeats": 5, "statistic": "median", "max_rel_spread": 0.
           "profile_wall_s": 1.5, "load_average_at_end": 0.5}
 FREE = ("device.microbench",)  # informational, any JSON (NaN etc. still refused)
 NULLABLE = {"quantization", "repo_id", "layer", "tied_head", "cluster_file", "profile",
-            "derive_from", "objective_value", "work"}
+            "derive_from", "objective_value", "work", "lower_bound", "gap"}
 
 
 def _label(v) -> str:
