@@ -81,107 +81,80 @@ SMALL_KEYS = 160
 REL = 1e-9  # relative tolerance: sums of the same times in another order differ by rounding
 
 
-def _ring_dp(cc: ChainCosts, order: Sequence[int] | None, use_all: bool, cap: float = INF,
+def _ring_dp(cc: ChainCosts, order: Sequence[int], use_all: bool, cap: float = INF,
              incumbent: float = INF):
-    """Min sum of stage times subject to every stage time <= cap.
+    """Min sum of stage times subject to every stage time <= cap, the nodes used in this order
+    (a subsequence of it; the whole of it when use_all); only plans below `incumbent` are
+    looked for. Returns (value, [(node_index, b, c)] or None, work).
 
-    order=None: bitmask mode (any order, any subset); else nodes are used in this order (a
-    subsequence of it; the whole of it when use_all). Returns (value, [(node_index, b, c)], work).
+    States (first node f, position p in the order, first block b of p's stage), one first node
+    at a time: O(K^2) states of L + 1 blocks, each closed at every cut c, O(K^3 L^2) per run.
     """
-    D, L = cc.D, cc.L
-    comp, out, close = cc.comp, cc.out, cc.close
-    lb = cc.lower_bound  # lb[b]: lower bound on the sum of stage times for blocks b..L-1
-    capped = np.isfinite(cap)
-    best_val, best_path = incumbent, None
+    K, L = len(order), cc.L
+    best = [incumbent, None]  # value, path
     work = 0
-    if order is None:
-        K = D
-        node_of = list(range(D))
-        n_keys = (1 << D) * D
-    else:
-        K = len(order)
-        node_of = list(order)
-        n_keys = K
-    firsts = [0] if (order is not None and use_all) else range(K)
-    full = (1 << K) - 1
-    for f in firsts:
-        V = np.full((n_keys, L + 1), INF)
-        BPK = np.full((n_keys, L + 1), -1, dtype=np.int64)
-        BPB = np.full((n_keys, L + 1), -1, dtype=np.int64)
-        fn = node_of[f]
-        start = ((1 << f) * D + f) if order is None else f
-        V[start, 0] = 0.0
+    for f in ([0] if use_all else range(K)):
+        V = np.full((K, L + 1), INF)
+        BPK = np.full((K, L + 1), -1, dtype=np.int64)
+        BPB = np.full((K, L + 1), -1, dtype=np.int64)
+        V[f, 0] = 0.0
         found = None
-        if order is None:
-            keys = ((m, p) for m in range(1, full + 1) if m >> f & 1
-                    for p in range(K) if m >> p & 1)
-        else:
-            keys = ((0, p) for p in range(f, K))
-        for mask, p in keys:
-            key = mask * D + p if order is None else p
-            v = V[key]
-            vb = v + lb
-            alive = vb < best_val
+        for p in range(f, K):
+            v = V[p]
+            alive = v + cc.lower_bound < best[0]
             if not alive.any():
                 continue
             work += 1
             v = np.where(alive, v, INF)
-            d = node_of[p]
-            # close the ring here: the stage [b, L) on d is the last one
-            final_ok = (mask == full) if (order is None and use_all) else \
-                (p == K - 1 if use_all else True)
-            if final_ok:
-                tl = comp[d, :, L] + (close[d, fn] if d != fn else 0.0)
-                if capped:
-                    tl = np.where(tl <= cap, tl, INF)
-                tot = v + tl
+            d, fn = order[p], order[f]
+            if p == K - 1 or not use_all:  # close the ring: the stage [b, L) on d is the last
+                tl = cc.comp[d, :, L] + (cc.close[d, fn] if d != fn else 0.0)
+                tot = v + (np.where(tl <= cap, tl, INF) if np.isfinite(cap) else tl)
                 b = int(np.argmin(tot))
-                if tot[b] < best_val:
-                    best_val, found = float(tot[b]), (key, b, d)
-            # open the next node q at cut c
-            if order is None:
-                qs = [q for q in range(K) if not mask >> q & 1]
-            else:
-                qs = [p + 1] if use_all else list(range(p + 1, K))
-                qs = [q for q in qs if q < K]
-            if not qs:
-                continue
-            qn = [node_of[q] for q in qs]
-            if not capped:
-                tot = v[:, None] + comp[d]  # (b, c)
-                bb = np.argmin(tot, axis=0)
-                g = tot[bb, np.arange(L + 1)]
-                cand = g[None, :] + out[d, qn]  # (nq, c)
-                bsel = np.broadcast_to(bb, cand.shape)
-            else:
-                M = comp[d][None, :, :] + out[d, qn][:, None, :]  # (nq, b, c)
-                M = np.where(M <= cap, M, INF)
-                tot = v[None, :, None] + M
-                bsel = np.argmin(tot, axis=1)
-                cand = np.take_along_axis(tot, bsel[:, None, :], axis=1)[:, 0, :]
-            if order is None:
-                nk = np.array([((mask | 1 << q) * D + q) for q in qs])
-            else:
-                nk = np.array(qs)
-            cur = V[nk]
-            better = cand < cur
-            if better.any():
-                V[nk] = np.where(better, cand, cur)
-                BPK[nk] = np.where(better, key, BPK[nk])
-                BPB[nk] = np.where(better, bsel, BPB[nk])
+                if tot[b] < best[0]:
+                    best[0], found = float(tot[b]), (p, b, d)
+            qs = [p + 1] if use_all else list(range(p + 1, K))
+            qs = [q for q in qs if q < K]
+            if qs:  # open the next node q at cut c
+                _ring_open(cc, V, BPK, BPB, p, d, [order[q] for q in qs], np.array(qs), v, cap)
         if found is not None:
-            key, b, d = found
-            path = [(d, b, L)]
-            c = b
-            while True:
-                pk, pb = int(BPK[key, c]), int(BPB[key, c])
-                if pk < 0:
-                    break
-                pd = node_of[pk % D] if order is None else node_of[pk]
-                path.append((pd, pb, c))
-                key, c = pk, pb
-            best_path = list(reversed(path))
-    return best_val, best_path, work
+            best[1] = _ring_path(found, BPK, BPB, order, L)
+    return best[0], best[1], work
+
+
+def _ring_open(cc: ChainCosts, V, BPK, BPB, p: int, d: int, qn, nk, v, cap: float) -> None:
+    """Close d's stage (values v over its first block) at every cut c and open the nodes qn
+    (positions nk) there, keeping the better value and its back-pointers."""
+    L = cc.L
+    if not np.isfinite(cap):
+        tot = v[:, None] + cc.comp[d]  # (b, c)
+        bb = np.argmin(tot, axis=0)
+        cand = tot[bb, np.arange(L + 1)][None, :] + cc.out[d, qn]  # (nq, c)
+        bsel = np.broadcast_to(bb, cand.shape)
+    else:
+        M = cc.comp[d][None, :, :] + cc.out[d, qn][:, None, :]  # (nq, b, c)
+        tot = v[None, :, None] + np.where(M <= cap, M, INF)
+        bsel = np.argmin(tot, axis=1)
+        cand = np.take_along_axis(tot, bsel[:, None, :], axis=1)[:, 0, :]
+    cur = V[nk]
+    better = cand < cur
+    if better.any():
+        V[nk] = np.where(better, cand, cur)
+        BPK[nk] = np.where(better, p, BPK[nk])
+        BPB[nk] = np.where(better, bsel, BPB[nk])
+
+
+def _ring_path(found, BPK, BPB, order, L: int):
+    p, b, d = found
+    path = [(d, b, L)]
+    c = b
+    while True:
+        pk, pb = int(BPK[p, c]), int(BPB[p, c])
+        if pk < 0:
+            break
+        path.append((order[pk], pb, c))
+        p, c = pk, pb
+    return list(reversed(path))
 
 
 def _range_lo(cc: ChainCosts, cap: float) -> np.ndarray:
