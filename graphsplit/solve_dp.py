@@ -88,9 +88,11 @@ def _ring_dp(cc: ChainCosts, order: Sequence[int], use_all: bool, cap: float = I
     looked for. Returns (value, [(node_index, b, c)] or None, work).
 
     States (first node f, position p in the order, first block b of p's stage), one first node
-    at a time: O(K^2) states of L + 1 blocks, each closed at every cut c, O(K^3 L^2) per run.
+    at a time: O(K^2) states of L + 1 blocks, each closed at every cut c by range-minimum
+    queries (_ring_open): O(K^3 L + K^2 L log L) per run.
     """
     K, L = len(order), cc.L
+    rq = _memo(cc, ("rq", cap), lambda: _range_queries(cc, cap))
     best = [incumbent, None]  # value, path
     work = 0
     for f in ([0] if use_all else range(K)):
@@ -116,26 +118,27 @@ def _ring_dp(cc: ChainCosts, order: Sequence[int], use_all: bool, cap: float = I
             qs = [p + 1] if use_all else list(range(p + 1, K))
             qs = [q for q in qs if q < K]
             if qs:  # open the next node q at cut c
-                _ring_open(cc, V, BPK, BPB, p, d, [order[q] for q in qs], np.array(qs), v, cap)
+                _ring_open(cc, rq, V, BPK, BPB, p, d, [order[q] for q in qs], np.array(qs), v)
         if found is not None:
             best[1] = _ring_path(found, BPK, BPB, order, L)
     return best[0], best[1], work
 
 
-def _ring_open(cc: ChainCosts, V, BPK, BPB, p: int, d: int, qn, nk, v, cap: float) -> None:
+def _ring_open(cc: ChainCosts, rq, V, BPK, BPB, p: int, d: int, qn, nk, v) -> None:
     """Close d's stage (values v over its first block) at every cut c and open the nodes qn
-    (positions nk) there, keeping the better value and its back-pointers."""
-    L = cc.L
-    if not np.isfinite(cap):
-        tot = v[:, None] + cc.comp[d]  # (b, c)
-        bb = np.argmin(tot, axis=0)
-        cand = tot[bb, np.arange(L + 1)][None, :] + cc.out[d, qn]  # (nq, c)
-        bsel = np.broadcast_to(bb, cand.shape)
+    (positions nk) there, keeping the better value and its back-pointers. min over the
+    admissible first blocks b of v[b] + comp[d, b, c] + out[d, q, c] is a range-minimum query
+    of v + embedding - P_d over the suffix [lo, c) (see _range_queries), leftmost on ties."""
+    mn, ix = _sparse_table(v + rq.u_off[d], rq.J)  # (J, b)
+    qn = np.asarray(qn)
+    if rq.capped:
+        kk, lo, rs = rq.kk[d, qn], rq.lo_c[d, qn], rq.rs[d, qn]  # (nq, c)
     else:
-        M = cc.comp[d][None, :, :] + cc.out[d, qn][:, None, :]  # (nq, b, c)
-        tot = v[None, :, None] + np.where(M <= cap, M, INF)
-        bsel = np.argmin(tot, axis=1)
-        cand = np.take_along_axis(tot, bsel[:, None, :], axis=1)[:, 0, :]
+        kk, lo, rs = rq.kk[d][None], rq.lo_c[d][None], rq.rs[d][None]  # (1, c)
+    left, right = mn[kk, lo], mn[kk, rs]
+    take_r = right < left
+    cand = np.where(take_r, right, left) + rq.addc[d, qn]  # (nq, c)
+    bsel = np.broadcast_to(np.where(take_r, ix[kk, rs], ix[kk, lo]), cand.shape)
     cur = V[nk]
     better = cand < cur
     if better.any():
@@ -300,9 +303,13 @@ def _reverse_lower_bound(cc, use_all: bool, cap: float) -> np.ndarray:
 
 
 def _memo(tc, key, make, max_elems: int = 1 << 22):
-    """make(), kept on tc under key when it holds at most max_elems numbers (the per-cap tables
-    of a repeated solve of the same cost arrays: chain_costs caches those)."""
-    memo = tc.__dict__.setdefault("_memo", {})
+    """make(), kept on tc (TypedCosts or ChainCosts) under key when it holds at most max_elems
+    numbers (the per-cap tables of a repeated solve of the same cost arrays: chain_costs caches
+    those). A copy of tc (copy.copy keeps the attribute) starts a memo of its own."""
+    owner, memo = tc.__dict__.get("_memo", (None, None))
+    if owner is not tc:  # none yet, or copied along with a copy of tc (without_nodes_above)
+        owner, memo = tc, {}
+        tc._memo = (owner, memo)
     if key in memo:
         return memo[key]
     val = make()
