@@ -55,9 +55,9 @@ class SplitResult:
         if self.proven not in PROVEN:
             raise ValueError(f"proven {self.proven!r} is not one of {PROVEN}")
         self.optimal = self.proven != BOUND
-        if self.optimal and self.lower_bound is None and self.stages is not None:
-            self.lower_bound = self.fun
-        self.gap = gap(self.fun, self.lower_bound) if self.stages is not None else None
+        if self.optimal and self.lower_bound is None and self.status != 2:
+            self.lower_bound = self.fun  # (a MILP split inside a block has no stages, a value)
+        self.gap = gap(self.fun, self.lower_bound) if self.status != 2 else None
 
     @property
     def success(self) -> bool:

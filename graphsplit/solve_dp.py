@@ -40,6 +40,16 @@ still-allowed nodes, a superset of the real transitions). Exact: the state
 space is complete; ties resolve to the first index (smallest block, smallest node index), and
 node indices follow node ids (bitmask) or the given order (fixed), so answers are deterministic.
 
+Types. The free-order program runs on node types (graphsplit.solve_types): interchangeable
+nodes (twins) are counted, not listed, so a state's "set of used nodes" is a count vector of
+types and the first / current node a type; with every node its own type it is the bitmask
+program above. Complexity O(S T^3 L log L) per run for S = prod_t (n_t + 1) count vectors and
+T types; only the states reached below the bounds are stored, a level at a time.
+
+Labels. Every result says what it proves (graphsplit.result): "optimal-all-orders-subsets"
+(the typed program within MAX_KEYS), "optimal-given-order" (the fixed-order DP), or "bound"
+(beyond MAX_KEYS: the best plan found and a proven lower bound, see _solve_bounded).
+
 Reference: PipeEdge (Hu et al., 2022) bitmask DP over device subsets; min-sum / min-max
 contiguous partitioning (classical DP, e.g. Pinar & Aykanat 2004).
 """
@@ -55,117 +65,99 @@ import numpy as np
 from graphsplit.costmodel import ChainCosts, Workload, predict
 from graphsplit.plan import Stage
 from graphsplit.result import ALL_ORDERS, BOUND, GIVEN_ORDER, SplitResult
-from graphsplit.solve_types import TypedCosts, padded, as_typed, coarsen, typed_costs
+from graphsplit.solve_types import TypedCosts, as_typed, coarsen, n_keys, padded, typed_costs
 
 INF = np.inf
 MAX_PARETO_POINTS = 200
-# the exact program's size limit (count-vector states x types; 16 distinct nodes: 2^16 x 16);
-# beyond, the best plan found with a proven lower bound (deterministic: no time limit)
-MAX_KEYS = 1 << 20
+# the exact program's size limit: count-vector states x types x (blocks + 1), the size of its
+# reverse bound (_reverse_lower_bound), which it builds whole: 12 distinct nodes x 126 layers
+# (6.2 million) fit, 13 do not; 24 nodes in 4 types of 6 need 1.2 million. Beyond, the best
+# plan found with a proven lower bound, from programs of a quarter of this size each
+# (deterministic: a size, not a time limit)
+MAX_KEYS = 1 << 23
+# programs this small (5 distinct nodes) run without the seed and the reverse bound: building
+# them costs more than they prune
+SMALL_KEYS = 160
 REL = 1e-9  # relative tolerance: sums of the same times in another order differ by rounding
 
 
-def _ring_dp(cc: ChainCosts, order: Sequence[int] | None, use_all: bool, cap: float = INF,
+def _ring_dp(cc: ChainCosts, order: Sequence[int], use_all: bool, cap: float = INF,
              incumbent: float = INF):
-    """Min sum of stage times subject to every stage time <= cap.
+    """Min sum of stage times subject to every stage time <= cap, the nodes used in this order
+    (a subsequence of it; the whole of it when use_all); only plans below `incumbent` are
+    looked for. Returns (value, [(node_index, b, c)] or None, work).
 
-    order=None: bitmask mode (any order, any subset); else nodes are used in this order (a
-    subsequence of it; the whole of it when use_all). Returns (value, [(node_index, b, c)], work).
+    States (first node f, position p in the order, first block b of p's stage), one first node
+    at a time: O(K^2) states of L + 1 blocks, each closed at every cut c by range-minimum
+    queries (_ring_open): O(K^3 L + K^2 L log L) per run.
     """
-    D, L = cc.D, cc.L
-    comp, out, close = cc.comp, cc.out, cc.close
-    lb = cc.lower_bound  # lb[b]: lower bound on the sum of stage times for blocks b..L-1
-    capped = np.isfinite(cap)
-    best_val, best_path = incumbent, None
+    K, L = len(order), cc.L
+    rq = _memo(cc, ("rq", cap), lambda: _range_queries(cc, cap))
+    best = [incumbent, None]  # value, path
     work = 0
-    if order is None:
-        K = D
-        node_of = list(range(D))
-        n_keys = (1 << D) * D
-    else:
-        K = len(order)
-        node_of = list(order)
-        n_keys = K
-    firsts = [0] if (order is not None and use_all) else range(K)
-    full = (1 << K) - 1
-    for f in firsts:
-        V = np.full((n_keys, L + 1), INF)
-        BPK = np.full((n_keys, L + 1), -1, dtype=np.int64)
-        BPB = np.full((n_keys, L + 1), -1, dtype=np.int64)
-        fn = node_of[f]
-        start = ((1 << f) * D + f) if order is None else f
-        V[start, 0] = 0.0
+    for f in ([0] if use_all else range(K)):
+        V = np.full((K, L + 1), INF)
+        BPK = np.full((K, L + 1), -1, dtype=np.int64)
+        BPB = np.full((K, L + 1), -1, dtype=np.int64)
+        V[f, 0] = 0.0
         found = None
-        if order is None:
-            keys = ((m, p) for m in range(1, full + 1) if m >> f & 1
-                    for p in range(K) if m >> p & 1)
-        else:
-            keys = ((0, p) for p in range(f, K))
-        for mask, p in keys:
-            key = mask * D + p if order is None else p
-            v = V[key]
-            vb = v + lb
-            alive = vb < best_val
+        for p in range(f, K):
+            v = V[p]
+            alive = v + cc.lower_bound < best[0]
             if not alive.any():
                 continue
             work += 1
             v = np.where(alive, v, INF)
-            d = node_of[p]
-            # close the ring here: the stage [b, L) on d is the last one
-            final_ok = (mask == full) if (order is None and use_all) else \
-                (p == K - 1 if use_all else True)
-            if final_ok:
-                tl = comp[d, :, L] + (close[d, fn] if d != fn else 0.0)
-                if capped:
-                    tl = np.where(tl <= cap, tl, INF)
-                tot = v + tl
+            d, fn = order[p], order[f]
+            if p == K - 1 or not use_all:  # close the ring: the stage [b, L) on d is the last
+                tl = cc.comp[d, :, L] + (cc.close[d, fn] if d != fn else 0.0)
+                tot = v + (np.where(tl <= cap, tl, INF) if np.isfinite(cap) else tl)
                 b = int(np.argmin(tot))
-                if tot[b] < best_val:
-                    best_val, found = float(tot[b]), (key, b, d)
-            # open the next node q at cut c
-            if order is None:
-                qs = [q for q in range(K) if not mask >> q & 1]
-            else:
-                qs = [p + 1] if use_all else list(range(p + 1, K))
-                qs = [q for q in qs if q < K]
-            if not qs:
-                continue
-            qn = [node_of[q] for q in qs]
-            if not capped:
-                tot = v[:, None] + comp[d]  # (b, c)
-                bb = np.argmin(tot, axis=0)
-                g = tot[bb, np.arange(L + 1)]
-                cand = g[None, :] + out[d, qn]  # (nq, c)
-                bsel = np.broadcast_to(bb, cand.shape)
-            else:
-                M = comp[d][None, :, :] + out[d, qn][:, None, :]  # (nq, b, c)
-                M = np.where(M <= cap, M, INF)
-                tot = v[None, :, None] + M
-                bsel = np.argmin(tot, axis=1)
-                cand = np.take_along_axis(tot, bsel[:, None, :], axis=1)[:, 0, :]
-            if order is None:
-                nk = np.array([((mask | 1 << q) * D + q) for q in qs])
-            else:
-                nk = np.array(qs)
-            cur = V[nk]
-            better = cand < cur
-            if better.any():
-                V[nk] = np.where(better, cand, cur)
-                BPK[nk] = np.where(better, key, BPK[nk])
-                BPB[nk] = np.where(better, bsel, BPB[nk])
+                if tot[b] < best[0]:
+                    best[0], found = float(tot[b]), (p, b, d)
+            qs = [p + 1] if use_all else list(range(p + 1, K))
+            qs = [q for q in qs if q < K]
+            if qs:  # open the next node q at cut c
+                _ring_open(cc, rq, V, BPK, BPB, p, d, [order[q] for q in qs], np.array(qs), v)
         if found is not None:
-            key, b, d = found
-            path = [(d, b, L)]
-            c = b
-            while True:
-                pk, pb = int(BPK[key, c]), int(BPB[key, c])
-                if pk < 0:
-                    break
-                pd = node_of[pk % D] if order is None else node_of[pk]
-                path.append((pd, pb, c))
-                key, c = pk, pb
-            best_path = list(reversed(path))
-    return best_val, best_path, work
+            best[1] = _ring_path(found, BPK, BPB, order, L)
+    return best[0], best[1], work
+
+
+def _ring_open(cc: ChainCosts, rq, V, BPK, BPB, p: int, d: int, qn, nk, v) -> None:
+    """Close d's stage (values v over its first block) at every cut c and open the nodes qn
+    (positions nk) there, keeping the better value and its back-pointers. min over the
+    admissible first blocks b of v[b] + comp[d, b, c] + out[d, q, c] is a range-minimum query
+    of v + embedding - P_d over the suffix [lo, c) (see _range_queries), leftmost on ties."""
+    mn, ix = _sparse_table(v + rq.u_off[d], rq.J)  # (J, b)
+    qn = np.asarray(qn)
+    if rq.capped:
+        kk, lo, rs = rq.kk[d, qn], rq.lo_c[d, qn], rq.rs[d, qn]  # (nq, c)
+    else:
+        kk, lo, rs = rq.kk[d][None], rq.lo_c[d][None], rq.rs[d][None]  # (1, c)
+    left, right = mn[kk, lo], mn[kk, rs]
+    take_r = right < left
+    cand = np.where(take_r, right, left) + rq.addc[d, qn]  # (nq, c)
+    bsel = np.broadcast_to(np.where(take_r, ix[kk, rs], ix[kk, lo]), cand.shape)
+    cur = V[nk]
+    better = cand < cur
+    if better.any():
+        V[nk] = np.where(better, cand, cur)
+        BPK[nk] = np.where(better, p, BPK[nk])
+        BPB[nk] = np.where(better, bsel, BPB[nk])
+
+
+def _ring_path(found, BPK, BPB, order, L: int):
+    p, b, d = found
+    path = [(d, b, L)]
+    c = b
+    while True:
+        pk, pb = int(BPK[p, c]), int(BPB[p, c])
+        if pk < 0:
+            break
+        path.append((order[pk], pb, c))
+        p, c = pk, pb
+    return list(reversed(path))
 
 
 def _range_lo(cc: ChainCosts, cap: float) -> np.ndarray:
@@ -308,6 +300,25 @@ def _reverse_lower_bound(cc, use_all: bool, cap: float) -> np.ndarray:
     H *= 1 - 1e-9
     H[:, :, 0] = 0.0
     return H
+
+
+def _memo(tc, key, make, max_elems: int = 1 << 22):
+    """make(), kept on tc (TypedCosts or ChainCosts) under key when it holds at most max_elems
+    numbers (the per-cap tables of a repeated solve of the same cost arrays: chain_costs caches
+    those). A copy of tc (copy.copy keeps the attribute) starts a memo of its own."""
+    owner, memo = tc.__dict__.get("_memo", (None, None))
+    if owner is not tc:  # none yet, or copied along with a copy of tc (without_nodes_above)
+        owner, memo = tc, {}
+        tc._memo = (owner, memo)
+    if key in memo:
+        return memo[key]
+    val = make()
+    arrays = val if isinstance(val, tuple) else getattr(val, "__dict__", {"v": val}).values()
+    if sum(np.size(a) for a in arrays) <= max_elems:
+        if len(memo) >= 16:
+            memo.pop(next(iter(memo)))
+        memo[key] = val
+    return val
 
 
 def _chunks(n: int, per_row: int, max_elems: int = 1 << 22):
@@ -475,8 +486,9 @@ def _next_level(pieces, T: int, L: int) -> _Level | None:
 
 def _expand(tc, lvl: _Level, rows: slice, k: int, rq, fill, hrev, use_all: bool, cap: float,
             relax_first: bool, best: list):
-    """Expand rows of level k: prune by the bounds, record a plan that ends here (in best:
-    [value, (level, key, d, b)]), extend to level k + 1. Returns (states expanded, piece)."""
+    """Expand rows of level k: prune by the bounds (fill: the set bound's table over every
+    state, or its _fill_params), record a plan that ends here (in best: [value, (level, key,
+    d, b)]), extend to level k + 1. Returns (states expanded, piece)."""
     sp, L = tc.space, tc.L
     keys = lvl.keys[rows]
     f, Ms = keys // sp.n_states, keys % sp.n_states
@@ -485,7 +497,8 @@ def _expand(tc, lvl: _Level, rows: slice, k: int, rq, fill, hrev, use_all: bool,
     U[pad] = INF
     # prune: blocks b.. still go to d and the nodes outside the state
     avail = (sp.full - Ms)[:, None] + sp.radix[mem]  # (n, W)
-    lbk = _set_lower_bound(tc, cap, sp.cnt[avail.ravel()], fill).reshape(avail.shape + (L + 1,))
+    lbk = fill[avail] if isinstance(fill, np.ndarray) else \
+        _set_lower_bound(tc, cap, sp.cnt[avail.ravel()], fill).reshape(avail.shape + (L + 1,))
     if hrev is not None:
         lbk = np.maximum(lbk, hrev[avail, mem])
     U = np.where(U + lbk < best[0], U, INF)
@@ -547,7 +560,10 @@ def _bitmask_dp_vec(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
     (see _bitmask_dp)."""
     tc = as_typed(cc)
     sp, T, L = tc.space, tc.D, tc.L
-    rq, fill = _range_queries(tc, cap), _fill_params(tc, cap)
+    rq = _memo(tc, ("rq", cap), lambda: _range_queries(tc, cap))
+    fill = _memo(tc, ("fill", cap), lambda: _fill_params(tc, cap))
+    if sp.n_states <= 1 << 14:  # small: the whole table at once (else per expanded batch)
+        fill = _memo(tc, ("lbt", cap), lambda: _set_lower_bound(tc, cap, fill=fill))
     best, work = [incumbent, None], 0
     levels = [_first_level(tc, relax_first)]
     for k in range(1, sp.total + 1):
@@ -580,7 +596,8 @@ def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
     it or a cheaper plan). In the throughput search most capped runs end in (a) or (b), which
     removes the ~T / 2 factor that the first type adds to the state space."""
     tc = as_typed(cc)
-    hrev = _reverse_lower_bound(tc, use_all, cap)
+    hrev = None if tc.n_keys <= SMALL_KEYS else \
+        _memo(tc, ("hrev", use_all, cap), lambda: _reverse_lower_bound(tc, use_all, cap))
     v, p, w = _bitmask_dp_vec(tc, use_all, cap, incumbent, relax_first=True, hrev=hrev)
     if p is None or len(p) == 1:
         return v, p, w
@@ -806,9 +823,10 @@ def _where(proven: str) -> str:
             BOUND: "best found (a bound, not proven optimal)"}[proven]
 
 
-def _fastest_first(cc: ChainCosts) -> list[int]:
-    """Node indices by total block time, then id: a canonical order for seeds and bounds."""
-    return sorted(range(cc.D), key=lambda d: (cc.prefix[d, -1], d))
+def _fastest_first(cc: ChainCosts, nodes=None) -> list[int]:
+    """Node indices (all, or `nodes`) by total block time, then id: a canonical order for seeds
+    and plans."""
+    return sorted(range(cc.D) if nodes is None else nodes, key=lambda d: (cc.prefix[d, -1], d))
 
 
 def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, given_order: bool,
@@ -820,22 +838,42 @@ def _solve_cc(cc: ChainCosts, objective: str, use_all_nodes: bool, given_order: 
     if given_order:
         return _solve_on(cc, objective, use_all_nodes, list(range(cc.D)), name, t0, bound)
     tc = typed_costs(cc)
-    if tc.n_keys <= max_keys:
+    if tc.n_keys * (tc.L + 1) <= max_keys:
         return _solve_on(tc, objective, use_all_nodes, None, name, t0, bound)
     return _solve_bounded(cc, tc, objective, use_all_nodes, name, t0, max_keys)
 
 
+def _fastest_types(tc: TypedCosts, max_keys: int) -> TypedCosts | None:
+    """The exact program over the fastest types (total block time of their first node, then
+    id), as many as fit max_keys: its plans are plans of the cluster."""
+    order = sorted(range(tc.D), key=lambda t: (tc.cc.prefix[tc.members[t][0], -1], tc.ids[t]))
+    keep = []
+    for t in order:
+        if n_keys([len(tc.members[u]) for u in keep + [t]]) * (tc.L + 1) > max_keys:
+            break
+        keep.append(t)
+    return TypedCosts(tc.cc, [tc.members[t] for t in sorted(keep)], exact=True) if keep else None
+
+
 def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes: bool,
                    name: str, t0: float, max_keys: int) -> SplitResult:
-    """More node types than the exact program can hold in max_keys: the fixed-order optimum
-    over the canonical order (fastest first) as the plan, and the exact optimum of the
-    coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs) as a
-    proven lower bound. Deterministic (no time limit), labelled "bound" unless the two meet."""
-    order = _fastest_first(cc)
-    up = _solve_on(cc, objective, use_all_nodes, order, name, t0)
+    """More node types than the exact program can hold in max_keys: the better of the
+    fixed-order optimum over the canonical order (fastest first) and, unless every node must
+    be used, the exact optimum over the fastest types that fit, as the plan; the exact optimum
+    of the coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs)
+    as a proven lower bound. Deterministic (a size, no time limit); labelled "bound" unless
+    the two meet. The two exact programs get a quarter of max_keys each."""
+    up = _solve_on(cc, objective, use_all_nodes, _fastest_first(cc), name, t0)
+    work, limit, max_keys = up.nit, max_keys, max_keys // 4
+    fast = None if use_all_nodes else _fastest_types(tc, max_keys)
+    if fast is not None:
+        sub = _solve_on(fast, objective, False, None, name, t0)
+        work += sub.nit
+        if sub.stages is not None and (up.stages is None or sub.fun < up.fun):
+            up = sub
     if up.stages is None:  # no plan in this order: the relaxation still bounds
         up = SplitResult(None, INF, False, 1, "", name)
-    rc = coarsen(tc, max_keys)
+    rc = coarsen(tc, max(1, max_keys // (tc.L + 1)))
     seed = None if up.stages is None else rc.type_path(
         [(cc.ids.index(s.node), s.start_layer, s.end_layer) for s in up.stages])
     low = _solve_on(rc, "latency" if objective == "pareto" else objective, use_all_nodes, None,
@@ -843,17 +881,18 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
     lb = low.fun * (1 - 1e-9)  # inf: the relaxation has no plan, so neither has the cluster
     if up.stages is None:
         if not np.isfinite(lb):
-            return _infeasible(name, t0, up.nit + low.nit)
+            return _infeasible(name, t0, work + low.nit)
         return SplitResult(None, INF, False, 1, f"no plan found over the canonical order; "
                            f"a plan may exist (lower bound {lb:.6g})", name,
-                           time.perf_counter() - t0, up.nit + low.nit, proven=BOUND,
+                           time.perf_counter() - t0, work + low.nit, proven=BOUND,
                            lower_bound=lb)
     proven = _label(False, up.fun, lb)
-    msg = (f"{objective} {_where(proven)}: {tc.D} node types exceed the exact program's "
-           f"{max_keys} states; plan = the optimum for the nodes fastest first, lower bound = "
-           f"the exact optimum over {rc.D} merged groups")
+    msg = (f"{objective} {_where(proven)}: {tc.D} node types exceed the exact program's size "
+           f"limit ({limit}); plan = the best of the optimum for the nodes fastest first and "
+           f"the optimum over the fastest types, lower bound = the exact optimum over {rc.D} "
+           "merged groups")
     return SplitResult(up.stages, up.fun, proven != BOUND, 0 if proven != BOUND else 1, msg,
-                       name, time.perf_counter() - t0, up.nit + low.nit, up.extra,
+                       name, time.perf_counter() - t0, work + low.nit, up.extra,
                        proven=proven, lower_bound=lb)
 
 
@@ -863,6 +902,8 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     DP over its subsequences) or a TypedCosts with order None (the count-vector program over
     every order and subset; exact types: optimal, merged groups: a lower bound)."""
     cc = sc.cc if isinstance(sc, TypedCosts) else sc
+    fastest = _fastest_first(cc, sorted(d for g in sc.members for d in g)
+                             if isinstance(sc, TypedCosts) else None)
     B = cc.workload.micro_batches  # M = ceil(B / batch) share the ring (graphsplit.batching)
     work_total = [0]
     proven = ALL_ORDERS if order is None else GIVEN_ORDER
@@ -882,23 +923,23 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
                            else None, fun, True, 0, msg, name, time.perf_counter() - t0,
                            work_total[0], extra or {}, proven=proven)
 
-    if objective == "throughput" and order is None and cc.D > 2:
+    if objective == "throughput" and order is None and len(fastest) > 2:
         # a fixed-order optimum (cheap, fastest nodes first) is the first incumbent; the search
         # needs no min-sum run (see _throughput_search)
         if seed_path is None:
-            fo = _solve_on(cc, "throughput", use_all_nodes, _fastest_first(cc), "seed", t0)
+            fo = _solve_on(cc, "throughput", use_all_nodes, fastest, "seed", t0)
             work_total[0] += fo.nit
             if fo.stages is not None:
                 seed_path = sc.type_path([(cc.ids.index(st.node), st.start_layer,
                                            st.end_layer) for st in fo.stages])
         if seed_path is not None:
-            best, n_dp = _throughput_search(sc, dp, None, seed_path, B, cc.D)
+            best, n_dp = _throughput_search(sc, dp, None, seed_path, B, len(fastest))
             return result(best[1], best[0], f"throughput for {B} stream(s) {where} "
                           f"({n_dp} capped DP runs after a fixed-order seed)")
     seed = INF
-    if order is None and cc.D > 1:
+    if order is None and len(fastest) > 1 and sc.n_keys > SMALL_KEYS:
         # branch-and-bound seed: the fixed-order DP with the fastest nodes first (cheap)
-        v, p, w = _ring_dp(cc, _fastest_first(cc), use_all_nodes)
+        v, p, w = _ring_dp(cc, fastest, use_all_nodes)
         work_total[0] += w
         if p is not None:
             seed = v * (1 + 1e-9) + 1e-15
@@ -910,7 +951,7 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     if objective not in ("throughput", "pareto"):
         raise ValueError(objective)
     if objective == "throughput":
-        best, n_dp = _throughput_search(sc, dp, val, path, B, cc.D)
+        best, n_dp = _throughput_search(sc, dp, val, path, B, len(fastest))
         return result(best[1], best[0],
                       f"throughput for {B} stream(s) {where} ({n_dp + 1} DP runs)")
     pts, complete = _pareto_walk(sc, dp, val, path)

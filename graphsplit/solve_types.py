@@ -154,6 +154,7 @@ class TypedCosts:
             self._merge_nodes(cc, groups)
         self._links(cc, groups)
         self.space = state_space([len(g) for g in groups])
+        self.n_keys = n_keys(self.space.counts)  # the program's size (states x types)
 
     def _links(self, cc, groups):
         """out and close between types: min over pairs of distinct member nodes (all equal
@@ -192,10 +193,6 @@ class TypedCosts:
         comp[:, :, L] += self.t_head[:, None]
         fits = np.stack([np.isfinite(cc.comp[g]).any(axis=0) for g in groups])
         self.comp = np.where(fits, comp, INF)
-
-    @property
-    def n_keys(self) -> int:
-        return n_keys(self.space.counts)
 
     def type_path(self, path):
         """A node path (cc indices) as a type path."""

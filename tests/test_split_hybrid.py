@@ -153,7 +153,7 @@ def test_unmeasured_group_names_the_group_and_the_command():
     c = cluster({"a": 0.01, "b": 0.02, "c": 0.04})
     with pytest.raises(UserError) as e:
         predict(c, [tensor_stage(["a", "c"], [2, 2], 0, 2, 256)], W, "mlx-pipeline")
-    assert "group a+c" in str(e.value) and "exo-bridge profile-link" in str(e.value)
+    assert "group a+c" in str(e.value) and "`profile-link collective --nodes a,c" in str(e.value)
 
 
 def test_table_without_tensor_section_says_reprofile():

@@ -167,7 +167,8 @@ def test_bound_label_has_a_lower_bound_below_the_optimum(runtime):
         for obj, B in (("latency", 1), ("throughput", 4)):
             w = Workload(prompt_tokens=32, context_tokens=128, streams=B)
             opt = brute_force(c, obj, w, runtime)
-            r = solve_bitmask(c, obj, w, runtime, max_keys=12)
+            # no type fits the program / the fastest two or three types do
+            r = solve_bitmask(c, obj, w, runtime, max_keys=rnd.choice([12, 80]))
             if opt.stages is None:
                 assert r.stages is None
                 continue
