@@ -71,27 +71,28 @@ def model_bytes(table: CostTable) -> int:
     return sum(r.weight_bytes for r in table.rows)
 
 
-def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=None,
-               decode_context=None, memory_fraction: float = 0.6,
-               repeats: int | None = None) -> SelfCheckResult:
-    """Run the whole model and compare with the table (see the module docstring).
-    `repeats`: end-to-end runs per grid point (default max(5, the table's repeats))."""
-    need = model_bytes(table)
-    usable = table.device.memory_usable_bytes
-    if need > memory_fraction * usable:
-        raise UserError(f"self-check needs the whole model in memory ({fmt_bytes(need)}) but "
-                        f"only {fmt_bytes(usable)} is usable here; the cost table is written, "
-                        "run the self-check on a smaller model")
-    prefill_tokens = prefill_tokens or table.prefill_tokens
-    decode_context = decode_context or table.decode_context
-    m = table.method
+@dataclass
+class _Whole:
+    """The whole model materialised as the table measured it, run as a hand chain."""
+    model: object
+    parts: object
+    head: object
+    templates: list  # one empty KV cache per block, deep-copied per run
+    mask: object  # mlx_lm.models.base.create_attention_mask
+
+    def forward(self, ids, caches):
+        h = self.parts.embed(ids)
+        mask = self.mask(h, caches[0])
+        for layer, c in zip(self.parts.layers, caches):
+            h = layer(h, mask, c)
+        return self.head(h)
+
+
+def _build_whole(spec: ModelSpec, table: CostTable) -> _Whole:
+    """Every row materialised with the seeds, dtype and quantization the profile used."""
     dt = build.mx_dtype(table.dtype)
     quant = table.quantization
     generated = spec.source != "local"
-    if progress is not None:
-        progress.note(f"self-check: running {spec.name} end to end ({fmt_bytes(need)} of "
-                      "weights)...")
-
     model = build.skeleton(spec)
     parts = build.model_parts(model)
     n = len(parts.layers)
@@ -105,7 +106,6 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
     if parts.lm_head is not None:
         parts.set_head(build.materialise(parts.lm_head, generated=generated, dtype=dt,
                                          quant=quant, seed=21))
-    head = rows.head_fn(parts.norm, parts.lm_head, parts.embed)
     templates = (list(model.make_cache()) if hasattr(model, "make_cache") else None)
     if templates is None:
         from mlx_lm.models.cache import KVCache
@@ -113,144 +113,178 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
         templates = [KVCache() for _ in range(n)]
     from mlx_lm.models.base import create_attention_mask
 
-    def forward(ids, caches):
-        h = parts.embed(ids)
-        mask = create_attention_mask(h, caches[0])
-        for layer, c in zip(parts.layers, caches):
-            h = layer(h, mask, c)
-        return head(h)
+    return _Whole(model, parts, rows.head_fn(parts.norm, parts.lm_head, parts.embed),
+                  templates, create_attention_mask)
 
-    flush = bool(m.get("flush_caches", True))
-    clock = m.get("clock", "wall")
-    settle_s = float(m.get("settle_s", 0.0))  # as the table was measured (measure.time_fn)
-    warmup = max(2, int(m.get("warmup", 1)))
-    repeats = int(repeats) if repeats else max(5, int(m.get("repeats", 3)))
-    batch = int(m.get("batch", 1))
-    vocab = table.model.vocab_size
-    hidden_size = table.model.hidden_size
+
+@dataclass
+class _Timing:
+    """How the table was timed (its `method`), so the check times the same way."""
+    flush: bool
+    now: object  # the clock
+    settle_s: float
+    warmup: int
+    repeats: int
+    batch: int
+
+    @classmethod
+    def of(cls, table: CostTable, repeats: int | None) -> "_Timing":
+        m = table.method
+        return cls(flush=bool(m.get("flush_caches", True)),
+                   now=time.process_time if m.get("clock", "wall") == "process"
+                   else time.perf_counter,
+                   settle_s=float(m.get("settle_s", 0.0)),  # as measure.time_fn
+                   warmup=max(2, int(m.get("warmup", 1))),
+                   repeats=int(repeats) if repeats else max(5, int(m.get("repeats", 3))),
+                   batch=int(m.get("batch", 1)))
+
+
+def _paired(fns: dict, tm: _Timing, per: dict[str, int]):
+    """Time the end-to-end run and the measured rows in turn, `tm.repeats` times, so that both
+    see the same machine. `fns`: name -> (fn, setup or None); `per`: what a name's sample is
+    divided by (its chain length). Returns (medians, e2e spread, every sample)."""
+    samples = {k: [] for k in fns}
+    for rep in range(tm.warmup + tm.repeats):
+        for k, (fn, setup) in fns.items():
+            if setup is not None:
+                setup()
+            if tm.flush:
+                rows.flush_caches()
+            mx.synchronize()
+            if tm.settle_s > 0:
+                time.sleep(tm.settle_s)
+            t0 = tm.now()
+            fn()
+            mx.synchronize()
+            if rep >= tm.warmup:
+                samples[k].append((tm.now() - t0) / per.get(k, 1))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    e2e = samples["e2e"]
+    return med, (max(e2e) - min(e2e)) / med["e2e"] if med["e2e"] else 0.0, samples
+
+
+def _point(table: CostTable, phase: str, x: int, fns: dict, tm: _Timing,
+           per: dict[str, int]) -> CheckPoint:
+    """One grid point: the rows' sum from the table (derived) against the end-to-end time and
+    the rows re-timed now (measured)."""
+    med, spread, s = _paired(fns, tm, per)
+    grid = table.prefill_tokens if phase == "prefill" else table.decode_context
+    k = grid.index(x) if x in grid else None
+    if phase == "prefill":
+        predicted = (sum(r.prefill_s[k] for r in table.rows) if k is not None else
+                     sum(table.prefill_time(r, x) for r in table.rows))
+    else:
+        predicted = (sum(r.decode_s[k] for r in table.rows) if k is not None else
+                     sum(table.decode_time(r, x) for r in table.rows))
+    names = [r.measured_from for r in table.rows]
+    now = [sum(s[nm][i] for nm in names) for i in range(len(s["e2e"]))]
+    return CheckPoint(phase, x, predicted, med["e2e"], spread,
+                      sum(med[nm] for nm in names), list(s["e2e"]), now)
+
+
+def _prefill_point(w: _Whole, table: CostTable, tm: _Timing, j: int, p: int,
+                   measured_blocks: list[int]) -> CheckPoint:
+    """Prefill of `p` tokens into empty caches; each measured block re-timed alone."""
+    dt = build.mx_dtype(table.dtype)
+    ids = mx.random.randint(0, table.model.vocab_size, (tm.batch, p), key=mx.random.key(30 + j))
+    xp = rows.hidden(tm.batch, p, table.model.hidden_size, dt, seed=40 + j)
+    mx.eval(ids)
+
+    def run():
+        caches = [copy.deepcopy(t) for t in w.templates]
+        out = w.forward(ids, caches)
+        mx.eval(out, *[a for c in caches for a in rows.cache_arrays(c)])
+
+    def block_run(i):
+        def fn():
+            c = copy.deepcopy(w.templates[i])
+            y = w.parts.layers[i](xp, w.mask(xp, c), c)
+            mx.eval(y, *rows.cache_arrays(c))
+        return fn
+
+    fns = {"e2e": (run, None), "embed": (lambda: mx.eval(w.parts.embed(ids)), None),
+           "head": (lambda: mx.eval(w.head(xp)), None)}
+    for i in measured_blocks:
+        fns[f"layers.{i}"] = (block_run(i), None)
+    return _point(table, "prefill", p, fns, tm, {})
+
+
+def _decode_point(w: _Whole, table: CostTable, tm: _Timing, c: int,
+                  chains: dict[int, list[int]]) -> CheckPoint:
+    """One decode step with every cache filled to `c`; each measured block re-timed inside
+    its chain (rows.time_chain)."""
+    dt = build.mx_dtype(table.dtype)
+    x1 = rows.hidden(tm.batch, 1, table.model.hidden_size, dt, seed=9)
+    ids1 = mx.random.randint(0, table.model.vocab_size, (tm.batch, 1), key=mx.random.key(77))
+    caches = [rows.fill_cache(w.parts.layers[i], w.templates[i], c, x1, seed=300 + i)
+              for i in range(len(w.parts.layers))]
+
+    def step():
+        out = w.forward(ids1, caches)
+        mx.eval(out, *[a for cc in caches for a in rows.cache_arrays(cc)])
+
+    def rewind():
+        for cc in caches:
+            rows.rewind(cc, c)
+
+    def block_step(i):
+        def fn():
+            y, mask = x1, w.mask(x1, caches[chains[i][0]])
+            for j in chains[i]:
+                y = w.parts.layers[j](y, mask, caches[j])
+            mx.eval(y, *[a for j in chains[i] for a in rows.cache_arrays(caches[j])])
+
+        def setup():
+            for j in chains[i]:
+                rows.rewind(caches[j], c)
+        return fn, setup
+
+    fns = {"e2e": (step, rewind), "embed": (lambda: mx.eval(w.parts.embed(ids1)), None),
+           "head": (lambda: mx.eval(w.head(x1)), None)}
+    for i in chains:
+        fns[f"layers.{i}"] = block_step(i)
+    return _point(table, "decode", c, fns, tm, {f"layers.{i}": len(js)
+                                                for i, js in chains.items()})
+
+
+def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=None,
+               decode_context=None, memory_fraction: float = 0.6,
+               repeats: int | None = None) -> SelfCheckResult:
+    """Run the whole model and compare with the table (see the module docstring).
+    `repeats`: end-to-end runs per grid point (default max(5, the table's repeats))."""
+    need = model_bytes(table)
+    usable = table.device.memory_usable_bytes
+    if need > memory_fraction * usable:
+        raise UserError(f"self-check needs the whole model in memory ({fmt_bytes(need)}) but "
+                        f"only {fmt_bytes(usable)} is usable here; the cost table is written, "
+                        "run the self-check on a smaller model")
+    if progress is not None:
+        progress.note(f"self-check: running {spec.name} end to end ({fmt_bytes(need)} of "
+                      "weights)...")
+    w = _build_whole(spec, table)
+    tm = _Timing.of(table, repeats)
     res = SelfCheckResult(model=spec.name, weight_bytes=need)
-    measured_blocks = sorted({int(r.measured_from.split(".")[1]) for r in table.rows
-                              if r.kind == "block"})
-    # each measured block re-timed as the table timed it: inside a chain of up to
-    # method.chain_blocks blocks that carry its measurement (1: alone, older tables)
-    chain_k = max(1, int(m.get("chain_blocks", 1)))
-    chains = {i: [j for j, r in enumerate(r for r in table.rows if r.kind == "block")
-                  if r.measured_from == f"layers.{i}" and j >= i][:chain_k]
-              for i in measured_blocks}
-    per: dict[str, int] = {}  # what a re-timed row's sample is divided by (chain length)
-
     # correctness: the hand chain is the model's own forward
-    ids = mx.random.randint(0, vocab, (batch, min(prefill_tokens)), key=mx.random.key(5))
-    ours = forward(ids, [copy.deepcopy(t) for t in templates])
-    theirs = model(ids)[:, -1:, :]
+    ids = mx.random.randint(0, table.model.vocab_size,
+                            (tm.batch, min(prefill_tokens or table.prefill_tokens)),
+                            key=mx.random.key(5))
+    ours = w.forward(ids, [copy.deepcopy(t) for t in w.templates])
+    theirs = w.model(ids)[:, -1:, :]
     res.chain_max_abs_diff = float(mx.max(mx.abs(ours.astype(mx.float32)
                                                  - theirs.astype(mx.float32))).item())
-
-    def paired(fns):
-        """Time the end-to-end run and the measured rows in turn, `repeats` times, so that
-        both see the same machine (medians; the e2e spread too)."""
-        samples = {k: [] for k in fns}
-        for rep in range(warmup + repeats):
-            for k, (fn, setup) in fns.items():
-                if setup is not None:
-                    setup()
-                if flush:
-                    rows.flush_caches()
-                mx.synchronize()
-                if settle_s > 0:
-                    time.sleep(settle_s)
-                t0 = now()
-                fn()
-                mx.synchronize()
-                if rep >= warmup:
-                    samples[k].append((now() - t0) / per.get(k, 1))
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        e2e = samples["e2e"]
-        last[:] = [samples]
-        return med, (max(e2e) - min(e2e)) / med["e2e"] if med["e2e"] else 0.0
-
-    last: list = []
-
-    def point(phase, x, predicted, med, spread):
-        s = last[0]
-        names = [r.measured_from for r in table.rows]
-        now = [sum(s[nm][i] for nm in names) for i in range(len(s["e2e"]))]
-        return CheckPoint(phase, x, predicted, med["e2e"], spread,
-                          sum(med[nm] for nm in names), list(s["e2e"]), now)
-
-    now = time.process_time if clock == "process" else time.perf_counter
-
-    def table_sum(kind, k, x):
-        if kind == "prefill":
-            return (sum(r.prefill_s[k] for r in table.rows) if k is not None else
-                    sum(table.prefill_time(r, x) for r in table.rows))
-        return (sum(r.decode_s[k] for r in table.rows) if k is not None else
-                sum(table.decode_time(r, x) for r in table.rows))
-
-    for j, p in enumerate(prefill_tokens):
-        ids = mx.random.randint(0, vocab, (batch, p), key=mx.random.key(30 + j))
-        xp = rows.hidden(batch, p, hidden_size, dt, seed=40 + j)
-        mx.eval(ids)
-
-        def run(ids=ids):
-            caches = [copy.deepcopy(t) for t in templates]
-            out = forward(ids, caches)
-            mx.eval(out, *[a for c in caches for a in rows.cache_arrays(c)])
-
-        per.clear()  # prefill: each block alone (rows.time_chain)
-
-        def block_run(i, xp=xp):
-            def fn():
-                cs = [copy.deepcopy(templates[i])]
-                y, mask = xp, create_attention_mask(xp, cs[0])
-                for j, c in zip([i], cs):
-                    y = parts.layers[j](y, mask, c)
-                mx.eval(y, *[a for c in cs for a in rows.cache_arrays(c)])
-            return fn
-
-        fns = {"e2e": (run, None), "embed": (lambda ids=ids: mx.eval(parts.embed(ids)), None),
-               "head": (lambda xp=xp: mx.eval(head(xp)), None)}
-        for i in measured_blocks:
-            fns[f"layers.{i}"] = (block_run(i), None)
-        med, spread = paired(fns)
-        k = table.prefill_tokens.index(p) if p in table.prefill_tokens else None
-        res.points.append(point("prefill", p, table_sum("prefill", k, p), med, spread))
-
-    x1 = rows.hidden(batch, 1, hidden_size, dt, seed=9)
-    ids1 = mx.random.randint(0, vocab, (batch, 1), key=mx.random.key(77))
-    for j, c in enumerate(decode_context):
-        caches = [rows.fill_cache(parts.layers[i], templates[i], c, x1, seed=300 + i)
-                  for i in range(n)]
-
-        def step(caches=caches):
-            out = forward(ids1, caches)
-            mx.eval(out, *[a for cc in caches for a in rows.cache_arrays(cc)])
-
-        def rewind(caches=caches, c=c):
-            for cc in caches:
-                rows.rewind(cc, c)
-
-        def block_step(i, caches=caches, c=c):
-            def fn():
-                y, mask = x1, create_attention_mask(x1, caches[chains[i][0]])
-                for j in chains[i]:
-                    y = parts.layers[j](y, mask, caches[j])
-                mx.eval(y, *[a for j in chains[i] for a in rows.cache_arrays(caches[j])])
-
-            def setup():
-                for j in chains[i]:
-                    rows.rewind(caches[j], c)
-            return fn, setup
-
-        per.update({f"layers.{i}": len(js) for i, js in chains.items()})
-        fns = {"e2e": (step, rewind), "embed": (lambda: mx.eval(parts.embed(ids1)), None),
-               "head": (lambda: mx.eval(head(x1)), None)}
-        for i in measured_blocks:
-            fns[f"layers.{i}"] = block_step(i)
-        med, spread = paired(fns)
-        k = table.decode_context.index(c) if c in table.decode_context else None
-        res.points.append(point("decode", c, table_sum("decode", k, c), med, spread))
-        del caches
+    measured_blocks = sorted({int(r.measured_from.split(".")[1]) for r in table.rows
+                              if r.kind == "block"})
+    for j, p in enumerate(prefill_tokens or table.prefill_tokens):
+        res.points.append(_prefill_point(w, table, tm, j, p, measured_blocks))
+    # each measured block re-timed as the table timed it: inside a chain of up to
+    # method.chain_blocks blocks that carry its measurement (1: alone, older tables)
+    chain_k = max(1, int(table.method.get("chain_blocks", 1)))
+    blocks = [r for r in table.rows if r.kind == "block"]
+    chains = {i: [j for j, r in enumerate(blocks)
+                  if r.measured_from == f"layers.{i}" and j >= i][:chain_k]
+              for i in measured_blocks}
+    for c in decode_context or table.decode_context:
+        res.points.append(_decode_point(w, table, tm, c, chains))
     return res
 
 
