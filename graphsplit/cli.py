@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = None
     hybrid = args.hybrid or args.tp_shares is not None or args.max_group is not None
     for flag, on in (("--layers", args.layers is not None), ("--simulate", args.simulate),
-                     ("--plot", args.plot)):
+                     ("--plot", args.plot), ("--replicas", args.replicas != 1),
+                     ("--micro-batch", args.micro_batch is not None)):
         if hybrid and on:
             raise UserError(f"{flag} works on pipeline plans only; drop it, or drop --hybrid "
                             "/ --tp-shares / --max-group")

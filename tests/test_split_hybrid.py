@@ -368,6 +368,11 @@ def test_cli_hybrid_plan_round_trips(tmp_path):
     (["--hybrid", "--runtime", "exo-legacy"], "legacy exo has no tensor parallelism"),
     (["--hybrid", "--objective", "pareto"], "pareto"),
     (["--tp-shares", "equal", "--layers", "a:4"], "--layers works on pipeline plans only"),
+    (["--hybrid", "--objective", "throughput", "--streams", "4", "--replicas", "2"],
+     "--replicas works on pipeline plans only"),
+    (["--hybrid", "--runtime", "mlx-pipeline", "--objective", "throughput", "--streams", "4",
+      "--micro-batch", "2"],
+     "--micro-batch works on pipeline plans only"),
 ])
 def test_cli_refusals_are_one_line_exit_2(tmp_path, args, words):
     r = run(_write(tmp_path), *args)
