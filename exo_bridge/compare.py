@@ -39,7 +39,7 @@ def _workload(plan: Plan):
 
     wl = plan.workload or {}
     return Workload(int(wl.get("prompt_tokens", 512)), int(wl.get("context_tokens", 1024)),
-                    int(wl.get("streams", 1)))
+                    int(wl.get("streams", 1)), batch=int(wl.get("batch", 1)))
 
 
 def _cluster(plan: Plan):
