@@ -242,3 +242,31 @@ def test_run_delegates_to_the_runner():
     cp = cli("run", "--help")
     assert cp.returncode == 0, cp.stderr
     assert "exo-bridge run" in cp.stdout or "usage" in cp.stdout
+
+
+def test_compare_repredicts_at_the_plans_decode_batch(tmp_path):
+    """A throughput plan's workload carries its decode batch: --repredict charges that batch
+    (before the fix it re-predicted at batch 1, ignoring the serving pattern)."""
+    from costtables import make_table, write_cluster
+
+    from exo_bridge.compare import splits
+    from graphsplit.cluster import load_cluster
+    from graphsplit.costmodel import Workload, predict
+    from graphsplit.plan import read_plan
+
+    tables = {"studio": make_table("studio", 32, decode_s=0.001, memory_usable=48 * GIB),
+              "mini": make_table("mini", 32, decode_s=0.004, memory_usable=12 * GIB)}
+    cfile = write_cluster(tmp_path, tables)
+    p = plan_file(tmp_path, str(cfile), baselines=False)
+    d = json.loads(p.read_text())
+    d.update(runtime="mlx-pipeline", workload={"prompt_tokens": 64, "context_tokens": 128,
+                                               "streams": 8, "batch": 4})
+    p.write_text(json.dumps(d))
+    plan = read_plan(p)
+    got = next(s for s in splits(plan, repredict=True) if s.key == "measured").predicted
+    c = load_cluster(cfile)
+    at4 = predict(c, plan.stages, Workload(64, 128, 8, batch=4), "mlx-pipeline").to_dict()
+    at1 = predict(c, plan.stages, Workload(64, 128, 8), "mlx-pipeline").to_dict()
+    assert at4["throughput_tps"] != pytest.approx(at1["throughput_tps"])
+    assert got["throughput_tps"] == pytest.approx(at4["throughput_tps"])
+    assert got["decode_batch"] == 4
