@@ -87,64 +87,77 @@ def _ring_dp(cc: ChainCosts, order: Sequence[int], use_all: bool, cap: float = I
     (a subsequence of it; the whole of it when use_all); only plans below `incumbent` are
     looked for. Returns (value, [(node_index, b, c)] or None, work).
 
-    States (first node f, position p in the order, first block b of p's stage), one first node
-    at a time: O(K^2) states of L + 1 blocks, each closed at every cut c by range-minimum
-    queries (_ring_open): O(K^3 L + K^2 L log L) per run.
+    States (first node f, position p in the order, first block b of p's stage), every first
+    node at once (one row per f): O(K^2) states of L + 1 blocks, each closed at every cut c by
+    range-minimum queries (_ring_open): O(K^3 L + K^2 L log L) per run in O(K) numpy passes.
+    Row f is pruned at the best value found by the rows f' <= f, and ties go to the smaller
+    first node, then the earlier position, then the smaller block.
     """
     K, L = len(order), cc.L
     rq = _memo(cc, ("rq", cap), lambda: _range_queries(cc, cap))
-    best = [incumbent, None]  # value, path
+    F = 1 if use_all else K
+    order_a = np.asarray(order, dtype=np.int64)
+    V = np.full((F, K, L + 1), INF)
+    BPK = np.full((F, K, L + 1), -1, dtype=np.int64)
+    BPB = np.full((F, K, L + 1), -1, dtype=np.int64)
+    V[np.arange(F), np.arange(F), 0] = 0.0
+    rbest = np.full(F, float(incumbent))  # per first node: the best value found (or incumbent)
+    found = [None] * F
     work = 0
-    for f in ([0] if use_all else range(K)):
-        V = np.full((K, L + 1), INF)
-        BPK = np.full((K, L + 1), -1, dtype=np.int64)
-        BPB = np.full((K, L + 1), -1, dtype=np.int64)
-        V[f, 0] = 0.0
-        found = None
-        for p in range(f, K):
-            v = V[p]
-            alive = v + cc.lower_bound < best[0]
-            if not alive.any():
-                continue
-            work += 1
-            v = np.where(alive, v, INF)
-            d, fn = order[p], order[f]
-            if p == K - 1 or not use_all:  # close the ring: the stage [b, L) on d is the last
-                tl = cc.comp[d, :, L] + (cc.close[d, fn] if d != fn else 0.0)
-                tot = v + (np.where(tl <= cap, tl, INF) if np.isfinite(cap) else tl)
-                b = int(np.argmin(tot))
-                if tot[b] < best[0]:
-                    best[0], found = float(tot[b]), (p, b, d)
-            qs = [p + 1] if use_all else list(range(p + 1, K))
-            qs = [q for q in qs if q < K]
-            if qs:  # open the next node q at cut c
-                _ring_open(cc, rq, V, BPK, BPB, p, d, [order[q] for q in qs], np.array(qs), v)
-        if found is not None:
-            best[1] = _ring_path(found, BPK, BPB, order, L)
-    return best[0], best[1], work
+    for p in range(K):
+        nf = min(p + 1, F)  # rows f <= p
+        thr = np.minimum.accumulate(rbest[:nf])
+        v = V[:nf, p]
+        alive = v + cc.lower_bound[None, :] < thr[:, None]
+        rows_alive = alive.any(axis=1)
+        if not rows_alive.any():
+            continue
+        work += int(rows_alive.sum())
+        v = np.where(alive, v, INF)
+        d = order[p]
+        if p == K - 1 or not use_all:  # close the ring: the stage [b, L) on d is the last
+            fn = order_a[:nf]
+            clo = np.where(fn != d, cc.close[d, fn], 0.0)
+            tl = cc.comp[d, :, L][None, :] + clo[:, None]
+            tot = v + (np.where(tl <= cap, tl, INF) if np.isfinite(cap) else tl)
+            bb = np.argmin(tot, axis=1)
+            tb = tot[np.arange(nf), bb]
+            for f in np.nonzero(tb < rbest[:nf])[0]:
+                rbest[f], found[f] = float(tb[f]), (p, int(bb[f]), d)
+        q0 = p + 1
+        if q0 < K:  # open the next node(s) q at cut c
+            qs = np.arange(q0, q0 + 1) if use_all else np.arange(q0, K)
+            _ring_open(rq, V[:nf], BPK[:nf], BPB[:nf], p, d, order_a[qs], qs, v)
+    best_v, best_p = incumbent, None
+    for f in range(F):  # smallest value, then smallest first node
+        if found[f] is not None and rbest[f] < best_v:
+            best_v, best_p = float(rbest[f]), _ring_path(found[f], BPK[f], BPB[f], order, L)
+    return best_v, best_p, work
 
 
-def _ring_open(cc: ChainCosts, rq, V, BPK, BPB, p: int, d: int, qn, nk, v) -> None:
-    """Close d's stage (values v over its first block) at every cut c and open the nodes qn
-    (positions nk) there, keeping the better value and its back-pointers. min over the
-    admissible first blocks b of v[b] + comp[d, b, c] + out[d, q, c] is a range-minimum query
-    of v + embedding - P_d over the suffix [lo, c) (see _range_queries), leftmost on ties."""
-    mn, ix = _sparse_table(v + rq.u_off[d], rq.J)  # (J, b)
-    qn = np.asarray(qn)
+def _ring_open(rq, V, BPK, BPB, p: int, d: int, qn, nk, v) -> None:
+    """Close d's stage (values v[f] over its first block, one row per first node f) at every
+    cut c and open the nodes qn (positions nk) there, keeping the better value and its
+    back-pointers. min over the admissible first blocks b of v[b] + comp[d, b, c] + out[d, q, c]
+    is a range-minimum query of v + embedding - P_d over the suffix [lo, c) (see
+    _range_queries), leftmost on ties."""
+    mn, ix = _sparse_table(v + rq.u_off[d][None, :], rq.J)  # (J, f, b)
     if rq.capped:
         kk, lo, rs = rq.kk[d, qn], rq.lo_c[d, qn], rq.rs[d, qn]  # (nq, c)
     else:
         kk, lo, rs = rq.kk[d][None], rq.lo_c[d][None], rq.rs[d][None]  # (1, c)
-    left, right = mn[kk, lo], mn[kk, rs]
+    fr = np.arange(v.shape[0])[:, None, None]
+    left, right = mn[kk[None], fr, lo[None]], mn[kk[None], fr, rs[None]]  # (f, nq or 1, c)
     take_r = right < left
-    cand = np.where(take_r, right, left) + rq.addc[d, qn]  # (nq, c)
-    bsel = np.broadcast_to(np.where(take_r, ix[kk, rs], ix[kk, lo]), cand.shape)
-    cur = V[nk]
+    cand = np.where(take_r, right, left) + rq.addc[d, qn][None]  # (f, nq, c)
+    bsel = np.broadcast_to(np.where(take_r, ix[kk[None], fr, rs[None]],
+                                    ix[kk[None], fr, lo[None]]), cand.shape)
+    cur = V[:, nk]
     better = cand < cur
     if better.any():
-        V[nk] = np.where(better, cand, cur)
-        BPK[nk] = np.where(better, p, BPK[nk])
-        BPB[nk] = np.where(better, bsel, BPB[nk])
+        V[:, nk] = np.where(better, cand, cur)
+        BPK[:, nk] = np.where(better, p, BPK[:, nk])
+        BPB[:, nk] = np.where(better, bsel, BPB[:, nk])
 
 
 def _ring_path(found, BPK, BPB, order, L: int):
@@ -162,17 +175,26 @@ def _ring_path(found, BPK, BPB, order, L: int):
 
 def _range_lo(cc: ChainCosts, cap: float) -> np.ndarray:
     """lo[d, q, c]: the first block b such that the stage [b, c) on d followed by q fits memory
-    and has T = comp + out <= cap. comp[d, :, c] is non-increasing in b, so the admissible b form
-    the suffix [lo, c); lo = c when none (c = 0 or L, q = d: empty)."""
+    and has T = comp + out <= cap. comp[d, :, c] is non-increasing in b (+inf for b >= c) and
+    adding out[d, q, c] keeps that order (rounding is monotone), so the admissible b form the
+    suffix [lo, c): a vectorised binary search over b, O(D^2 L log L), with the same floating
+    point comparison as everywhere else; lo = c when none (c = 0 or L, q = d: empty)."""
     D, L = cc.D, cc.L
-    lo = np.empty((D, D, L + 1), dtype=np.int64)
-    below = np.arange(L + 1)[:, None] < np.arange(L + 1)[None, :]  # b < c
-    for d in range(D):
-        t = cc.comp[d][None, :, :] + cc.out[d][:, None, :]  # (q, b, c)
-        ok = np.isfinite(t) & (t <= cap)
-        bad = below[None] & ~ok
-        lo[d] = bad.sum(axis=1)
-    return lo
+    dd = np.arange(D)[:, None, None]
+    cs = np.broadcast_to(np.arange(L + 1)[None, None, :], (D, D, L + 1))
+    out = cc.out
+    lo = np.zeros((D, D, L + 1), dtype=np.int64)
+    hi = cs.copy()  # the answer is in [lo, hi]; b = c stands for "none"
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            return lo
+        mid = (lo + hi) >> 1
+        t = cc.comp[dd, mid, cs] + out
+        ok = (t <= cap) if np.isfinite(cap) else np.isfinite(t)
+        ok |= mid >= cs
+        hi = np.where(open_ & ok, mid, hi)
+        lo = np.where(open_ & ~ok, mid + 1, lo)
 
 
 def _set_lower_bound(cc, cap: float, cnt: np.ndarray | None = None, fill=None) -> np.ndarray:
@@ -635,13 +657,19 @@ def _stage_times(cc, path) -> list[float]:
 
 def _candidate_caps(cc: ChainCosts, upto: float) -> np.ndarray:
     """Every stage time a plan can have (sorted, unique, <= upto): the bottleneck is one."""
+    if isinstance(cc, TypedCosts) and cc.exact:  # twin types have their nodes' stage times
+        cc = cc.cc
+    memo = _memo(cc, "cands", lambda: ([],))[0]  # [upto, candidates] of the last call
+    if memo and memo[0] >= upto:  # a search with a larger upper end: the same set, cut
+        return memo[1][:int(np.searchsorted(memo[1], upto, side="right"))]
     L = cc.L
     vals = [(cc.comp[:, None, :, 1:L] + cc.out[:, :, None, 1:L]).ravel(),
             (cc.comp[:, None, :, L] + cc.close[:, :, None]).ravel(),
             cc.comp[:, :, L].ravel()]  # single stage: no closure
     v = np.concatenate(vals)
-    v = v[np.isfinite(v) & (v <= upto)]
-    return np.unique(v)
+    v = np.unique(v[np.isfinite(v) & (v <= upto)])
+    memo[:] = [upto, v]  # (the seed's search, then the exact program's, on one cluster)
+    return v
 
 
 def _throughput_search(cc, dp, val, path, B, D):
