@@ -604,7 +604,8 @@ def _bitmask_dp_vec(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
     return best[0], _backtrack(best[1], levels, sp.radix, sp.n_states, L), work
 
 
-def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
+def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
+                enough=None):
     """The exact program (types or nodes, see _bitmask_dp_vec), first run without the first
     type in the state.
 
@@ -616,7 +617,11 @@ def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
     returned as is. Otherwise the exact program (first type in the state) runs, with the relaxed
     plan's real sum as incumbent when that plan satisfies the cap (the exact program then finds
     it or a cheaper plan). In the throughput search most capped runs end in (a) or (b), which
-    removes the ~T / 2 factor that the first type adds to the state space."""
+    removes the ~T / 2 factor that the first type adds to the state space.
+
+    enough(sum) -> bool: a caller that needs only SOME real plan with every stage <= cap and
+    a sum it accepts (the throughput search's "predicate true") gets the relaxed plan as it is
+    when its real stage times qualify, returned with its real sum (not then the minimum)."""
     tc = as_typed(cc)
     hrev = None if tc.n_keys <= SMALL_KEYS else \
         _memo(tc, ("hrev", use_all, cap), lambda: _reverse_lower_bound(tc, use_all, cap))
@@ -629,6 +634,8 @@ def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
     if tc.close[dl, f] == tc.close[dl][others >= 1].min():
         return v, p, w
     ts = _stage_times(tc, p)
+    if enough is not None and max(ts) <= cap and enough(sum(ts)):
+        return sum(ts), p, w
     if max(ts) <= cap:
         incumbent = min(incumbent, sum(ts) * (1 + 1e-9) + 1e-15)
     v2, p2, w2 = _bitmask_dp_vec(tc, use_all, cap, incumbent, hrev=hrev)
@@ -720,7 +727,8 @@ def _throughput_search(cc, dp, val, path, B, D):
             mid = (lo + hi) // 2
         mid = min(max(mid, lo), hi - 1)
         T = cands[mid]
-        v, p = dp(T, bound=B * best[0] * (1 + 1e-9) + 1e-15)
+        # any plan with S / B <= T decides this probe (hi = mid), the minimum is not needed
+        v, p = dp(T, bound=B * best[0] * (1 + 1e-9) + 1e-15, enough=lambda s_: s_ / B <= T)
         n_dp += 1
         if p is not None:
             s_, m_ = offer(p)
@@ -937,10 +945,11 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     proven = ALL_ORDERS if order is None else GIVEN_ORDER
     where = _where(proven)
 
-    def dp(cap=INF, bound=INF):
-        """min sum s.t. every stage <= cap; only plans with sum < bound are looked for."""
+    def dp(cap=INF, bound=INF, enough=None):
+        """min sum s.t. every stage <= cap; only plans with sum < bound are looked for; any
+        plan whose sum enough() accepts will do (see _bitmask_dp)."""
         if order is None:
-            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound)
+            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound, enough)
         else:
             v, p, w = _ring_dp(sc, order, use_all_nodes, cap, bound)
         work_total[0] += w
