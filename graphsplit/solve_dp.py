@@ -697,7 +697,9 @@ def _throughput_search(cc, dp, val, path, B, D):
     best is optimal. Probes (they only decide how fast the range empties, not the answer): first
     and after a predicate-false run, the candidate just below the incumbent (S(T') <= S(T) =
     B best there, so it often proves the rest); after a predicate-true run, galloping down from
-    the incumbent (0.1 %, 0.2 %, 0.4 % ... below it); after a run with no plan, bisection."""
+    the incumbent (0.1 %, 0.2 %, 0.4 % ... below it; once that falls into the range a run with
+    no plan excluded, the candidate just below the incumbent again); after a run with no plan,
+    bisection."""
     ts0 = _stage_times(cc, path)
     best = [max(sum(ts0) / B, max(ts0)), path]
 
@@ -723,6 +725,8 @@ def _throughput_search(cc, dp, val, path, B, D):
             # the incumbent is usually close to the optimum: gallop down from it
             mid = int(np.searchsorted(cands, best[0] * (1 - step)))
             step *= 2
+            if mid <= lo:  # a run with no plan already excluded that far: try to close
+                mid = hi - 1
         else:
             mid = (lo + hi) // 2
         mid = min(max(mid, lo), hi - 1)
