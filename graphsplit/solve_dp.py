@@ -72,8 +72,8 @@ MAX_PARETO_POINTS = 200
 # the exact program's size limit: count-vector states x types x (blocks + 1), the size of its
 # reverse bound (_reverse_lower_bound), which it builds whole: 12 distinct nodes x 126 layers
 # (6.2 million) fit, 13 do not; 24 nodes in 4 types of 6 need 1.2 million. Beyond, the best
-# plan found with a proven lower bound, from programs of a quarter of this size each
-# (deterministic: a size, not a time limit)
+# plan found with a proven lower bound, from programs of a quarter (the plan) and a half (the
+# bound) of this size (deterministic: a size, not a time limit)
 MAX_KEYS = 1 << 23
 # programs this small (5 distinct nodes) run without the seed and the reverse bound: building
 # them costs more than they prune
@@ -902,7 +902,8 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
     be used, the exact optimum over the fastest types that fit, as the plan; the exact optimum
     of the coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs)
     as a proven lower bound. Deterministic (a size, no time limit); labelled "bound" unless
-    the two meet. The two exact programs get a quarter of max_keys each."""
+    the two meet. The exact program over the fastest types gets a quarter of max_keys, the
+    relaxation half of it (merging fewer nodes per group tightens the bound)."""
     up = _solve_on(cc, objective, use_all_nodes, _fastest_first(cc), name, t0)
     work, limit, max_keys = up.nit, max_keys, max_keys // 4
     fast = None if use_all_nodes else _fastest_types(tc, max_keys)
@@ -913,7 +914,7 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
             up = sub
     if up.stages is None:  # no plan in this order: the relaxation still bounds
         up = SplitResult(None, INF, False, 1, "", name)
-    rc = coarsen(tc, max(1, max_keys // (tc.L + 1)))
+    rc = coarsen(tc, max(1, 2 * max_keys // (tc.L + 1)))  # (half of the limit)
     seed = None if up.stages is None else rc.type_path(
         [(cc.ids.index(s.node), s.start_layer, s.end_layer) for s in up.stages])
     low = _solve_on(rc, "latency" if objective == "pareto" else objective, use_all_nodes, None,
