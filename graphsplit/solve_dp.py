@@ -19,12 +19,14 @@ per-stage cap (every T_s <= cap) gives S(cap) = min sum s.t. max <= cap.
   G(T) = max(S(T) / B, T), S(T) non-increasing. An incumbent-driven search over the candidate
   T (see _throughput_search) excludes candidates from both ends with each capped run, every run
   pruned at sum >= B x incumbent and every plan found improving the incumbent; the bitmask solver
-  starts from the fixed-order optimum (fastest nodes first, cheap) and needs no min-sum run.
-  About 6-8 capped runs at 80 x 8 and 126 x 12.
+  starts from the fixed-order optimum (fastest nodes first, cheap) and needs no min-sum run; a
+  probe is decided by any real plan with every stage <= T and S / B <= T, so a relaxed run that
+  finds one needs no exact re-run. 5 capped runs at 80 x 8, 6 at 126 x 12.
 * pareto: min sum, then min sum with every stage strictly below the last plan's bottleneck,
   until infeasible: the exact (sum, max) frontier (at most MAX_PARETO_POINTS points).
 
-Complexity: fixed order O(D^3 L^2) per run (per key, numpy L x L min-plus products). Bitmask:
+Complexity: fixed order O(D^3 L + D^2 L log L) per run (every first node at once, range
+minima from sparse tables, the admissible ranges by binary search). Bitmask:
 O(2^D D^3 L log L) work per run, vectorised over all states of one subset size: a stage [b, c)
 on d costs P_d[c] - P_d[b], memory and cap are monotone in b, so min over b is a range-minimum
 query over an admissible suffix, answered from sparse tables; branch and bound with a
@@ -675,7 +677,8 @@ def _candidate_caps(cc: ChainCosts, upto: float) -> np.ndarray:
             cc.comp[:, :, L].ravel()]  # single stage: no closure
     v = np.concatenate(vals)
     v = np.unique(v[np.isfinite(v) & (v <= upto)])
-    memo[:] = [upto, v]  # (the seed's search, then the exact program's, on one cluster)
+    if v.size <= 1 << 22:  # (kept like _memo's tables: the seed's search, then the exact one's)
+        memo[:] = [upto, v]
     return v
 
 
