@@ -19,12 +19,14 @@ per-stage cap (every T_s <= cap) gives S(cap) = min sum s.t. max <= cap.
   G(T) = max(S(T) / B, T), S(T) non-increasing. An incumbent-driven search over the candidate
   T (see _throughput_search) excludes candidates from both ends with each capped run, every run
   pruned at sum >= B x incumbent and every plan found improving the incumbent; the bitmask solver
-  starts from the fixed-order optimum (fastest nodes first, cheap) and needs no min-sum run.
-  About 6-8 capped runs at 80 x 8 and 126 x 12.
+  starts from the fixed-order optimum (fastest nodes first, cheap) and needs no min-sum run; a
+  probe is decided by any real plan with every stage <= T and S / B <= T, so a relaxed run that
+  finds one needs no exact re-run. 5 capped runs at 80 x 8, 6 at 126 x 12.
 * pareto: min sum, then min sum with every stage strictly below the last plan's bottleneck,
   until infeasible: the exact (sum, max) frontier (at most MAX_PARETO_POINTS points).
 
-Complexity: fixed order O(D^3 L^2) per run (per key, numpy L x L min-plus products). Bitmask:
+Complexity: fixed order O(D^3 L + D^2 L log L) per run (every first node at once, range
+minima from sparse tables, the admissible ranges by binary search). Bitmask:
 O(2^D D^3 L log L) work per run, vectorised over all states of one subset size: a stage [b, c)
 on d costs P_d[c] - P_d[b], memory and cap are monotone in b, so min over b is a range-minimum
 query over an admissible suffix, answered from sparse tables; branch and bound with a
@@ -72,8 +74,8 @@ MAX_PARETO_POINTS = 200
 # the exact program's size limit: count-vector states x types x (blocks + 1), the size of its
 # reverse bound (_reverse_lower_bound), which it builds whole: 12 distinct nodes x 126 layers
 # (6.2 million) fit, 13 do not; 24 nodes in 4 types of 6 need 1.2 million. Beyond, the best
-# plan found with a proven lower bound, from programs of a quarter of this size each
-# (deterministic: a size, not a time limit)
+# plan found with a proven lower bound, from programs of a quarter (the plan) and a half (the
+# bound) of this size (deterministic: a size, not a time limit)
 MAX_KEYS = 1 << 23
 # programs this small (5 distinct nodes) run without the seed and the reverse bound: building
 # them costs more than they prune
@@ -87,64 +89,77 @@ def _ring_dp(cc: ChainCosts, order: Sequence[int], use_all: bool, cap: float = I
     (a subsequence of it; the whole of it when use_all); only plans below `incumbent` are
     looked for. Returns (value, [(node_index, b, c)] or None, work).
 
-    States (first node f, position p in the order, first block b of p's stage), one first node
-    at a time: O(K^2) states of L + 1 blocks, each closed at every cut c by range-minimum
-    queries (_ring_open): O(K^3 L + K^2 L log L) per run.
+    States (first node f, position p in the order, first block b of p's stage), every first
+    node at once (one row per f): O(K^2) states of L + 1 blocks, each closed at every cut c by
+    range-minimum queries (_ring_open): O(K^3 L + K^2 L log L) per run in O(K) numpy passes.
+    Row f is pruned at the best value found by the rows f' <= f, and ties go to the smaller
+    first node, then the earlier position, then the smaller block.
     """
     K, L = len(order), cc.L
     rq = _memo(cc, ("rq", cap), lambda: _range_queries(cc, cap))
-    best = [incumbent, None]  # value, path
+    F = 1 if use_all else K
+    order_a = np.asarray(order, dtype=np.int64)
+    V = np.full((F, K, L + 1), INF)
+    BPK = np.full((F, K, L + 1), -1, dtype=np.int64)
+    BPB = np.full((F, K, L + 1), -1, dtype=np.int64)
+    V[np.arange(F), np.arange(F), 0] = 0.0
+    rbest = np.full(F, float(incumbent))  # per first node: the best value found (or incumbent)
+    found = [None] * F
     work = 0
-    for f in ([0] if use_all else range(K)):
-        V = np.full((K, L + 1), INF)
-        BPK = np.full((K, L + 1), -1, dtype=np.int64)
-        BPB = np.full((K, L + 1), -1, dtype=np.int64)
-        V[f, 0] = 0.0
-        found = None
-        for p in range(f, K):
-            v = V[p]
-            alive = v + cc.lower_bound < best[0]
-            if not alive.any():
-                continue
-            work += 1
-            v = np.where(alive, v, INF)
-            d, fn = order[p], order[f]
-            if p == K - 1 or not use_all:  # close the ring: the stage [b, L) on d is the last
-                tl = cc.comp[d, :, L] + (cc.close[d, fn] if d != fn else 0.0)
-                tot = v + (np.where(tl <= cap, tl, INF) if np.isfinite(cap) else tl)
-                b = int(np.argmin(tot))
-                if tot[b] < best[0]:
-                    best[0], found = float(tot[b]), (p, b, d)
-            qs = [p + 1] if use_all else list(range(p + 1, K))
-            qs = [q for q in qs if q < K]
-            if qs:  # open the next node q at cut c
-                _ring_open(cc, rq, V, BPK, BPB, p, d, [order[q] for q in qs], np.array(qs), v)
-        if found is not None:
-            best[1] = _ring_path(found, BPK, BPB, order, L)
-    return best[0], best[1], work
+    for p in range(K):
+        nf = min(p + 1, F)  # rows f <= p
+        thr = np.minimum.accumulate(rbest[:nf])
+        v = V[:nf, p]
+        alive = v + cc.lower_bound[None, :] < thr[:, None]
+        rows_alive = alive.any(axis=1)
+        if not rows_alive.any():
+            continue
+        work += int(rows_alive.sum())
+        v = np.where(alive, v, INF)
+        d = order[p]
+        if p == K - 1 or not use_all:  # close the ring: the stage [b, L) on d is the last
+            fn = order_a[:nf]
+            clo = np.where(fn != d, cc.close[d, fn], 0.0)
+            tl = cc.comp[d, :, L][None, :] + clo[:, None]
+            tot = v + (np.where(tl <= cap, tl, INF) if np.isfinite(cap) else tl)
+            bb = np.argmin(tot, axis=1)
+            tb = tot[np.arange(nf), bb]
+            for f in np.nonzero(tb < rbest[:nf])[0]:
+                rbest[f], found[f] = float(tb[f]), (p, int(bb[f]), d)
+        q0 = p + 1
+        if q0 < K:  # open the next node(s) q at cut c
+            qs = np.arange(q0, q0 + 1) if use_all else np.arange(q0, K)
+            _ring_open(rq, V[:nf], BPK[:nf], BPB[:nf], p, d, order_a[qs], qs, v)
+    best_v, best_p = incumbent, None
+    for f in range(F):  # smallest value, then smallest first node
+        if found[f] is not None and rbest[f] < best_v:
+            best_v, best_p = float(rbest[f]), _ring_path(found[f], BPK[f], BPB[f], order, L)
+    return best_v, best_p, work
 
 
-def _ring_open(cc: ChainCosts, rq, V, BPK, BPB, p: int, d: int, qn, nk, v) -> None:
-    """Close d's stage (values v over its first block) at every cut c and open the nodes qn
-    (positions nk) there, keeping the better value and its back-pointers. min over the
-    admissible first blocks b of v[b] + comp[d, b, c] + out[d, q, c] is a range-minimum query
-    of v + embedding - P_d over the suffix [lo, c) (see _range_queries), leftmost on ties."""
-    mn, ix = _sparse_table(v + rq.u_off[d], rq.J)  # (J, b)
-    qn = np.asarray(qn)
+def _ring_open(rq, V, BPK, BPB, p: int, d: int, qn, nk, v) -> None:
+    """Close d's stage (values v[f] over its first block, one row per first node f) at every
+    cut c and open the nodes qn (positions nk) there, keeping the better value and its
+    back-pointers. min over the admissible first blocks b of v[b] + comp[d, b, c] + out[d, q, c]
+    is a range-minimum query of v + embedding - P_d over the suffix [lo, c) (see
+    _range_queries), leftmost on ties."""
+    mn, ix = _sparse_table(v + rq.u_off[d][None, :], rq.J)  # (J, f, b)
     if rq.capped:
         kk, lo, rs = rq.kk[d, qn], rq.lo_c[d, qn], rq.rs[d, qn]  # (nq, c)
     else:
         kk, lo, rs = rq.kk[d][None], rq.lo_c[d][None], rq.rs[d][None]  # (1, c)
-    left, right = mn[kk, lo], mn[kk, rs]
+    fr = np.arange(v.shape[0])[:, None, None]
+    left, right = mn[kk[None], fr, lo[None]], mn[kk[None], fr, rs[None]]  # (f, nq or 1, c)
     take_r = right < left
-    cand = np.where(take_r, right, left) + rq.addc[d, qn]  # (nq, c)
-    bsel = np.broadcast_to(np.where(take_r, ix[kk, rs], ix[kk, lo]), cand.shape)
-    cur = V[nk]
+    cand = np.where(take_r, right, left) + rq.addc[d, qn][None]  # (f, nq, c)
+    bsel = np.broadcast_to(np.where(take_r, ix[kk[None], fr, rs[None]],
+                                    ix[kk[None], fr, lo[None]]), cand.shape)
+    cur = V[:, nk]
     better = cand < cur
     if better.any():
-        V[nk] = np.where(better, cand, cur)
-        BPK[nk] = np.where(better, p, BPK[nk])
-        BPB[nk] = np.where(better, bsel, BPB[nk])
+        V[:, nk] = np.where(better, cand, cur)
+        BPK[:, nk] = np.where(better, p, BPK[:, nk])
+        BPB[:, nk] = np.where(better, bsel, BPB[:, nk])
 
 
 def _ring_path(found, BPK, BPB, order, L: int):
@@ -162,17 +177,26 @@ def _ring_path(found, BPK, BPB, order, L: int):
 
 def _range_lo(cc: ChainCosts, cap: float) -> np.ndarray:
     """lo[d, q, c]: the first block b such that the stage [b, c) on d followed by q fits memory
-    and has T = comp + out <= cap. comp[d, :, c] is non-increasing in b, so the admissible b form
-    the suffix [lo, c); lo = c when none (c = 0 or L, q = d: empty)."""
+    and has T = comp + out <= cap. comp[d, :, c] is non-increasing in b (+inf for b >= c) and
+    adding out[d, q, c] keeps that order (rounding is monotone), so the admissible b form the
+    suffix [lo, c): a vectorised binary search over b, O(D^2 L log L), with the same floating
+    point comparison as everywhere else; lo = c when none (c = 0 or L, q = d: empty)."""
     D, L = cc.D, cc.L
-    lo = np.empty((D, D, L + 1), dtype=np.int64)
-    below = np.arange(L + 1)[:, None] < np.arange(L + 1)[None, :]  # b < c
-    for d in range(D):
-        t = cc.comp[d][None, :, :] + cc.out[d][:, None, :]  # (q, b, c)
-        ok = np.isfinite(t) & (t <= cap)
-        bad = below[None] & ~ok
-        lo[d] = bad.sum(axis=1)
-    return lo
+    dd = np.arange(D)[:, None, None]
+    cs = np.broadcast_to(np.arange(L + 1)[None, None, :], (D, D, L + 1))
+    out = cc.out
+    lo = np.zeros((D, D, L + 1), dtype=np.int64)
+    hi = cs.copy()  # the answer is in [lo, hi]; b = c stands for "none"
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            return lo
+        mid = (lo + hi) >> 1
+        t = cc.comp[dd, mid, cs] + out
+        ok = (t <= cap) if np.isfinite(cap) else np.isfinite(t)
+        ok |= mid >= cs
+        hi = np.where(open_ & ok, mid, hi)
+        lo = np.where(open_ & ~ok, mid + 1, lo)
 
 
 def _set_lower_bound(cc, cap: float, cnt: np.ndarray | None = None, fill=None) -> np.ndarray:
@@ -582,7 +606,8 @@ def _bitmask_dp_vec(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
     return best[0], _backtrack(best[1], levels, sp.radix, sp.n_states, L), work
 
 
-def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
+def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
+                enough=None):
     """The exact program (types or nodes, see _bitmask_dp_vec), first run without the first
     type in the state.
 
@@ -594,7 +619,11 @@ def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
     returned as is. Otherwise the exact program (first type in the state) runs, with the relaxed
     plan's real sum as incumbent when that plan satisfies the cap (the exact program then finds
     it or a cheaper plan). In the throughput search most capped runs end in (a) or (b), which
-    removes the ~T / 2 factor that the first type adds to the state space."""
+    removes the ~T / 2 factor that the first type adds to the state space.
+
+    enough(sum) -> bool: a caller that needs only SOME real plan with every stage <= cap and
+    a sum it accepts (the throughput search's "predicate true") gets the relaxed plan as it is
+    when its real stage times qualify, returned with its real sum (not then the minimum)."""
     tc = as_typed(cc)
     hrev = None if tc.n_keys <= SMALL_KEYS else \
         _memo(tc, ("hrev", use_all, cap), lambda: _reverse_lower_bound(tc, use_all, cap))
@@ -607,6 +636,8 @@ def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF):
     if tc.close[dl, f] == tc.close[dl][others >= 1].min():
         return v, p, w
     ts = _stage_times(tc, p)
+    if enough is not None and max(ts) <= cap and enough(sum(ts)):
+        return sum(ts), p, w
     if max(ts) <= cap:
         incumbent = min(incumbent, sum(ts) * (1 + 1e-9) + 1e-15)
     v2, p2, w2 = _bitmask_dp_vec(tc, use_all, cap, incumbent, hrev=hrev)
@@ -635,13 +666,20 @@ def _stage_times(cc, path) -> list[float]:
 
 def _candidate_caps(cc: ChainCosts, upto: float) -> np.ndarray:
     """Every stage time a plan can have (sorted, unique, <= upto): the bottleneck is one."""
+    if isinstance(cc, TypedCosts) and cc.exact:  # twin types have their nodes' stage times
+        cc = cc.cc
+    memo = _memo(cc, "cands", lambda: ([],))[0]  # [upto, candidates] of the last call
+    if memo and memo[0] >= upto:  # a search with a larger upper end: the same set, cut
+        return memo[1][:int(np.searchsorted(memo[1], upto, side="right"))]
     L = cc.L
     vals = [(cc.comp[:, None, :, 1:L] + cc.out[:, :, None, 1:L]).ravel(),
             (cc.comp[:, None, :, L] + cc.close[:, :, None]).ravel(),
             cc.comp[:, :, L].ravel()]  # single stage: no closure
     v = np.concatenate(vals)
-    v = v[np.isfinite(v) & (v <= upto)]
-    return np.unique(v)
+    v = np.unique(v[np.isfinite(v) & (v <= upto)])
+    if v.size <= 1 << 22:  # (kept like _memo's tables: the seed's search, then the exact one's)
+        memo[:] = [upto, v]
+    return v
 
 
 def _throughput_search(cc, dp, val, path, B, D):
@@ -662,7 +700,9 @@ def _throughput_search(cc, dp, val, path, B, D):
     best is optimal. Probes (they only decide how fast the range empties, not the answer): first
     and after a predicate-false run, the candidate just below the incumbent (S(T') <= S(T) =
     B best there, so it often proves the rest); after a predicate-true run, galloping down from
-    the incumbent (0.1 %, 0.2 %, 0.4 % ... below it); after a run with no plan, bisection."""
+    the incumbent (0.1 %, 0.2 %, 0.4 % ... below it; once that falls into the range a run with
+    no plan excluded, the candidate just below the incumbent again); after a run with no plan,
+    bisection."""
     ts0 = _stage_times(cc, path)
     best = [max(sum(ts0) / B, max(ts0)), path]
 
@@ -688,11 +728,14 @@ def _throughput_search(cc, dp, val, path, B, D):
             # the incumbent is usually close to the optimum: gallop down from it
             mid = int(np.searchsorted(cands, best[0] * (1 - step)))
             step *= 2
+            if mid <= lo:  # a run with no plan already excluded that far: try to close
+                mid = hi - 1
         else:
             mid = (lo + hi) // 2
         mid = min(max(mid, lo), hi - 1)
         T = cands[mid]
-        v, p = dp(T, bound=B * best[0] * (1 + 1e-9) + 1e-15)
+        # any plan with S / B <= T decides this probe (hi = mid), the minimum is not needed
+        v, p = dp(T, bound=B * best[0] * (1 + 1e-9) + 1e-15, enough=lambda s_: s_ / B <= T)
         n_dp += 1
         if p is not None:
             s_, m_ = offer(p)
@@ -862,7 +905,8 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
     be used, the exact optimum over the fastest types that fit, as the plan; the exact optimum
     of the coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs)
     as a proven lower bound. Deterministic (a size, no time limit); labelled "bound" unless
-    the two meet. The two exact programs get a quarter of max_keys each."""
+    the two meet. The exact program over the fastest types gets a quarter of max_keys, the
+    relaxation half of it (merging fewer nodes per group tightens the bound)."""
     up = _solve_on(cc, objective, use_all_nodes, _fastest_first(cc), name, t0)
     work, limit, max_keys = up.nit, max_keys, max_keys // 4
     fast = None if use_all_nodes else _fastest_types(tc, max_keys)
@@ -873,7 +917,7 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
             up = sub
     if up.stages is None:  # no plan in this order: the relaxation still bounds
         up = SplitResult(None, INF, False, 1, "", name)
-    rc = coarsen(tc, max(1, max_keys // (tc.L + 1)))
+    rc = coarsen(tc, max(1, 2 * max_keys // (tc.L + 1)))  # (half of the limit)
     seed = None if up.stages is None else rc.type_path(
         [(cc.ids.index(s.node), s.start_layer, s.end_layer) for s in up.stages])
     low = _solve_on(rc, "latency" if objective == "pareto" else objective, use_all_nodes, None,
@@ -909,10 +953,11 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     proven = ALL_ORDERS if order is None else GIVEN_ORDER
     where = _where(proven)
 
-    def dp(cap=INF, bound=INF):
-        """min sum s.t. every stage <= cap; only plans with sum < bound are looked for."""
+    def dp(cap=INF, bound=INF, enough=None):
+        """min sum s.t. every stage <= cap; only plans with sum < bound are looked for; any
+        plan whose sum enough() accepts will do (see _bitmask_dp)."""
         if order is None:
-            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound)
+            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound, enough)
         else:
             v, p, w = _ring_dp(sc, order, use_all_nodes, cap, bound)
         work_total[0] += w

@@ -230,18 +230,33 @@ def as_typed(costs) -> TypedCosts:
 
 
 def coarsen(tc: TypedCosts, max_keys: int) -> TypedCosts:
-    """A relaxation of tc with at most max_keys states x groups: types sorted by speed (total
-    block time of their first node, then id) and cut into contiguous groups of near-equal node
-    counts, as many groups as fit. Deterministic; merged arrays as in TypedCosts (exact=False)."""
+    """A relaxation of tc with at most max_keys states x groups: types merged greedily, the
+    cheapest merge first, until the program fits. A merged group runs as its fastest member
+    per block and holds what its largest member holds, so merging types of unequal speed or
+    memory loosens the bound: a merge costs (the spread of log total block time + the spread
+    of log (1 + most blocks held) over the merged group) x its nodes, ties to the first pair
+    (types in id order). Deterministic; merged arrays as in TypedCosts (exact=False).
+    O(T^3) merge evaluations."""
     cc = tc.cc
-    order = sorted(range(tc.D), key=lambda t: (cc.prefix[tc.members[t][0], -1], tc.ids[t]))
-    sizes = np.array([len(tc.members[t]) for t in order])
-    start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    for G in range(min(tc.D, cc.D), 0, -1):
-        gi = start * G // sizes.sum()  # contiguous, near-equal node counts
-        groups = [[order[i] for i in np.nonzero(gi == g)[0]] for g in range(G)]
-        groups = [g for g in groups if g]
-        if n_keys([sum(len(tc.members[t]) for t in g) for g in groups]) <= max_keys:
-            break
+    rep = [m[0] for m in tc.members]
+    span = np.arange(tc.L + 1)[None, :] - np.arange(tc.L + 1)[:, None]
+    held = np.where(np.isfinite(cc.comp[rep]), span[None], 0).max(axis=(1, 2))
+    x = np.stack([np.log(np.maximum(cc.prefix[rep, -1], 1e-300)), np.log1p(held)], axis=1)
+    groups = [[t] for t in range(tc.D)]
+
+    def size(g):
+        return sum(len(tc.members[t]) for t in g)
+
+    while len(groups) > 1 and n_keys([size(g) for g in groups]) > max_keys:
+        best = None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                g = groups[i] + groups[j]
+                cost = float(np.ptp(x[g], axis=0).sum()) * size(g)
+                if best is None or cost < best[0]:
+                    best = (cost, i, j)
+        _, i, j = best
+        groups[i] = sorted(groups[i] + groups[j])
+        del groups[j]
     nodes = [sorted(d for t in g for d in tc.members[t]) for g in groups]
     return TypedCosts(cc, nodes, exact=False)

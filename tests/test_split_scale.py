@@ -4,6 +4,7 @@ carry a lower bound below the true optimum)."""
 
 import random
 
+import numpy as np
 import pytest
 
 from costtables import GiB, MiB, make_table
@@ -14,7 +15,8 @@ from graphsplit.costmodel import Workload, objective_value, predict
 from graphsplit.plan import read_plan, write_plan
 from graphsplit.report import render
 from graphsplit.result import ALL_ORDERS, BOUND, GIVEN_ORDER
-from graphsplit.solve_dp import _bitmask_dp_vec, chain_costs, solve_bitmask, solve_fixed_order
+from graphsplit.solve_dp import (_bitmask_dp_vec, _candidate_caps, _range_lo, chain_costs,
+                                 solve_bitmask, solve_fixed_order)
 from graphsplit.solve_types import as_typed, node_types, typed_costs
 from test_split_solvers import RUNTIMES, same
 from test_split_speed import random_cluster
@@ -185,6 +187,39 @@ def test_bound_label_has_a_lower_bound_below_the_optimum(runtime):
             else:
                 assert r.fun == pytest.approx(opt.fun, rel=1e-9)
     assert n_bound  # the budget really forced bounds
+
+
+def test_bound_results_do_not_depend_on_node_order():
+    """Beyond the size limit the plan, its value and its lower bound (the greedy coarsening,
+    the canonical order, the fastest types) are the same whatever the file's order."""
+    w = Workload(prompt_tokens=32, context_tokens=128, streams=4)
+    kinds = {"a": (3, 0.01, 500 * MiB), "b": (2, 0.02, GiB), "c": (3, 0.015, 700 * MiB),
+             "x": (1, 0.005, 300 * MiB)}
+    for obj in ("latency", "throughput"):
+        ref = None
+        for seed in (None, 1, 2):
+            c = kinds_cluster(kinds, 12, {frozenset("ab"): 3.0, frozenset("cx"): 0.3}, seed=seed)
+            r = solve_bitmask(c, obj, w, "mlx-pipeline", max_keys=300)
+            got = (plan_of(r), r.fun, r.lower_bound, r.proven)
+            assert r.lower_bound <= r.fun * (1 + 1e-9)
+            ref = ref or got
+            assert got == ref, (obj, seed)
+
+
+def test_range_bounds_by_binary_search_equal_the_definition():
+    """_range_lo (a binary search over the first block) equals counting, for every stage end,
+    the first blocks whose stage fits memory and the cap, at every candidate cap."""
+    rnd = random.Random(5)
+    for _ in range(3):
+        c = random_cluster(rnd, rnd.randint(3, 9), rnd.randint(2, 4), mem=(150, 900))
+        cc = costs(c)
+        L = cc.L
+        cands = _candidate_caps(cc, float("inf"))
+        for cap in [float("inf"), cands[0] / 2] + list(cands[::max(1, len(cands) // 12)]):
+            t = cc.comp[:, None, :, :] + cc.out[:, :, None, :]  # (d, q, b, c)
+            ok = np.isfinite(t) & (t <= cap)
+            below = np.arange(L + 1)[:, None] < np.arange(L + 1)[None, :]
+            assert (_range_lo(cc, cap) == (below[None, None] & ~ok).sum(axis=2)).all()
 
 
 def test_labels_reach_the_plan_file_and_the_report(tmp_path):
