@@ -224,14 +224,16 @@ def test_short_calls_are_timed_back_to_back():
 
     def fn():
         calls["fn"] += 1
-        time.sleep(0.002)
+        time.sleep(0.02)
 
-    t = time_fn(fn, warmup=1, repeats=3, max_rounds=1, min_sample_s=0.05, max_inner=4,
+    # min_sample_s far above one call, so the inner count is max_inner however loaded the
+    # machine is (a 20 ms sleep would have to take 2.5 s to lower it)
+    t = time_fn(fn, warmup=1, repeats=3, max_rounds=1, min_sample_s=10.0, max_inner=4,
                 setup=lambda: calls.__setitem__("setup", calls["setup"] + 1),
                 between=lambda: calls.__setitem__("between", calls["between"] + 1))
     assert t.inner == 4 and calls["fn"] == 1 + 3 * 4 and calls["between"] == 3 * 3
     assert calls["setup"] == 1 + 3
-    assert 0.0015 < t.median_s < 0.02  # per call, not per sample
+    assert 0.015 < t.median_s < 0.08  # per call (>= 20 ms), not per sample (>= 80 ms)
     one = time_fn(fn, warmup=1, repeats=2, max_rounds=1, min_sample_s=0.001, max_inner=4)
     assert one.inner == 1  # long enough already
 
