@@ -115,14 +115,15 @@ def render(plan: Plan) -> str:
         sf = ", ".join(f"{n} by {_gib(v)} GiB" for n, v in p["shortfalls"].items())
         lines.append(f"       does not fit: {sf}")
     lines += [""] + _solver_lines(plan) + [""]
-    hdr = (f"{'plan':<12} {'stages':>6} {'tpot ms':>9} {'ttft ms':>9} {'tok/s':>8} {'fits':>5}"
+    W = max([12] + [len(n) for n in plan.baselines])  # the name column fits every row
+    hdr = (f"{'plan':<{W}} {'stages':>6} {'tpot ms':>9} {'ttft ms':>9} {'tok/s':>8} {'fits':>5}"
            f"   {'tpot gain':>9} {'ttft gain':>9} {'tok/s gain':>10}")
     lines.append(hdr)
 
     def row(name, pred, n_st, error=None):
         if not pred:
-            return f"{name:<12} {'-':>6} ({error or 'not applicable'})"
-        return (f"{name:<12} {n_st:>6} {_ms(pred['tpot_s']):>9} {_ms(pred['ttft_s']):>9} "
+            return f"{name:<{W}} {'-':>6} ({error or 'not applicable'})"
+        return (f"{name:<{W}} {n_st:>6} {_ms(pred['tpot_s']):>9} {_ms(pred['ttft_s']):>9} "
                 f"{pred['throughput_tps']:>8.2f} {'yes' if pred.get('fits') else 'NO':>5}"
                 f"   {_ratio(pred['tpot_s'], p['tpot_s'], False):>9}"
                 f" {_ratio(pred['ttft_s'], p['ttft_s'], False):>9}"
@@ -135,10 +136,10 @@ def render(plan: Plan) -> str:
             from graphsplit.manual import format_layers
             from graphsplit.plan import stages_from_json
 
-            lines.append(f"{'':<12} --layers {format_layers(stages_from_json(b['stages'], name))}")
+            lines.append(f"{'':<{W}} --layers {format_layers(stages_from_json(b['stages'], name))}")
         if b.get("predicted") and b["predicted"].get("shortfalls"):
             sf = ", ".join(f"{n} by {_gib(v)} GiB" for n, v in b["predicted"]["shortfalls"].items())
-            lines.append(f"{'':<12} does not fit: {sf}")
+            lines.append(f"{'':<{W}} does not fit: {sf}")
     lines.append(f"(gain = how much better {ours} is than that row, below 1.00x worse; tpot = "
                  "time per output token of one stream, ttft = time to first token, tok/s for "
                  "the streams)")
