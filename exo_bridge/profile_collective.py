@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -170,15 +167,11 @@ def entry_from(res: dict[str, Any], nodes: list[str], backend: str) -> dict[str,
 # ----------------------------------------------------------------------------- processes
 
 
-def _start(rank: int, hostfile: str, sizes: list[int], repeats: int, gap_ms: float,
-           wrapper: list[str] | None, backend: str, busy_ms: float = 0.0):
-    env = dict(os.environ, MLX_HOSTFILE=hostfile, MLX_RANK=str(rank))
-    cmd = (wrapper or []) + [
-        sys.executable, "-m", "exo_bridge.profile_link", "collective", "--rank-from-env",
-        "--sizes", json.dumps({str(n): n for n in sizes}), "--repeats", str(repeats),
-        "--gap-ms", str(gap_ms), "--backend", backend, "--busy-ms", str(busy_ms)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def rank_args(sizes: list[int], repeats: int, gap_ms: float, backend: str,
+              busy_ms: float = 0.0) -> list[str]:
+    """The `profile-link collective --rank-from-env` arguments of one rank."""
+    return ["--sizes", json.dumps({str(n): n for n in sizes}), "--repeats", str(repeats),
+            "--gap-ms", str(gap_ms), "--backend", backend, "--busy-ms", str(busy_ms)]
 
 
 def measure_collective(k: int, sizes: list[int], *, hostfiles: list[str] | None = None,
@@ -188,41 +181,11 @@ def measure_collective(k: int, sizes: list[int], *, hostfiles: list[str] | None 
     """Start the group's k ranks on this machine (loopback by default; the testbed passes
     per-rank hostfiles and namespace wrappers) and return rank 0's result. A rank that fails or
     a run past timeout_s is one UserError line naming the rank and its log."""
-    import tempfile
+    from exo_bridge.profile_link import rank0_result, run_ranks_here
 
-    from exo_bridge.profile_link import _wait_ranks
-    from exo_bridge.runner.run import free_ports
-
-    tmp = None
-    if hostfiles is None:
-        fd, tmp = tempfile.mkstemp(prefix="profile-collective-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump([[f"127.0.0.1:{p}"] for p in free_ports(k)], f)
-        hostfiles = [tmp] * k
-    procs = []
-    try:
-        for r in range(k):
-            procs.append(_start(r, hostfiles[r], sizes, repeats, gap_ms,
-                                wrappers[r] if wrappers else None, backend, busy_ms))
-        outs = _wait_ranks(procs, timeout_s)
-        return parse_rank0(outs[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if tmp:
-            os.unlink(tmp)
-
-
-def parse_rank0(out: tuple[str, str]) -> dict[str, Any]:
-    from exo_bridge.profile_link import _keep_log
-
-    line = [ln for ln in out[0].splitlines() if ln.startswith(COLL_TAG)]
-    if not line:
-        raise UserError("profile-link collective rank 0 printed no result; full log: "
-                        f"{_keep_log(out[1], 0)}")
-    return json.loads(line[0][len(COLL_TAG):])
+    outs = run_ranks_here("collective", rank_args(sizes, repeats, gap_ms, backend, busy_ms), k,
+                          hostfiles, wrappers, timeout_s)
+    return rank0_result(outs[0], COLL_TAG, "collective")
 
 
 # ---------------------------------------------------------------------------- cluster file

@@ -399,6 +399,38 @@ def measure_mlx_local(sizes: dict[str, int], hostfiles: list[str] | None = None,
                       gap_ms: float = 20.0, timeout_s: float = 120.0) -> LinkMeasurement:
     """Start the two ranks of `profile-link mlx` on this machine (loopback by default; the
     testbed passes per-rank hostfiles and namespace wrappers) and return rank 0's result."""
+    outs = run_ranks_here("mlx", _mlx_rank_args(sizes, repeats, gap_ms), 2, hostfiles, wrappers,
+                          timeout_s)
+    d = rank0_result(outs[0], MLX_TAG, "mlx")
+    return _summarise(d, "mx.distributed ring", repeats,
+                      f"mx.distributed send/recv ping-pong (the runner's path), "
+                      f"{gap_ms:g} ms idle before each, median")
+
+
+def _mlx_rank_args(sizes: dict[str, int], repeats: int, gap_ms: float) -> list[str]:
+    return ["--sizes", json.dumps(sizes), "--repeats", str(repeats), "--gap-ms", str(gap_ms)]
+
+
+def start_rank(sub: str, rank: int, hostfile: str, args: list[str],
+               wrapper: list[str] | None = None):
+    """One `profile-link SUB --rank-from-env ARGS` rank as a child process (MLX_HOSTFILE /
+    MLX_RANK in its env; `wrapper`: the testbed's namespace / cgroup prefix)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, MLX_HOSTFILE=hostfile, MLX_RANK=str(rank))
+    cmd = (wrapper or []) + [sys.executable, "-m", "exo_bridge.profile_link", sub,
+                             "--rank-from-env", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def run_ranks_here(sub: str, args: list[str], k: int, hostfiles: list[str] | None = None,
+                   wrappers: list[list[str]] | None = None,
+                   timeout_s: float = 120.0) -> list[tuple[str, str]]:
+    """Start the k ranks of `profile-link SUB` on this machine (a loopback ring hostfile by
+    default) under one deadline and return each rank's (stdout, stderr); a rank that fails, or
+    the deadline, is one UserError line naming the rank and its log (`_wait_ranks`)."""
     import os
     import tempfile
 
@@ -406,25 +438,16 @@ def measure_mlx_local(sizes: dict[str, int], hostfiles: list[str] | None = None,
     if hostfiles is None:
         from exo_bridge.runner.run import free_ports
 
-        ports = free_ports(2)
-        fd, tmp = tempfile.mkstemp(prefix="profile-link-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(prefix=f"profile-link-{sub}-", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump([[f"127.0.0.1:{p}"] for p in ports], f)
-        hostfiles = [tmp, tmp]
+            json.dump([[f"127.0.0.1:{p}"] for p in free_ports(k)], f)
+        hostfiles = [tmp] * k
     procs = []
     try:
-        for r in range(2):
-            procs.append(_start_rank(r, hostfiles[r], sizes, repeats, gap_ms,
-                                     wrappers[r] if wrappers else None))
-        outs = _wait_ranks(procs, timeout_s)
-        line = [ln for ln in outs[0][0].splitlines() if ln.startswith(MLX_TAG)]
-        if not line:
-            raise UserError(f"profile-link mlx rank 0 printed no result; full log: "
-                            f"{_keep_log(outs[0][1], 0)}")
-        d = json.loads(line[0][len(MLX_TAG):])
-        return _summarise(d, "mx.distributed ring", repeats,
-                          f"mx.distributed send/recv ping-pong (the runner's path), "
-                          f"{gap_ms:g} ms idle before each, median")
+        for r in range(k):
+            procs.append(start_rank(sub, r, hostfiles[r], args,
+                                    wrappers[r] if wrappers else None))
+        return _wait_ranks(procs, timeout_s)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -432,6 +455,34 @@ def measure_mlx_local(sizes: dict[str, int], hostfiles: list[str] | None = None,
                 p.wait()
         if tmp:
             os.unlink(tmp)
+
+
+def run_rank(sub: str, rank: int, hostfile: str, args: list[str], timeout_s: float,
+             hint: str) -> tuple[str, str]:
+    """This host's rank of a multi-host `profile-link SUB`, in a child: MLX waits for its
+    peers (ring connect, recv) inside C++ where no Python timer reaches; this process bounds
+    it with `timeout_s`. Returns its (stdout, stderr)."""
+    proc = start_rank(sub, rank, hostfile, args)
+    try:
+        return _wait_ranks([proc], timeout_s, ranks=[rank], hint=hint)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def tagged(stdout: str, tag: str) -> dict[str, Any] | None:
+    """The JSON a rank printed after `tag`, or None (only rank 0 reports)."""
+    line = [ln for ln in stdout.splitlines() if ln.startswith(tag)]
+    return json.loads(line[0][len(tag):]) if line else None
+
+
+def rank0_result(out: tuple[str, str], tag: str, sub: str) -> dict[str, Any]:
+    """Rank 0's result from its (stdout, stderr), or one line naming its kept log."""
+    d = tagged(out[0], tag)
+    if d is None:
+        raise UserError(f"profile-link {sub} rank 0 printed no result; full log: "
+                        f"{_keep_log(out[1], 0)}")
+    return d
 
 
 def _keep_log(stderr: str, rank: int) -> str:
@@ -442,20 +493,6 @@ def _keep_log(stderr: str, rank: int) -> str:
     with open(fd, "w") as f:
         f.write(stderr)
     return path
-
-
-def _start_rank(rank: int, hostfile: str, sizes: dict[str, int], repeats: int, gap_ms: float,
-                wrapper: list[str] | None = None):
-    """One `profile-link mlx` rank as a child process (MLX_HOSTFILE / MLX_RANK in its env)."""
-    import os
-    import subprocess
-
-    env = dict(os.environ, MLX_HOSTFILE=hostfile, MLX_RANK=str(rank))
-    cmd = (wrapper or []) + [
-        sys.executable, "-m", "exo_bridge.profile_link", "mlx", "--rank-from-env",
-        "--sizes", json.dumps(sizes), "--repeats", str(repeats), "--gap-ms", str(gap_ms)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
 
 
 def _wait_ranks(procs, timeout_s: float, ranks: list[int] | None = None,
@@ -679,17 +716,12 @@ def _main_collective(args) -> int:
         if not args.hostfile or args.rank is None:
             raise UserError("profile-link collective needs --hostfile FILE and --rank N on "
                             "each host (or --local)")
-        proc = pc._start(args.rank, args.hostfile, sizes, args.repeats, args.gap_ms, None,
-                         "ring", args.busy_ms)
-        try:
-            out = _wait_ranks([proc], args.timeout, ranks=[args.rank],
-                              hint="are the other ranks running, with the same hostfile?")[0]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        if pc.COLL_TAG not in out[0]:
+        out = run_rank("collective", args.rank, args.hostfile,
+                       pc.rank_args(sizes, args.repeats, args.gap_ms, "ring", args.busy_ms),
+                       args.timeout, "are the other ranks running, with the same hostfile?")
+        res = tagged(out[0], pc.COLL_TAG)
+        if res is None:
             os._exit(0)  # not rank 0: rank 0 reports
-        res = pc.parse_rank0(out)
         if nodes and len(nodes) != res["k"]:
             raise UserError(f"--nodes names {len(nodes)} nodes, the hostfile {res['k']} ranks; "
                             "give one node per rank, in rank order")
@@ -782,19 +814,12 @@ def _main_mlx(args, sizes: dict[str, int]) -> int:
     else:
         if not args.hostfile or args.rank is None:
             raise UserError("profile-link mlx needs --hostfile FILE and --rank 0|1 (or --local)")
-        # the rank runs in a child: MLX waits for its peer (ring connect, recv) inside C++
-        # where no Python timer reaches; this process bounds it with --timeout
-        proc = _start_rank(args.rank, args.hostfile, sizes, args.repeats, args.gap_ms)
-        try:
-            out, _ = _wait_ranks([proc], args.timeout, ranks=[args.rank],
-                                 hint="is the other rank running, with the same hostfile?")[0]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        line = [ln for ln in out.splitlines() if ln.startswith(MLX_TAG)]
-        if not line:
+        out, _ = run_rank("mlx", args.rank, args.hostfile,
+                          _mlx_rank_args(sizes, args.repeats, args.gap_ms), args.timeout,
+                          "is the other rank running, with the same hostfile?")
+        table = tagged(out, MLX_TAG)
+        if table is None:
             os._exit(0)  # rank 1: rank 0 reports
-        table = json.loads(line[0][len(MLX_TAG):])
         m = _summarise(table, "mx.distributed ring", args.repeats,
                        "mx.distributed send/recv ping-pong (the runner's path), median")
     entry = write_link(args.cluster, args.src, args.dst, m, args.both_ways) if args.cluster \
