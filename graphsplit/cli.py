@@ -29,6 +29,16 @@ def auto_or_int(hi: int):
     return o._typed("int", parse, f"auto_or_int_1_{hi}", lo=1, hi=hi)
 
 
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The runtime and workload options every planning command takes (split-model, what-if)."""
+    p.add_argument("--runtime", default="exo-current",
+                   choices=["exo-current", "exo-legacy", "mlx-pipeline"])
+    p.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=512, metavar="P")
+    p.add_argument("--context-tokens", type=o.positive_int(MAX_TOKENS), default=1024,
+                   metavar="C")
+    p.add_argument("--streams", type=o.positive_int(MAX_STREAMS), default=1, metavar="B")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = o.OneLineParser(prog="split-model", description=(
         "Split a model's layers over a cluster from measured cost tables: the plan with the "
@@ -38,12 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cluster", type=o.path("cluster file"), help="cluster file (JSON: nodes with cost tables, links)")
     p.add_argument("--objective", default="latency",
                    choices=["latency", "ttft", "throughput", "pareto"])
-    p.add_argument("--runtime", default="exo-current",
-                   choices=["exo-current", "exo-legacy", "mlx-pipeline"])
-    p.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=512, metavar="P")
-    p.add_argument("--context-tokens", type=o.positive_int(MAX_TOKENS), default=1024,
-                   metavar="C")
-    p.add_argument("--streams", type=o.positive_int(MAX_STREAMS), default=1, metavar="B")
+    add_workload_arguments(p)
     p.add_argument("--replicas", type=auto_or_int(MAX_STREAMS), default=1, metavar="auto|K",
                    help="throughput: split the nodes into K independent pipelines (auto: the "
                    "solver chooses K), each serving a share of the streams (default 1)")

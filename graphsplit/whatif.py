@@ -44,8 +44,6 @@ from typing import Any
 from profiler import options as o
 from profiler.errors import UserError, guard
 
-MAX_TOKENS = 1 << 24
-MAX_STREAMS = 4096
 OBJECTIVES = ("latency", "ttft", "throughput")
 
 
@@ -140,6 +138,8 @@ parse_link.kind = "link"  # type: ignore[attr-defined]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from graphsplit.cli import add_workload_arguments
+
     p = o.OneLineParser(prog="what-if", description=(
         "Which machine should I add, does a cable pay off: the best plan of the cluster "
         "beside the best plan with each hypothetical machine (--add) or link (--link), each "
@@ -156,12 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="A:B=PRESET", help="a cable between two nodes, both ways: a "
                    "preset (tb5, tb4, 10gbe, 1gbe, wifi) or 0.3ms,5GB/s")
     p.add_argument("--objective", default="latency", choices=list(OBJECTIVES))
-    p.add_argument("--runtime", default="exo-current",
-                   choices=["exo-current", "exo-legacy", "mlx-pipeline"])
-    p.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=512, metavar="P")
-    p.add_argument("--context-tokens", type=o.positive_int(MAX_TOKENS), default=1024,
-                   metavar="C")
-    p.add_argument("--streams", type=o.positive_int(MAX_STREAMS), default=1, metavar="B")
+    add_workload_arguments(p)
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     return p
 
