@@ -199,6 +199,15 @@ def row_work(table: CostTable) -> dict[str, RowWork]:
     return out
 
 
+def grid_times(w: RowWork, peak: Peak) -> dict[str, list[float]]:
+    """A row's derived times on the chip's grids (PREFILL_GRID, DECODE_GRID), spreads 0:
+    nothing was measured."""
+    return {"prefill_s": [w.prefill_s(peak, p) for p in PREFILL_GRID],
+            "prefill_spread": [0.0] * len(PREFILL_GRID),
+            "decode_s": [w.decode_s(peak, c) for c in DECODE_GRID],
+            "decode_spread": [0.0] * len(DECODE_GRID)}
+
+
 def derive(base: CostTable, bandwidth_gbs: float, tflops: float, memory_bytes: int,
            usable_bytes: int, host: str, chip_name: str,
            generation: int | None = None) -> CostTable:
@@ -217,10 +226,8 @@ def derive(base: CostTable, bandwidth_gbs: float, tflops: float, memory_bytes: i
         row.activation_bytes_per_token = int(round(r.activation_bytes_per_token * act))
         row.peak_memory_bytes = row.weight_bytes + int(
             max(0, r.peak_memory_bytes - r.weight_bytes) * act)
-        row.prefill_s = [w.prefill_s(peak, p) for p in PREFILL_GRID]
-        row.decode_s = [w.decode_s(peak, c) for c in DECODE_GRID]
-        row.prefill_spread = [0.0] * len(PREFILL_GRID)
-        row.decode_spread = [0.0] * len(DECODE_GRID)
+        for k, v in grid_times(w, peak).items():
+            setattr(row, k, v)
         row.measured_from = r.name
         rows.append(row)
     t = dataclasses.replace(
@@ -285,10 +292,7 @@ def _tensor_section(base: CostTable, work: dict[str, RowWork], peak: Peak) -> di
                                  attn_width=int(round(w.attn_width * f)))
         rows.append(dict(r, weight_bytes=int(round(ws.weight_bytes)),
                          kv_bytes_per_token=int(round(ws.kv_bytes_per_token)),
-                         prefill_s=[ws.prefill_s(peak, p) for p in PREFILL_GRID],
-                         prefill_spread=[0.0] * len(PREFILL_GRID),
-                         decode_s=[ws.decode_s(peak, c) for c in DECODE_GRID],
-                         decode_spread=[0.0] * len(DECODE_GRID)))
+                         **grid_times(ws, peak)))
     return dict(copy.deepcopy(sec), rows=rows,
                 allreduce_bytes_per_token=sec["allreduce_bytes_per_token"] * act)
 
