@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,11 +48,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_testbed import log  # noqa: E402
+from bench_testbed import ensure_model as testbed_ensure_model  # noqa: E402
+from bench_testbed import log, measure_link, record_link  # noqa: E402
+from bench_testbed import profile_node as testbed_profile_node  # noqa: E402
 
 from exo_bridge.profile_collective import collective_sizes, entry_from, measure_collective  # noqa: E402
 from exo_bridge.profile_collective import write_collective  # noqa: E402
-from exo_bridge.profile_link import LinkMeasurement, write_link  # noqa: E402
 from exo_bridge.runner.run import format_table, model_spec, run_stages  # noqa: E402
 from exo_bridge.runner.tensor import hybrid_layout  # noqa: E402
 from exo_bridge.testbed.bed import Testbed  # noqa: E402
@@ -84,29 +84,13 @@ GROUPS = [("f1", "f2"), ("s1", "s2"), ("f2", "s1")]  # candidate tensor groups, 
 TOLERANCE = 0.15
 
 
-def ensure_model(d: Path) -> Path:
-    if (d / "config.json").exists() and (d / "model.safetensors").exists():
-        return d
-    from profiler.build import save_model_dir
-
-    log(f"writing the benchmark model to {d}")
-    return save_model_dir(d, MODEL_CONFIG, seed=0)
-
-
 def profile_node(tb: Testbed, node: str, model_dir: Path, out: Path, prompt: int,
                  context: int, repeats: int) -> None:
-    """profile-model with the tensor-parallel shares, in the node's namespace and cgroup, wall
-    clock (a CPU quota slows a node by throttling, which CPU time never sees)."""
-    cmd = tb.wrapper(node) + [
-        sys.executable, "-c", "import sys; from profiler.cli import main; sys.exit(main())",
-        str(model_dir), "--out", str(out), "--prefill-tokens", str(prompt), "--decode-context",
-        str(context), "--warmup", "2", "--repeats", str(repeats), "--quiet", "--restart",
-        "--clock", "wall", "--tp-shares", "1,2,3", "--decode-batch", "1", "--prefill-chunk", "none"]
-    t = time.time()
-    cp = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if cp.returncode != 0:
-        raise SystemExit(f"profiling {node} failed: {cp.stderr.strip()[-2000:]}")
-    log(f"profiled {node} under its quota in {time.time() - t:.0f} s -> {out}")
+    """bench_testbed's profile-model run, with the tensor-parallel shares (decode batch 1, no
+    chunk grid)."""
+    testbed_profile_node(tb, node, model_dir, out, prompt, context, repeats,
+                         ("--tp-shares", "1,2,3", "--decode-batch", "1", "--prefill-chunk",
+                          "none"))
 
 
 def write_cluster(path: Path, profiles: dict[str, Path], keep: dict) -> None:
@@ -125,12 +109,8 @@ def measure_links(tb: Testbed, cluster_path: Path, P: int, reuse: bool) -> None:
         for x, y in ((a, b), (b, a)):
             if reuse and (x, y) in have:
                 continue
-            d = tb.measure_link_mlx(x, y, MODEL_CONFIG["hidden_size"], 4, max(P, 64), repeats=8)
-            m = LinkMeasurement(**{k: d[k] for k in ("host", "latency_ms", "bandwidth_gbps",
-                                                     "sizes", "repeats")})
-            write_link(cluster_path, x, y, m)
-            log(f"link {x}->{y}: emulated {lat} ms {rate} Mbit/s, measured "
-                f"{m.latency_ms:.3f} ms {1e3 * m.bandwidth_gbps:.1f} Mbit/s")
+            record_link(cluster_path, x, y, measure_link(tb, x, y, MODEL_CONFIG["hidden_size"],
+                                                         max(P, 64)), (lat, rate))
 
 
 def busy_ms(profiles: dict[str, Path], group: tuple[str, ...], context: int) -> float:
@@ -326,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out_dir)
     (out / "profiles").mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_model(Path(args.model_dir))
+    model_dir = testbed_ensure_model(Path(args.model_dir), MODEL_CONFIG)
     P, N = (8, 6) if args.quick else (16, 10)
     runs = args.runs or (1 if args.quick else 3)
     context = P + N // 2  # the mean KV length a decode step sees

@@ -82,23 +82,26 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_model(d: Path) -> Path:
+def ensure_model(d: Path, config: dict | None = None) -> Path:
+    """The benchmark's model directory (random float32 weights of `config`, default this
+    benchmark's), written once."""
     if (d / "config.json").exists() and (d / "model.safetensors").exists():
         return d
     from profiler.build import save_model_dir
 
     log(f"writing the benchmark model to {d}")
-    return save_model_dir(d, MODEL_CONFIG, seed=0)
+    return save_model_dir(d, config or MODEL_CONFIG, seed=0)
 
 
 def profile_node(tb: Testbed, node: str, model_dir: Path, out: Path, prompt: int,
-                 context: int) -> None:
+                 context: int, repeats: int = 7, extra: tuple[str, ...] = ()) -> None:
+    """profile-model in the node's namespace and cgroup (`extra`: more profile-model flags)."""
     cmd = tb.wrapper(node) + [sys.executable, "-c",
                               "import sys; from profiler.cli import main; sys.exit(main())",
                               str(model_dir), "--out",
                               str(out), "--prefill-tokens", str(prompt), "--decode-context",
-                              str(context), "--warmup", "2", "--repeats", "7", "--quiet",
-                              "--restart"]
+                              str(context), "--warmup", "2", "--repeats", str(repeats), "--quiet",
+                              "--restart", *extra]
     # Wall clock on purpose: a CPU quota slows a node by throttling, which CPU time never sees
     # (`--clock process` would profile every quota-limited node at full speed).
     cmd += ["--clock", "wall"]
@@ -107,6 +110,27 @@ def profile_node(tb: Testbed, node: str, model_dir: Path, out: Path, prompt: int
     if cp.returncode != 0:
         raise SystemExit(f"profiling {node} failed: {cp.stderr.strip()[-2000:]}")
     log(f"profiled {node} under its quota in {time.time() - t:.0f} s -> {out}")
+
+
+def measure_link(tb: Testbed, x: str, y: str, hidden: int, tokens: int,
+                 method: str = "mlx") -> LinkMeasurement:
+    """One direction of a link measured on the testbed (`method` mlx: the runner's own path,
+    see docs; else plain sockets)."""
+    if method == "mlx":
+        d = tb.measure_link_mlx(x, y, hidden, 4, tokens, repeats=8)
+    else:
+        d = tb.measure_link(x, y, hidden, 4, tokens, repeats=8)
+    return LinkMeasurement(**{k: d[k] for k in ("host", "latency_ms", "bandwidth_gbps", "sizes",
+                                                "repeats")})
+
+
+def record_link(cluster_path: Path, x: str, y: str, m: LinkMeasurement,
+                emulated: tuple[float, float]) -> None:
+    """Write one direction into the cluster file; log it beside what the testbed emulates
+    (latency ms, Mbit/s)."""
+    write_link(cluster_path, x, y, m)
+    log(f"link {x}->{y}: emulated {emulated[0]} ms {emulated[1]} Mbit/s, measured "
+        f"{m.latency_ms:.3f} ms {1e3 * m.bandwidth_gbps:.1f} Mbit/s")
 
 
 def write_cluster(path: Path, profiles: dict[str, Path]) -> None:
@@ -235,16 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                                         bandwidth_gbps=prev[0]["bandwidth_gbps"],
                                         sizes=prev[0].get("measured", {}).get("sizes", {}))
                 else:
-                    if args.link_method == "mlx":  # the runner's own path (see docs)
-                        d = tb.measure_link_mlx(x, y, hidden, 4, max(P, 256), repeats=8)
-                    else:
-                        d = tb.measure_link(x, y, hidden, 4, max(P, 256), repeats=8)
-                    m = LinkMeasurement(**{k: d[k] for k in ("host", "latency_ms",
-                                                             "bandwidth_gbps", "sizes",
-                                                             "repeats")})
-                write_link(cluster_path, x, y, m)
-                log(f"link {x}->{y}: emulated {lat} ms {rate} Mbit/s, measured "
-                    f"{m.latency_ms:.3f} ms {1e3 * m.bandwidth_gbps:.1f} Mbit/s")
+                    m = measure_link(tb, x, y, hidden, max(P, 256), args.link_method)
+                record_link(cluster_path, x, y, m, (lat, rate))
         write_overhead(tb, cluster_path, hidden, before.get("runtimes", {}) if args.reuse else {})
         if args.until == "links":
             log(f"stopping after the links: {cluster_path}")
