@@ -594,14 +594,19 @@ MAX_TOKENS = 1 << 20
 MAX_TIMEOUT_S = 86400.0
 
 
+def _message_args(p: argparse.ArgumentParser, prompt_help: str) -> None:
+    """The model shape the message sizes come from: hidden size, activation bytes, prompt."""
+    p.add_argument("--hidden", type=o.positive_int(MAX_HIDDEN), default=4096,
+                   help="model hidden size (default 4096)")
+    p.add_argument("--dtype-bytes", type=o.int_choice((1, 2, 4)), default=2,
+                   help="activation bytes (default 2)")
+    p.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=128,
+                   help=prompt_help)
+
+
 def _measure_args(m: argparse.ArgumentParser, repeats: int, gap_ms: float) -> None:
     """The options `measure`, `self-test` and `mlx` share: message sizes, repeats, cluster."""
-    m.add_argument("--hidden", type=o.positive_int(MAX_HIDDEN), default=4096,
-                   help="model hidden size (default 4096)")
-    m.add_argument("--dtype-bytes", type=o.int_choice((1, 2, 4)), default=2,
-                   help="activation bytes (default 2)")
-    m.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=128,
-                   help="prompt length (default 128)")
+    _message_args(m, "prompt length (default 128)")
     m.add_argument("--repeats", type=o.positive_int(10000), default=repeats)
     m.add_argument("--gap-ms", type=o.float_in(0, 60000), default=gap_ms,
                    help="idle time before each ping-pong (the pipeline's pattern)")
@@ -664,12 +669,7 @@ def _collective_parser(sub) -> None:
     c.add_argument("--backend", type=o.text("backend"), default="ring", help=argparse.SUPPRESS)
     c.add_argument("--timeout", type=o.seconds(MAX_TIMEOUT_S), default=180.0,
                    help="seconds for the whole measurement, every rank included (default 180)")
-    c.add_argument("--hidden", type=o.positive_int(MAX_HIDDEN), default=4096,
-                   help="model hidden size (default 4096)")
-    c.add_argument("--dtype-bytes", type=o.int_choice((1, 2, 4)), default=2,
-                   help="activation bytes (default 2)")
-    c.add_argument("--prompt-tokens", type=o.positive_int(MAX_TOKENS), default=128,
-                   help="prompt length: the prefill all-reduce's tokens (default 128)")
+    _message_args(c, "prompt length: the prefill all-reduce's tokens (default 128)")
     c.add_argument("--repeats", type=o.positive_int(10000), default=10)
     c.add_argument("--gap-ms", type=o.float_in(0, 60000), default=5.0,
                    help="idle time before each timed all-reduce (default 5)")
