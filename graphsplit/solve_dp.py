@@ -80,6 +80,10 @@ MAX_KEYS = 1 << 23
 # programs this small (5 distinct nodes) run without the seed and the reverse bound: building
 # them costs more than they prune
 SMALL_KEYS = 160
+# The bound mode's relaxation (_solve_bounded) is solved for its lower bound only: its
+# throughput search stops once its proven floor is within this (relative) of its incumbent,
+# giving up at most 1 % of the bound for runs that would only close that last 1 %.
+RELAX_FLOOR = 0.01
 REL = 1e-9  # relative tolerance: sums of the same times in another order differ by rounding
 
 
@@ -607,7 +611,7 @@ def _bitmask_dp_vec(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
 
 
 def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
-                enough=None):
+                enough=None, bound_cap: float | None = None):
     """The exact program (types or nodes, see _bitmask_dp_vec), first run without the first
     type in the state.
 
@@ -623,10 +627,15 @@ def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
 
     enough(sum) -> bool: a caller that needs only SOME real plan with every stage <= cap and
     a sum it accepts (the throughput search's "predicate true") gets the relaxed plan as it is
-    when its real stage times qualify, returned with its real sum (not then the minimum)."""
+    when its real stage times qualify, returned with its real sum (not then the minimum).
+
+    bound_cap (>= cap): build the reverse lower bound for this cap instead of `cap`. A bound
+    for a larger cap relaxes more (every plan under `cap` is under it), so it still bounds
+    from below; a search that lowers its cap run after run builds one table for all its runs."""
     tc = as_typed(cc)
+    bc = cap if bound_cap is None else max(bound_cap, cap)
     hrev = None if tc.n_keys <= SMALL_KEYS else \
-        _memo(tc, ("hrev", use_all, cap), lambda: _reverse_lower_bound(tc, use_all, cap))
+        _memo(tc, ("hrev", use_all, bc), lambda: _reverse_lower_bound(tc, use_all, bc))
     v, p, w = _bitmask_dp_vec(tc, use_all, cap, incumbent, relax_first=True, hrev=hrev)
     if p is None or len(p) == 1:
         return v, p, w
@@ -682,9 +691,10 @@ def _candidate_caps(cc: ChainCosts, upto: float) -> np.ndarray:
     return v
 
 
-def _throughput_search(cc, dp, val, path, B, D):
+def _throughput_search(cc, dp, val, path, B, D, floor_within: float = 0.0):
     """min over plans of f = max(S / B, M) (S: sum, M: bottleneck), from a first plan `path`
-    (the min-sum plan, of sum val, or any plan with val None); D nodes.
+    (the min-sum plan, of sum val, or any plan with val None); D nodes. Returns (best, runs,
+    floor): best = [f, plan], floor <= the optimum (= best[0] when the search ran to the end).
 
     Let S(T) = min sum subject to every stage <= T (the capped DP) and G(T) = max(S(T) / B, T).
     The optimum is min over the candidate stage times T of G(T): a plan p is no better than the
@@ -702,7 +712,12 @@ def _throughput_search(cc, dp, val, path, B, D):
     B best there, so it often proves the rest); after a predicate-true run, galloping down from
     the incumbent (0.1 %, 0.2 %, 0.4 % ... below it; once that falls into the range a run with
     no plan excluded, the candidate just below the incumbent again); after a run with no plan,
-    bisection."""
+    bisection.
+
+    At any point min(best, cands[lo]) is a lower bound on the optimum (every excluded candidate
+    has G >= best, every remaining one G >= T >= cands[lo]). floor_within > 0 (a caller that
+    needs only a lower bound: the relaxation of _solve_bounded) stops as soon as that bound is
+    within floor_within (relative) of the incumbent, and returns it as floor."""
     ts0 = _stage_times(cc, path)
     best = [max(sum(ts0) / B, max(ts0)), path]
 
@@ -715,13 +730,14 @@ def _throughput_search(cc, dp, val, path, B, D):
 
     n_dp = 0
     if val is not None and val / B >= max(ts0):
-        return best, n_dp  # the min-sum plan is latency bound: S / B is a lower bound on all
+        return best, n_dp, best[0]  # the min-sum plan is latency bound: S / B bounds all
     cands = _candidate_caps(cc, best[0])
     lo = 0 if val is None else int(np.searchsorted(cands, val / D * (1 - 1e-12)))
     hi = int(np.searchsorted(cands, best[0]))
+    cap0 = float(cands[hi - 1]) if hi > 0 else None  # every probe's cap is at most this
     last = None
     step = 1e-3
-    while lo < hi:
+    while lo < hi and cands[lo] < best[0] * (1 - floor_within):
         if last in (None, "false"):
             mid = hi - 1  # S(T') <= S(T) = B best for T' > T: try just below the incumbent
         elif last == "true":
@@ -735,7 +751,8 @@ def _throughput_search(cc, dp, val, path, B, D):
         mid = min(max(mid, lo), hi - 1)
         T = cands[mid]
         # any plan with S / B <= T decides this probe (hi = mid), the minimum is not needed
-        v, p = dp(T, bound=B * best[0] * (1 + 1e-9) + 1e-15, enough=lambda s_: s_ / B <= T)
+        v, p = dp(T, bound=B * best[0] * (1 + 1e-9) + 1e-15, enough=lambda s_: s_ / B <= T,
+                  bound_cap=cap0)
         n_dp += 1
         if p is not None:
             s_, m_ = offer(p)
@@ -751,7 +768,7 @@ def _throughput_search(cc, dp, val, path, B, D):
             lo = mid + 1
             last = "none"
         hi = min(hi, int(np.searchsorted(cands, best[0])))
-    return best, n_dp
+    return best, n_dp, (min(best[0], float(cands[lo])) if lo < hi else best[0])
 
 
 
@@ -902,9 +919,10 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
                    name: str, t0: float, max_keys: int) -> SplitResult:
     """More node types than the exact program can hold in max_keys: the better of the
     fixed-order optimum over the canonical order (fastest first) and, unless every node must
-    be used, the exact optimum over the fastest types that fit, as the plan; the exact optimum
-    of the coarsened relaxation (solve_types.coarsen: merged types, element-wise minimum costs)
-    as a proven lower bound. Deterministic (a size, no time limit); labelled "bound" unless
+    be used, the exact optimum over the fastest types that fit, as the plan; a proven lower
+    bound on the optimum of the coarsened relaxation (solve_types.coarsen: merged types,
+    element-wise minimum costs), within RELAX_FLOOR of it for throughput, exact otherwise, as
+    the lower bound. Deterministic (a size, no time limit); labelled "bound" unless
     the two meet. The exact program over the fastest types gets a quarter of max_keys, the
     relaxation half of it (merging fewer nodes per group tightens the bound)."""
     up = _solve_on(cc, objective, use_all_nodes, _fastest_first(cc), name, t0)
@@ -921,8 +939,9 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
     seed = None if up.stages is None else rc.type_path(
         [(cc.ids.index(s.node), s.start_layer, s.end_layer) for s in up.stages])
     low = _solve_on(rc, "latency" if objective == "pareto" else objective, use_all_nodes, None,
-                    name, t0, seed_path=seed)
-    lb = low.fun * (1 - 1e-9)  # inf: the relaxation has no plan, so neither has the cluster
+                    name, t0, seed_path=seed, floor_within=RELAX_FLOOR)
+    # inf: the relaxation has no plan, so neither has the cluster
+    lb = (low.fun if low.status == 2 else low.lower_bound) * (1 - 1e-9)
     if up.stages is None:
         if not np.isfinite(lb):
             return _infeasible(name, t0, work + low.nit)
@@ -933,15 +952,17 @@ def _solve_bounded(cc: ChainCosts, tc: TypedCosts, objective: str, use_all_nodes
     proven = _label(False, up.fun, lb)
     msg = (f"{objective} {_where(proven)}: {tc.D} node types exceed the exact program's size "
            f"limit ({limit}); plan = the best of the optimum for the nodes fastest first and "
-           f"the optimum over the fastest types, lower bound = the exact optimum over {rc.D} "
-           "merged groups")
+           "the optimum over the fastest types, lower bound = "
+           + (f"a proven floor within {RELAX_FLOOR:.0%} of the optimum" if objective ==
+              "throughput" else "the exact optimum") + f" over {rc.D} merged groups")
     return SplitResult(up.stages, up.fun, proven != BOUND, 0 if proven != BOUND else 1, msg,
                        name, time.perf_counter() - t0, work + low.nit, up.extra,
                        proven=proven, lower_bound=lb)
 
 
 def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, name: str,
-              t0: float, bound: float = INF, seed_path=None) -> SplitResult:
+              t0: float, bound: float = INF, seed_path=None,
+              floor_within: float = 0.0) -> SplitResult:
     """One objective on one program: sc a ChainCosts with `order` (node indices: fixed-order
     DP over its subsequences) or a TypedCosts with order None (the count-vector program over
     every order and subset; exact types: optimal, merged groups: a lower bound)."""
@@ -953,20 +974,23 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     proven = ALL_ORDERS if order is None else GIVEN_ORDER
     where = _where(proven)
 
-    def dp(cap=INF, bound=INF, enough=None):
+    def dp(cap=INF, bound=INF, enough=None, bound_cap=None):
         """min sum s.t. every stage <= cap; only plans with sum < bound are looked for; any
-        plan whose sum enough() accepts will do (see _bitmask_dp)."""
+        plan whose sum enough() accepts will do; bound_cap: see _bitmask_dp."""
         if order is None:
-            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound, enough)
+            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound, enough, bound_cap)
         else:
             v, p, w = _ring_dp(sc, order, use_all_nodes, cap, bound)
         work_total[0] += w
         return (v, p) if p is not None else (INF, None)
 
-    def result(path, fun, msg, extra=None):
+    def result(path, fun, msg, extra=None, floor=None):
         return SplitResult(_to_stages(sc, path) if isinstance(sc, ChainCosts) or sc.exact
                            else None, fun, True, 0, msg, name, time.perf_counter() - t0,
-                           work_total[0], extra or {}, proven=proven)
+                           work_total[0], extra or {},
+                           proven=proven if floor is None else _label(order is not None, fun,
+                                                                      floor),
+                           lower_bound=fun if floor is None else floor)
 
     if objective == "throughput" and order is None and len(fastest) > 2:
         # a fixed-order optimum (cheap, fastest nodes first) is the first incumbent; the search
@@ -978,9 +1002,10 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
                 seed_path = sc.type_path([(cc.ids.index(st.node), st.start_layer,
                                            st.end_layer) for st in fo.stages])
         if seed_path is not None:
-            best, n_dp = _throughput_search(sc, dp, None, seed_path, B, len(fastest))
+            best, n_dp, floor = _throughput_search(sc, dp, None, seed_path, B, len(fastest),
+                                                   floor_within)
             return result(best[1], best[0], f"throughput for {B} stream(s) {where} "
-                          f"({n_dp} capped DP runs after a fixed-order seed)")
+                          f"({n_dp} capped DP runs after a fixed-order seed)", floor=floor)
     seed = INF
     if order is None and len(fastest) > 1 and sc.n_keys > SMALL_KEYS:
         # branch-and-bound seed: the fixed-order DP with the fastest nodes first (cheap)
@@ -996,9 +1021,10 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     if objective not in ("throughput", "pareto"):
         raise ValueError(objective)
     if objective == "throughput":
-        best, n_dp = _throughput_search(sc, dp, val, path, B, len(fastest))
+        best, n_dp, floor = _throughput_search(sc, dp, val, path, B, len(fastest),
+                                               floor_within)
         return result(best[1], best[0],
-                      f"throughput for {B} stream(s) {where} ({n_dp + 1} DP runs)")
+                      f"throughput for {B} stream(s) {where} ({n_dp + 1} DP runs)", floor=floor)
     pts, complete = _pareto_walk(sc, dp, val, path)
     extra = {"frontier": [{"tpot_s": s_, "bottleneck_s": m,
                            "throughput_tps": min(B / s_, 1 / m) if s_ > 0 else INF,

@@ -231,3 +231,26 @@ def test_labels_reach_the_plan_file_and_the_report(tmp_path):
         assert f"[{proven}]" in render(plan)
         write_plan(plan, tmp_path / f"{solver}.json")
         assert read_plan(tmp_path / f"{solver}.json").solver["proven"] == proven
+
+
+def test_throughput_floor_stops_within_its_tolerance_and_stays_below_the_optimum():
+    """The relaxation's throughput search run for a lower bound only (floor_within > 0) returns
+    a floor with optimum * (1 - floor_within) <= floor <= optimum, where the optimum is the
+    same program's full search; with floor_within = 0 the floor is the optimum."""
+    from graphsplit.solve_dp import _solve_on
+    rnd = random.Random(11)
+    stopped = 0
+    for _ in range(4):
+        c = random_cluster(rnd, rnd.randint(10, 16), rnd.randint(5, 6), mem=(2000, 4000))
+        w = Workload(prompt_tokens=32, context_tokens=128, streams=8)
+        tc = typed_costs(chain_costs(c, w, "mlx-pipeline", "decode", sorted(c.ids)))
+        full = _solve_on(tc, "throughput", False, None, "t", 0.0)
+        assert full.lower_bound == full.fun and full.proven == ALL_ORDERS
+        for fw in (0.01, 0.05, 0.2):
+            part = _solve_on(tc, "throughput", False, None, "t", 0.0, floor_within=fw)
+            assert full.fun * (1 - fw) * (1 - 1e-12) <= part.lower_bound <= full.fun * (1 + 1e-12)
+            assert part.fun >= full.fun * (1 - 1e-12)  # its plan is still a real plan
+            stopped += part.nit < full.nit
+            if part.lower_bound < part.fun * (1 - 1e-9):
+                assert part.proven == BOUND
+    assert stopped  # the tolerance really cut some searches short
