@@ -19,8 +19,16 @@ default precision: 4-bit, float32 activations on the CPU build) it
    it is within the target (5%) - or, where the end-to-end runs themselves spread wider than
    that, that this machine's noise is larger than the target.
 
+4. then (as root, where the cgroup v1 CPU controller is mounted; `--no-testbed` skips it) runs
+   `bench/bench_stages.py`: the testbed's per-stage compute under its CPU quotas against the
+   stage's rows (re-timed in the same round, and from the profile), on the testbed
+   benchmark's splits and the even split (a topology its planner never chose);
+5. measures this machine's steadiness before and after (`bench/bench_machine.py`: the same
+   fixed computation timed back to back; on a shared VM the core's speed can move by 2x over
+   seconds, which no method inside it can remove) and prints it under the tables.
+
 Everything printed is measured, or derived from measurements (errors, sums). The rows and
-every sample are written to `data/bench/fidelity.json`.
+every sample are written to `data/bench/fidelity.json` (and `data/bench/stages.json`).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_machine import line, steadiness  # noqa: E402
 from profiler.models import resolve_model  # noqa: E402
 from profiler.profile import ProfileOptions, profile_model  # noqa: E402
 from profiler.selfcheck import self_check  # noqa: E402
@@ -101,7 +110,8 @@ def run_model(name: str, args, out_dir: Path) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     head = (f"{'model':<14} {'phase':<8} {'x':>4} {'rows ms':>9} {'e2e ms':>9} {'spread':>7} "
-            f"{'error':>7} {'p10..p90':>15} {'now err':>8} {'p10..p90':>15}  verdict")
+            f"{'error':>7} {'p10..p90':>15} {'now err':>8} {'p10..p90':>15}  verdict (table; "
+            f"rows now)")
     lines = [head, "-" * len(head)]
     for r in rows:
         lo, hi = r["error_p10_p90"]
@@ -110,12 +120,14 @@ def format_rows(rows: list[dict]) -> str:
             f"{r['model']:<14} {r['phase']:<8} {r['x']:>4} {r['predicted_s'] * 1e3:>9.1f} "
             f"{r['measured_s'] * 1e3:>9.1f} {100 * r['noise']:>6.1f}% {pct(r['error']):>7} "
             f"{pct(lo) + '..' + pct(hi):>15} {pct(r['error_now']):>8} "
-            f"{pct(nlo) + '..' + pct(nhi):>15}  {verdict(r['error'], r['noise'])}")
+            f"{pct(nlo) + '..' + pct(nhi):>15}  {verdict(r['error'], r['noise'])}; "
+            f"{verdict(r['error_now'], r['noise'])}")
     lines.append("rows ms: the table's rows summed (derived); e2e ms: whole model end to end, "
                  "median of the repeats (measured); spread: (max-min)/median of the e2e runs "
                  "(measured noise); error: (rows - e2e)/e2e (derived), p10..p90 over the "
                  "repeats; now err: the rows re-timed in turn with each e2e run, summed, "
-                 "paired error (median, p10..p90)")
+                 "paired error (median, p10..p90); verdicts: the table's error, then the "
+                 "paired one (the method, without the machine's drift since the profile)")
     return "\n".join(lines)
 
 
@@ -130,29 +142,66 @@ def main() -> int:
     ap.add_argument("--chain-blocks", type=int, default=ProfileOptions().chain_blocks,
                     help="the profiler's chain length (1: each block alone, the old method)")
     ap.add_argument("--out", default=str(ROOT / "data" / "bench" / "fidelity.json"))
+    ap.add_argument("--no-testbed", action="store_true",
+                    help="skip the testbed's per-stage comparison (bench/bench_stages.py; "
+                         "needs root and the cgroup v1 CPU controller)")
     args = ap.parse_args()
     out_dir = Path(args.out).parent / "fidelity"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load0 = os.getloadavg()[0]
+    steady0 = steadiness()
     rows: list[dict] = []
     for name in args.models.split(","):
         print(f"{name}: profiling, then {args.repeats} end-to-end runs per point...",
               flush=True)
         rows += run_model(name, args, out_dir)
         print(format_rows([r for r in rows if r["model"] == name]), flush=True)
+    stages = None if args.no_testbed else testbed_stages()
+    steady1 = steadiness()
     print()
     print(f"python bench/bench_fidelity.py {' '.join(sys.argv[1:])}".strip())
     print(format_rows(rows))
     worst = max(abs(r["error"]) for r in rows)
+    worst_now = max(abs(r["error_now"]) for r in rows)
     noisy = [r for r in rows if r["noise"] > TARGET]
-    print(f"worst |error| {100 * worst:.1f}% over {len(rows)} points; "
+    print(f"worst |error| {100 * worst:.1f}% (table), {100 * worst_now:.1f}% (rows now, "
+          f"paired) over {len(rows)} points; "
           f"{len(noisy)} point(s) whose end-to-end runs spread more than 5% (this machine's "
           f"noise); load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
           f"{(time.time() - started) / 60:.1f} min")
-    Path(args.out).write_text(json.dumps({"rows": rows, "argv": sys.argv[1:],
-                                          "target": TARGET}, indent=1))
+    if stages:
+        print()
+        print(stages)
+    print(line(steady0, "at start"))
+    print(line(steady1, "at end"))
+    Path(args.out).write_text(json.dumps({"rows": rows, "argv": sys.argv[1:], "target": TARGET,
+                                          "steadiness": [steady0, steady1]}, indent=1))
     return 0
+
+
+def testbed_stages() -> str | None:
+    """Run bench/bench_stages.py (its defaults) and return its table, or say why not."""
+    import subprocess
+
+    why = None
+    if os.geteuid() != 0:
+        why = "not root"
+    elif not Path("/sys/fs/cgroup/cpu/cgroup.procs").exists():
+        why = "no cgroup v1 CPU controller at /sys/fs/cgroup/cpu"
+    if why:
+        print(f"testbed stages skipped: {why} (run as root, or pass --no-testbed)", flush=True)
+        return None
+    print("testbed: per-stage compute under the CPU quotas (bench/bench_stages.py)...",
+          flush=True)
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_stages.py")],
+                       capture_output=True, text=True, timeout=3600)
+    if p.returncode:
+        print(f"testbed stages failed (exit {p.returncode}): {p.stderr.strip()[-500:]}")
+        return None
+    out = p.stdout
+    return out[out.index("python bench/bench_stages.py"):].rstrip() if \
+        "python bench/bench_stages.py" in out else out
 
 
 if __name__ == "__main__":

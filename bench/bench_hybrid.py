@@ -48,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_machine import line as steady_line, steadiness  # noqa: E402
 from bench_testbed import ensure_model as testbed_ensure_model  # noqa: E402
 from bench_testbed import log, measure_link, record_link  # noqa: E402
 from bench_testbed import profile_node as testbed_profile_node  # noqa: E402
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     cluster_path = out / "cluster.json"
     log(f"load average before: {os.getloadavg()[0]:.2f} (a shared machine: other work adds "
         "noise)")
+    steady0 = steadiness()
+    log(steady_line(steady0, "at start"))
     t0 = time.time()
     with Testbed(spec) as tb:
         profiles = {n: out / "profiles" / f"{n}.json" for n, *_ in NODES}
@@ -336,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(rs[len(rs) // 2])
     table = format_table(results)
     lines = verdicts(results, rows) + allreduce_lines(results, cluster_path)
+    steady1 = steadiness()
+    lines += [steady_line(steady0, "at start"), steady_line(steady1, "at end")]
     print(table)
     print()
     print("\n".join(lines))

@@ -62,24 +62,44 @@ def samples(seconds: float) -> list[tuple[float, float, float]]:
     return out
 
 
-def report(out, window: float) -> dict:
+def summary(out) -> dict:
+    """Quantiles of the samples' wall times as multiples of the fastest (derived)."""
     walls = sorted(w for _, w, _ in out)
     fast = walls[0]
     cpu = sum(c for _, _, c in out)
     wall = sum(w for _, w, _ in out)
-    summary = {"samples": len(out), "min_ms": 1e3 * fast,
-               "p10": quantile(walls, 0.1) / fast, "median": statistics.median(walls) / fast,
-               "p90": quantile(walls, 0.9) / fast, "max": walls[-1] / fast,
-               "not_cpu": 1 - cpu / wall if wall else 0.0}
+    return {"samples": len(out), "min_ms": 1e3 * fast,
+            "p10": quantile(walls, 0.1) / fast, "median": statistics.median(walls) / fast,
+            "p90": quantile(walls, 0.9) / fast, "max": walls[-1] / fast,
+            "not_cpu": 1 - cpu / wall if wall else 0.0}
+
+
+def steadiness(seconds: float = 8.0) -> dict:
+    """The probe for other benchmarks: `seconds` of samples, their summary (see `report`).
+    Each benchmark runs it before and after its measurements and prints `line()` of both, so
+    that its table says how steady the machine was while it ran."""
+    return summary(samples(seconds))
+
+
+def line(s: dict, when: str) -> str:
+    return (f"machine steadiness {when} (bench/bench_machine.py, {s['samples']} samples of a "
+            f"fixed computation): median {s['median']:.2f}x its fastest, p90 {s['p90']:.2f}x "
+            f"(measured; 1.00x = perfectly steady)")
+
+
+def report(out, window: float) -> dict:
+    """Print the summary and the per-window table; return the summary."""
+    fast = min(w for _, w, _ in out)
+    sm = summary(out)
     print(f"{len(out)} samples of one fixed computation, fastest {1e3 * fast:.1f} ms (measured); "
-          f"as multiples of the fastest (derived): p10 {summary['p10']:.2f}  median "
-          f"{summary['median']:.2f}  p90 {summary['p90']:.2f}  max {summary['max']:.2f}; "
-          f"{100 * summary['not_cpu']:.1f}% of the wall time was not this process's CPU time")
+          f"as multiples of the fastest (derived): p10 {sm['p10']:.2f}  median "
+          f"{sm['median']:.2f}  p90 {sm['p90']:.2f}  max {sm['max']:.2f}; "
+          f"{100 * sm['not_cpu']:.1f}% of the wall time was not this process's CPU time")
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover (rich is a dependency)
-        return summary
+        return sm
     t = Table(title=f"per {window:g} s window (medians as multiples of the fastest sample)")
     for col in ("window s", "samples", "median", "min", "max", "CPU / wall"):
         t.add_column(col, justify="right")
@@ -93,7 +113,7 @@ def report(out, window: float) -> dict:
                       f"{max(ws) / fast:.2f}", f"{sum(c for _, c in sel) / sum(ws):.2f}")
         k += 1
     Console().print(t)
-    return summary
+    return sm
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_testbed import (LINKS, MODEL_NAME, NODES, ensure_model, log,  # noqa: E402
                            profile_node)
+from bench_machine import line as steady_line, steadiness  # noqa: E402
 from exo_bridge.runner.run import model_spec, serve_prediction, serve_stages  # noqa: E402
 from exo_bridge.testbed.bed import Testbed  # noqa: E402
 from exo_bridge.testbed.spec import LinkSpec, NodeSpec, TestbedSpec  # noqa: E402
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                        default_latency_ms=5.0, default_rate_mbit=100, prefix=args.prefix)
     load0 = os.getloadavg()
     log(f"load average before: {load0[0]:.2f} (a shared machine: other work adds noise)")
+    steady0 = steadiness()
+    log(steady_line(steady0, "at start"))
     rows: list[dict] = []
     record: list[dict] = []
     t_start = time.time()
@@ -291,10 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                     record.append({**row, "runs": [r.to_dict() for r in res]})
                     log(f"  measured {row['meas_tps']:.2f} tok/s, predicted "
                         f"{row['pred_tps']:.2f}")
+    steady1 = steadiness()
     lines = print_report(rows, load0)
+    print(steady_line(steady0, "at start"))
+    print(steady_line(steady1, "at end"))
     (out / "serve-result.json").write_text(json.dumps(
         {"prompt_tokens": P, "max_tokens": N, "context": context, "streams": Bs,
-         "wall_s": time.time() - t_start, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+         "wall_s": time.time() - t_start, "loadavg_start": load0,
+         "steadiness": [steady0, steady1], "loadavg_end": os.getloadavg(),
          "rows": record, "verdicts": lines}, indent=1, default=str))
     log(f"wrote {out / 'serve-result.json'} ({time.time() - t_start:.0f} s)")
     return 0

@@ -37,11 +37,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_machine import line, steadiness  # noqa: E402
 from bench.exp_chain_vs_alone import BENCH_LLAMA, cpu_group, in_group  # noqa: E402
 
 DEFAULT = ("0.5:0-8,0.9:8-16,0.25:0-8,0.3:8-12,0.5:12-14,0.9:14-16,0.9:0-4,0.5:4-8,"
            "0.3:8-12,0.25:12-16")
 TARGET = 0.05
+
+
+def quantiles(v: list[float]) -> tuple[float, float]:
+    """p10, p90 (nearest rank)."""
+    q = sorted(v)
+    return q[int(0.1 * (len(q) - 1) + 0.5)], q[int(0.9 * (len(q) - 1) + 0.5)]
+
+
+def spread(v: list[float]) -> float:
+    """(p90 - p10) / median: the rounds' spread without its two extremes."""
+    lo, hi = quantiles(v)
+    return (hi - lo) / statistics.median(v)
 
 
 def parse(stages: str) -> dict[float, list[tuple[int, int]]]:
@@ -89,10 +102,27 @@ def node(args) -> int:
                                      seed=21))
     head = rows.head_fn(parts.norm, parts.lm_head, parts.embed)
     templates = list(model.make_cache())
-    x1 = rows.hidden(1, 1, BENCH_LLAMA["hidden_size"], dt, seed=9)
+    H = BENCH_LLAMA["hidden_size"]
+    x1 = rows.hidden(1, 1, H, dt, seed=9)
     caches = [rows.fill_cache(parts.layers[i], templates[i], C, x1, seed=300 + i)
               for i in range(n)]
     ids1 = mx.array([[7]], dtype=mx.int32)
+    k = min(args.chain_blocks, n)
+    m1 = rows.Method(prefill_tokens=[], decode_context=[C], warmup=0, repeats=1, max_rounds=1,
+                     settle_s=settle, flush=True)
+
+    def rows_now(a, b):
+        """The stage's rows timed NOW by the profiler's own functions and method (embed alone,
+        the decode chain of the first k blocks per block, head alone): one sample each."""
+        t = 0.0
+        if a == 0:
+            t += rows.time_embed(parts.embed, BENCH_LLAMA["vocab_size"], m1)[1][0].median_s
+        t += (b - a) * rows.time_decode_chain(parts.layers[:k], templates[:k], H, dt, m1,
+                                              1)[0].median_s
+        if b == n:
+            t += rows.time_head(head, H, dt, m1)[1][0].median_s
+        return t
+
     out = []
     for a, b in json.loads(args.node_stages):
         def stage(a=a, b=b):
@@ -104,8 +134,7 @@ def node(args) -> int:
                 h = head(h)
             mx.eval(h, *[x for i in range(a, b) for x in rows.cache_arrays(caches[i])])
 
-        samples = []
-        for r in range(args.rounds + 1):
+        def stage_sample(a=a, b=b):
             for i in range(a, b):
                 rows.rewind(caches[i], C)
             rows.flush_caches()
@@ -114,12 +143,23 @@ def node(args) -> int:
             t0 = time.perf_counter()
             stage()
             mx.synchronize()
-            if r:
-                samples.append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
+
+        samples, now = [], []
+        stage_sample()  # warm-up
+        for r in range(args.rounds):
+            # paired: the stage and its rows re-timed in the same round (this machine's speed
+            # drifts over seconds; bench/bench_machine.py), in alternating order
+            if r % 2:
+                now.append(rows_now(a, b))
+                samples.append(stage_sample())
+            else:
+                samples.append(stage_sample())
+                now.append(rows_now(a, b))
         names = (["embed"] if a == 0 else []) + [f"layers.{i}" for i in range(a, b)] + \
             (["head"] if b == n else [])
-        sums = {k: sum(t.row(nm).decode_s[0] for nm in names) for k, t in tables.items()}
-        out.append({"stage": [a, b], "samples": samples, "rows_s": sums})
+        sums = {k_: sum(t.row(nm).decode_s[0] for nm in names) for k_, t in tables.items()}
+        out.append({"stage": [a, b], "samples": samples, "rows_now": now, "rows_s": sums})
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -142,7 +182,7 @@ def run_node(cpu: float, stages: list[tuple[int, int]], args) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description="per-stage compute vs rows under CPU quotas")
     ap.add_argument("--stages", default=DEFAULT)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--context", type=int, default=22, help="decode context (the testbed's)")
     ap.add_argument("--chain-blocks", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=0,
@@ -153,38 +193,49 @@ def main() -> int:
     if args.node_stages:
         return node(args)
     started = time.time()
+    steady0 = steadiness()
     res = []
     for cpu, stages in parse(args.stages).items():
         print(f"node {cpu} core: profiling and timing {len(stages)} stage(s)...", flush=True)
         res += run_node(cpu, stages, args)
+    steady1 = steadiness()
     k = args.chain_blocks
-    head = (f"{'cpu':>5} {'stage':>7} {'measured ms':>11} {'spread':>7} {'rows ms':>8} "
-            f"{'error':>7} {'alone ms':>9} {'error':>7}  verdict")
+    head = (f"{'cpu':>5} {'stage':>7} {'measured ms':>11} {'spread':>7} {'rows now':>8} "
+            f"{'p10..p90':>15} {'table':>7} {'alone':>7}  verdict (rows now, paired)")
     print(f"\npython bench/bench_stages.py {' '.join(sys.argv[1:])}".rstrip())
     print(head)
-    print(f"{'':>5} {'':>7} {'(median)':>11} {'(max-min)':>7} {'(chain ' + str(k) + ')':>8} "
-          f"{'':>7} {'(chain 1)':>9}")
-    worst = 0.0
+    print(f"{'':>5} {'':>7} {'(median)':>11} {'(p10-90)':>7} {'error':>8} {'':>15} "
+          f"{'(chain ' + str(k) + ')':>7} {'(chain 1)':>7}")
+    worst = worst_table = 0.0
     for r in res:
         s = r["samples"]
         med = statistics.median(s)
-        sp = (max(s) - min(s)) / med
+        sp = spread(s)
+        paired = [(x - y) / y for x, y in zip(r["rows_now"], s)]
+        e_now = statistics.median(paired)
+        lo, hi = quantiles(paired)
         new, old = r["rows_s"][str(k)], r["rows_s"]["1"]
         e_new, e_old = (new - med) / med, (old - med) / med
-        worst = max(worst, abs(e_new))
-        v = "within 5%" if abs(e_new) <= TARGET else (
+        worst, worst_table = max(worst, abs(e_now)), max(worst_table, abs(e_new))
+        v = "within 5%" if abs(e_now) <= TARGET else (
             f"off; noise {100 * sp:.0f}% > 5%" if sp > TARGET else "OFF")
         a, b = r["stage"]
         print(f"{r['cpu']:>5} {f'{a}-{b}':>7} {med * 1e3:>11.1f} {100 * sp:>6.1f}% "
-              f"{new * 1e3:>8.1f} {100 * e_new:>+6.1f}% {old * 1e3:>9.1f} {100 * e_old:>+6.1f}%"
-              f"  {v}")
+              f"{100 * e_now:>+7.1f}% {100 * lo:>+6.1f}..{100 * hi:>+5.1f}% "
+              f"{100 * e_new:>+6.1f}% {100 * e_old:>+6.1f}%  {v}")
     print("measured: the stage's decode pass (embed / blocks / head as one graph, one eval, "
-          "after the settle), median of the rounds; rows: the sum of the stage's rows from "
-          "the profile taken in the same cgroup (derived); error = (rows - measured) / "
-          f"measured (derived). worst |error| (chain {k}) {100 * worst:.1f}%; "
-          f"{(time.time() - started) / 60:.1f} min")
+          "after the settle), median over the rounds, spread (p90 - p10) / median; rows now: the "
+          "stage's rows timed by the profiler's own functions in the same round (embed and head "
+          f"alone, the decode chain of {k} blocks per block), error = median over the rounds of "
+          "(rows now - stage) / stage, p10..p90 of it; table / alone: the sums of rows of the "
+          "profiles taken before the rounds (chain k, chain 1) against the median (all derived "
+          f"from measurements). worst |error| rows now {100 * worst:.1f}%, table "
+          f"{100 * worst_table:.1f}%; {(time.time() - started) / 60:.1f} min")
+    print(line(steady0, "at start"))
+    print(line(steady1, "at end"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "stages": res}, indent=1))
+    Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "stages": res,
+                                          "steadiness": [steady0, steady1]}, indent=1))
     return 0
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_machine import line as steady_line, steadiness  # noqa: E402
 from exo_bridge.profile_link import LinkMeasurement, write_link  # noqa: E402
 from exo_bridge.runner.run import format_breakdown, format_table, model_spec, run_stages  # noqa: E402
 from exo_bridge.testbed.bed import Testbed  # noqa: E402
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     every: dict[str, list] = {}
     log(f"load average before: {os.getloadavg()[0]:.2f} (other work on the machine adds noise; "
         "the testbed's cgroups get a high cpu.shares to keep it off the nodes)")
+    steady0 = steadiness()
+    log(steady_line(steady0, "at start"))
     with Testbed(spec) as tb:
         log("testbed up: " + ", ".join(f"{n}={tb.ip(n)} cpu {c}" for n, c, _, _ in NODES))
         profiles = {n: out / "profiles" / f"{n}.json" for n, *_ in NODES}
@@ -291,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{label}: every run tpot ms " + ", ".join(f"{1e3 * x.tpot_s:.1f}" for x in rs)
         + "; ttft ms " + ", ".join(f"{1e3 * x.ttft_s:.0f}" for x in rs)
         for label, rs in every.items())
+    steady1 = steadiness()
     print(table)
     print()
     print(details)
+    print(steady_line(steady0, "at start"))
+    print(steady_line(steady1, "at end"))
     (out / "result.json").write_text(json.dumps(
-        {"loadavg_at_end": os.getloadavg(), "prompt_tokens": P, "max_tokens": N, "context": context, "nodes": NODES,
+        {"loadavg_at_end": os.getloadavg(), "steadiness": [steady0, steady1], "prompt_tokens": P, "max_tokens": N, "context": context, "nodes": NODES,
          "links": LINKS, "table": table, "breakdown": details, "results": [r.to_dict() for r in results],
          "all_runs": {k: [x.to_dict() for x in v] for k, v in every.items()}}, indent=1))
     log(f"wrote {out / 'result.json'}")

@@ -447,7 +447,7 @@ def run_ranks_here(sub: str, args: list[str], k: int, hostfiles: list[str] | Non
         for r in range(k):
             procs.append(start_rank(sub, r, hostfiles[r], args,
                                     wrappers[r] if wrappers else None))
-        return _wait_ranks(procs, timeout_s)
+        return _wait_ranks(procs, timeout_s, sub=sub)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -464,7 +464,7 @@ def run_rank(sub: str, rank: int, hostfile: str, args: list[str], timeout_s: flo
     it with `timeout_s`. Returns its (stdout, stderr)."""
     proc = start_rank(sub, rank, hostfile, args)
     try:
-        return _wait_ranks([proc], timeout_s, ranks=[rank], hint=hint)[0]
+        return _wait_ranks([proc], timeout_s, ranks=[rank], hint=hint, sub=sub)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -496,9 +496,10 @@ def _keep_log(stderr: str, rank: int) -> str:
 
 
 def _wait_ranks(procs, timeout_s: float, ranks: list[int] | None = None,
-                hint: str = "") -> list[tuple[str, str]]:
-    """Wait for the ranks under one deadline; the first that fails (or the deadline) stops
-    all and is one line: "rank N failed: <last error line>; full log: PATH"."""
+                hint: str = "", sub: str = "mlx") -> list[tuple[str, str]]:
+    """Wait for the ranks of `profile-link SUB` under one deadline; the first that fails (or
+    the deadline) stops all and is one line: "profile-link SUB rank N failed: <last error
+    line>; full log: PATH"."""
     ranks = ranks or list(range(len(procs)))
 
     deadline = time.monotonic() + timeout_s
@@ -520,7 +521,7 @@ def _wait_ranks(procs, timeout_s: float, ranks: list[int] | None = None,
     why = (f"did not finish within --timeout {timeout_s:g} s" + (f" ({hint})" if hint else "")
            if procs[r].returncode == -9 and time.monotonic() > deadline else
            (last or f"exited with code {procs[r].returncode}"))
-    raise UserError(f"profile-link mlx rank {ranks[r]} failed: {why}; full log: "
+    raise UserError(f"profile-link {sub} rank {ranks[r]} failed: {why}; full log: "
                     f"{_keep_log(err, ranks[r])}")
 
 

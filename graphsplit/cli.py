@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     for opt, out in (("--out", args.out), ("--plot", args.plot)):
         if out:  # an output that cannot be written is refused before anything is written
             check_output(out, f"{opt} {out}")
+    if args.plot:  # so is an image format matplotlib does not write
+        from graphsplit.plot import check_plot_path
+        check_plot_path(args.plot)
     workload = Workload(prompt_tokens=args.prompt_tokens, context_tokens=args.context_tokens,
                         streams=args.streams)
     _check_serving_options(args)

@@ -84,6 +84,16 @@ def plot_plan(cluster, plan, workload: Workload, path: str) -> str:
     return path
 
 
+def check_plot_path(path: str) -> None:
+    """Refuse a --plot file whose suffix matplotlib cannot write, before anything is computed
+    or written (one line, UserError)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    _format(Figure(), path)
+
+
 def _format(fig, path: str) -> str:
     """The image format from the file name (matplotlib's rule), png when it has none."""
     from pathlib import Path

@@ -393,4 +393,6 @@ def test_collective_rank_whose_peers_never_come_is_bounded_by_timeout(tmp_path):
                          "--hostfile", str(hf), "--rank", "0", "--timeout", "3"],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and cp.stderr.count("\n") == 1, cp.stderr
-    assert "rank 0 failed: did not finish within --timeout 3 s" in cp.stderr
+    # the line names the subcommand that failed (before: "profile-link mlx" for every one)
+    assert "profile-link collective rank 0 failed: did not finish within --timeout 3 s" in \
+        cp.stderr

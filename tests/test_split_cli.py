@@ -119,3 +119,14 @@ def test_model_that_does_not_fit_names_the_nodes(tmp_path):
          "b": make_table("b", 8, weight_bytes=1 * GiB, memory_usable=2 * GiB)}
     r = run(write_cluster(tmp_path, t))
     one_line_error(r, "does not fit", "a short by", "b short by")
+
+
+def test_unknown_plot_format_is_refused_before_the_plan_is_written(cluster, tmp_path):
+    """--plot with a suffix matplotlib cannot write: one line, exit 2, and --out untouched
+    (before: the plan was written, then the plot failed)."""
+    out = tmp_path / "plan.json"
+    out.write_text("the user's old plan\n")
+    r = run(cluster, "--plot", tmp_path / "plan.xyz", "--out", out)
+    one_line_error(r, "--plot", ".xyz")
+    assert out.read_text() == "the user's old plan\n"
+    assert not (tmp_path / "plan.xyz").exists()

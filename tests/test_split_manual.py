@@ -156,3 +156,39 @@ def test_run_accepts_layers_and_a_manual_plan(tmp_path):
                          str(tiny), "--layers", "b:3,c:1"], capture_output=True, text=True,
                         timeout=60)
     one_line_error(cp.returncode, cp.stderr, "'c' is not in the cluster")
+
+
+@pytest.mark.slow
+def test_run_runs_the_optimum_a_manual_plan_records(tmp_path):
+    """`exo-bridge run --stages-from optimal` runs the optimum a manual plan keeps beside its
+    split (before: refused as an unknown choice); `all` runs it too; a plan without one is
+    one line."""
+    pytest.importorskip("mlx.core")
+    from test_runner import NEW, PROMPT, TINY, make_tiny_dir, reference_tokens
+
+    from exo_bridge.runner.run import make_prompt
+
+    tiny = make_tiny_dir(tmp_path / "tiny")
+    wl = {"prompt_tokens": PROMPT, "context_tokens": PROMPT + NEW, "streams": 1}
+    opt = {"stages": [{"node": "b", "start_layer": 0, "end_layer": 1},
+                      {"node": "a", "start_layer": 1, "end_layer": 4}],
+           "predicted": {"tpot_s": 0.01}}
+    plan = Plan(model={"name": "tiny-llama", "n_layers": 4, "config_hash": "x"},
+                stages=[Stage("a", 0, 2), Stage("b", 2, 4)], workload=wl,
+                baselines={"optimal": opt})
+    p = write_plan(plan, tmp_path / "plan.json")
+    want = reference_tokens(tiny, make_prompt(TINY["vocab_size"], PROMPT), NEW)
+    cp = subprocess.run([sys.executable, "-m", "exo_bridge.cli", "run", str(p), "--model",
+                         str(tiny), "--max-tokens", str(NEW), "--stages-from", "all", "--json"],
+                        capture_output=True, text=True, timeout=180)
+    assert cp.returncode == 0, cp.stderr
+    res = json.loads(cp.stdout)["results"]
+    assert [r["label"] for r in res] == ["plan", "optimal"]
+    assert [r["stage"] for r in res[1]["ranks"]] == [[0, 1], [1, 4]]
+    assert all(r["tokens"] == want for r in res)
+    bare = write_plan(Plan(model=plan.model, stages=plan.stages, workload=wl),
+                      tmp_path / "bare.json")
+    cp = subprocess.run([sys.executable, "-m", "exo_bridge.cli", "run", str(bare), "--model",
+                         str(tiny), "--stages-from", "optimal"], capture_output=True, text=True,
+                        timeout=60)
+    one_line_error(cp.returncode, cp.stderr, "--stages-from optimal", "--layers")

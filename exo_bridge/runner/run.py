@@ -129,7 +129,14 @@ def pick_stages(plan: Plan, which: str) -> tuple[list[Stage], dict[str, Any]]:
     b = plan.baselines.get(which)
     if not b:
         have = ", ".join(plan.baselines) or "none"
+        if which == "optimal":
+            raise UserError("--stages-from optimal: the plan records no optimum beside its "
+                            "split (only a manual plan does: split-model CLUSTER --layers SPEC "
+                            f"--out PLAN; this one has: {have})")
         raise UserError(f"the plan has no baseline {which!r} (it has: {have}); re-run split-model")
+    if not b.get("stages") and b.get("error"):
+        raise UserError(f"--stages-from {which}: the plan has no such split to run: "
+                        f"{b['error']}")
     stages = stages_from_json(b.get("stages"), f"baseline {which}")
     check_stages(stages, plan.n_layers, f"baseline {which}")
     return stages, dict(b.get("predicted", {}))
@@ -688,8 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=o.text("manual split"), metavar="SPEC",
                     help="replace the plan's stages by a manual split, e.g. studio:20,mini:12 "
                     "(graphsplit.manual.apply_layers)")
-    ap.add_argument("--stages-from", default="plan", choices=("plan",) + BASELINES + ("all",),
-                    help="run the plan's stages, one baseline's, or all of them in turn")
+    ap.add_argument("--stages-from", default="plan",
+                    choices=("plan", "optimal") + BASELINES + ("all",),
+                    help="run the plan's stages, one baseline's, the optimum a manual plan "
+                    "(split-model --layers) records beside its split, or all of them in turn")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                     help="weights of a built-in model (a directory keeps its own)")
     ap.add_argument("--protocol", default=None, choices=tuple(PROTOCOL_RUNTIME),
@@ -752,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = apply_layers(plan, args.layers)
     spec = model_spec(args.model, plan, dtype=args.dtype)
     P = args.prompt_tokens or int(plan.workload.get("prompt_tokens") or 32)
-    which = ["plan", *[b for b in BASELINES if b in plan.baselines]] \
+    which = ["plan", *[b for b in ("optimal",) + BASELINES if b in plan.baselines]] \
         if args.stages_from == "all" else [args.stages_from]
     protocol = args.protocol or RUNTIME_PROTOCOL[plan.runtime]
     runtime = PROTOCOL_RUNTIME[protocol]
