@@ -611,7 +611,7 @@ def _bitmask_dp_vec(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
 
 
 def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
-                enough=None, bound_cap: float | None = None):
+                enough=None):
     """The exact program (types or nodes, see _bitmask_dp_vec), first run without the first
     type in the state.
 
@@ -627,15 +627,10 @@ def _bitmask_dp(cc, use_all: bool, cap: float = INF, incumbent: float = INF,
 
     enough(sum) -> bool: a caller that needs only SOME real plan with every stage <= cap and
     a sum it accepts (the throughput search's "predicate true") gets the relaxed plan as it is
-    when its real stage times qualify, returned with its real sum (not then the minimum).
-
-    bound_cap (>= cap): build the reverse lower bound for this cap instead of `cap`. A bound
-    for a larger cap relaxes more (every plan under `cap` is under it), so it still bounds
-    from below; a search that lowers its cap run after run builds one table for all its runs."""
+    when its real stage times qualify, returned with its real sum (not then the minimum)."""
     tc = as_typed(cc)
-    bc = cap if bound_cap is None else max(bound_cap, cap)
     hrev = None if tc.n_keys <= SMALL_KEYS else \
-        _memo(tc, ("hrev", use_all, bc), lambda: _reverse_lower_bound(tc, use_all, bc))
+        _memo(tc, ("hrev", use_all, cap), lambda: _reverse_lower_bound(tc, use_all, cap))
     v, p, w = _bitmask_dp_vec(tc, use_all, cap, incumbent, relax_first=True, hrev=hrev)
     if p is None or len(p) == 1:
         return v, p, w
@@ -734,7 +729,6 @@ def _throughput_search(cc, dp, val, path, B, D, floor_within: float = 0.0):
     cands = _candidate_caps(cc, best[0])
     lo = 0 if val is None else int(np.searchsorted(cands, val / D * (1 - 1e-12)))
     hi = int(np.searchsorted(cands, best[0]))
-    cap0 = float(cands[hi - 1]) if hi > 0 else None  # every probe's cap is at most this
     last = None
     step = 1e-3
     while lo < hi and cands[lo] < best[0] * (1 - floor_within):
@@ -751,8 +745,7 @@ def _throughput_search(cc, dp, val, path, B, D, floor_within: float = 0.0):
         mid = min(max(mid, lo), hi - 1)
         T = cands[mid]
         # any plan with S / B <= T decides this probe (hi = mid), the minimum is not needed
-        v, p = dp(T, bound=B * best[0] * (1 + 1e-9) + 1e-15, enough=lambda s_: s_ / B <= T,
-                  bound_cap=cap0)
+        v, p = dp(T, bound=B * best[0] * (1 + 1e-9) + 1e-15, enough=lambda s_: s_ / B <= T)
         n_dp += 1
         if p is not None:
             s_, m_ = offer(p)
@@ -974,11 +967,11 @@ def _solve_on(sc, objective: str, use_all_nodes: bool, order: list[int] | None, 
     proven = ALL_ORDERS if order is None else GIVEN_ORDER
     where = _where(proven)
 
-    def dp(cap=INF, bound=INF, enough=None, bound_cap=None):
+    def dp(cap=INF, bound=INF, enough=None):
         """min sum s.t. every stage <= cap; only plans with sum < bound are looked for; any
-        plan whose sum enough() accepts will do; bound_cap: see _bitmask_dp."""
+        plan whose sum enough() accepts will do (see _bitmask_dp)."""
         if order is None:
-            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound, enough, bound_cap)
+            v, p, w = _bitmask_dp(sc, use_all_nodes, cap, bound, enough)
         else:
             v, p, w = _ring_dp(sc, order, use_all_nodes, cap, bound)
         work_total[0] += w
