@@ -83,8 +83,9 @@ def steadiness(seconds: float = 8.0) -> dict:
 
 def line(s: dict, when: str) -> str:
     return (f"machine steadiness {when} (bench/bench_machine.py, {s['samples']} samples of a "
-            f"fixed computation): median {s['median']:.2f}x its fastest, p90 {s['p90']:.2f}x "
-            f"(measured; 1.00x = perfectly steady)")
+            f"fixed computation): median {s['median'] * s['min_ms']:.1f} ms = "
+            f"{s['median']:.2f}x its fastest ({s['min_ms']:.1f} ms), p90 {s['p90']:.2f}x "
+            f"(measured; 1.00x = perfectly steady; compare the medians in ms across lines)")
 
 
 def report(out, window: float) -> dict:

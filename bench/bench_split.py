@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_machine import line, steadiness  # noqa: E402
 from costtables import MiB, make_table  # noqa: E402
 from graphsplit.cluster import cluster_from_tables  # noqa: E402
 from graphsplit.costmodel import Workload  # noqa: E402
@@ -181,10 +182,13 @@ def main(argv=None):
                     "DAG")
     args = ap.parse_args(argv)
     w = Workload(prompt_tokens=512, context_tokens=1024, streams=8)
+    s0 = steadiness(4.0)
     targets(w)
     if not args.quick:
         print()
         solver_table(w, args.full)
+    print(line(s0, "at start"))
+    print(line(steadiness(4.0), "at end"))
     return 0
 
 
