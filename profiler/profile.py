@@ -153,6 +153,8 @@ def identity(t: CostTable) -> dict[str, Any]:
             "settle_s": float(t.method.get("settle_s", 0.0)),  # tables before it: no idle
             "decode_max_steps": int(t.method.get("decode_max_steps", 1)),
             "chain_blocks": int(t.method.get("chain_blocks", 1)),  # before it: alone
+            # prefill in a chain of short passes (tables before it: each block alone)
+            "prefill_chain_s": float(t.method.get("prefill_chain_s", 0.0)),
             "decode_batch": costtable.batch_grid(t),  # version 1: [1]
             "batch_chain_s": float(t.method.get("batch_chain_s", 0.0))
             if len(costtable.batch_grid(t)) > 1 else 0.0,
@@ -228,6 +230,12 @@ class Run:
         return len(self.parts.layers)
 
     @property
+    def prefill_chain_s(self) -> float:
+        """Prefill passes shorter than this are timed in a chain (rows.prefill_lengths); 0
+        when blocks are timed alone (--chain-blocks 1, --every-layer)."""
+        return rows.PREFILL_CHAIN_PASS_S if self.chain_k > 1 else 0.0
+
+    @property
     def order(self) -> list[str]:
         return ["embed"] + [f"layers.{i}" for i in range(self.n_layers)] + ["head"]
 
@@ -239,6 +247,7 @@ class Run:
                 "decode_context": self.method.decode_context, "batch": o.batch,
                 "clock": o.clock, "settle_s": float(o.settle_s),
                 "decode_max_steps": int(o.decode_max_steps), "chain_blocks": self.chain_k,
+                "prefill_chain_s": self.prefill_chain_s,
                 "decode_batch": self.batches,
                 "batch_chain_s": float(o.batch_chain_s) if len(self.batches) > 1 else 0.0,
                 "prefill_chunk": self.chunks,
@@ -389,8 +398,12 @@ def _method_record(run: Run) -> dict[str, Any]:
             "chain": "block decode is timed inside a chain of up to chain_blocks distinct "
                      "blocks of its structure (the next ones of the model, their own weights), "
                      "one graph, one evaluation, one pass per sample after the settle, as a "
-                     "stage runs its blocks; the row holds the chain's time / k. Prefill: the "
-                     "block alone. Peak memory: an untimed run of the block alone",
+                     "stage runs its blocks; the row holds the chain's time / k. Prefill: in "
+                     "the first n of that chain, n per prefill length (prefill_chain_blocks) "
+                     "as many blocks as one pass of prefill_chain_s seconds holds by one "
+                     "block's pass (1: the block alone). Peak memory: an untimed run of the "
+                     "block alone",
+            "prefill_chain_s": run.prefill_chain_s,
             "decode_min_sample_s": opts.decode_min_sample_s,
             "decode_max_steps": opts.decode_max_steps,
             "decode_steps": "block decode: when one step is shorter than decode_min_sample_s, "
@@ -576,7 +589,9 @@ def _measure_block(run: Run, table: CostTable, i: int, done: dict[str, LayerRow]
                           seed=o.seed + 1000 + j)
     chain = [parts.layers[j] for j in members]
     caches = [run.templates[j] for j in members]
-    t_pre, t_dec = rows.time_chain(chain, caches, H, dt, m)
+    pre_n = rows.prefill_lengths(chain, caches, H, dt, m, run.prefill_chain_s)
+    table.method.setdefault("prefill_chain_blocks", {})[f"layers.{i}"] = pre_n
+    t_pre, t_dec = rows.time_chain(chain, caches, H, dt, m, pre_n)
     bt, lengths = grids.batch_grid_timings(
         chain, caches, H, dt, m, run.batches, t_dec, o.batch_chain_s,
         (table.device.memory_usable_bytes, int(wbytes), kvb))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
@@ -154,8 +155,44 @@ def _per_block(t: Timing, k: int) -> Timing:
     return Timing(t.median_s / k, t.spread, [v / k for v in t.samples], t.rounds, t.inner)
 
 
+# A block's prefill is timed inside a chain of distinct blocks of its structure (as a stage
+# runs them) when one block's prefill pass is short: as many blocks as one pass of this many
+# seconds holds (at least 1, at most the chain). Short passes carry a per-pass cost that a
+# stage amortises over its blocks (qwen2.5-0.5b, 4 tokens, no quota, 15 rounds: the chain of 8
+# read 2.8 % below the block alone; bench/exp_chain_vs_alone.py). Long passes (seconds on this
+# CPU build) are timed alone: their per-pass cost is lost in them, and k of them would
+# multiply the profile's time.
+PREFILL_CHAIN_PASS_S = 0.4
+
+
+def prefill_lengths(blocks: list, template_caches: list, hidden_size: int, dtype, m: Method,
+                    pass_s: float = PREFILL_CHAIN_PASS_S) -> list[int]:
+    """Per prefill length P, how many of `blocks` its prefill is timed in (see
+    PREFILL_CHAIN_PASS_S): floor(pass_s / one block's prefill at P), between 1 and
+    len(blocks). One block's time comes from a second untimed pass after a warm-up one; P
+    are tried shortest first, and once a warm-up pass alone exceeds pass_s that P and every
+    longer one are timed alone. pass_s <= 0 or one block: 1 everywhere (timed alone)."""
+    out = [1] * len(m.prefill_tokens)
+    if pass_s <= 0 or len(blocks) == 1:
+        return out
+    for i in sorted(range(len(m.prefill_tokens)), key=lambda k: m.prefill_tokens[k]):
+        x = hidden(m.batch, m.prefill_tokens[i], hidden_size, dtype, seed=m.seed + i)
+
+        def run(x=x) -> float:
+            cache = copy.deepcopy(template_caches[0])
+            t0 = time.perf_counter()
+            mx.eval(blocks[0](x, _mask(x, cache), cache), *cache_arrays(cache))
+            return time.perf_counter() - t0
+
+        if run() > pass_s:  # even cold: alone, and so is every longer prompt (seconds-long
+            break           # passes on the CPU build cost one untimed pass, not two)
+        out[i] = max(1, min(len(blocks), int(pass_s // max(run(), 1e-9))))
+        del x
+    return out
+
+
 def time_chain(blocks: list, template_caches: list, hidden_size: int, dtype, m: Method,
-               prefill_blocks: int = 1):
+               prefill_blocks: list[int] | None = None):
     """(prefill timings per P, decode timings per C) PER BLOCK of a chain of materialised
     blocks: the output of one is the input of the next and the chain is one graph with one
     mx.eval, as a pipeline stage and the whole model run their blocks; a timing is the chain's
@@ -163,16 +200,16 @@ def time_chain(blocks: list, template_caches: list, hidden_size: int, dtype, m: 
     time per block as it runs inside a stage (docs/profiler.md, "Chain of distinct blocks").
 
     Decode runs the whole chain, one pass per timed sample (a chain of k > 1 blocks is never
-    repeated back to back: a stage runs one pass after waiting for its input). Prefill runs
-    the first `prefill_blocks` blocks (one block's prefill pass is long enough that the
-    per-pass cost is lost in it, and k prefill passes would multiply the profile's time)."""
-    pre_blocks = blocks[:max(1, prefill_blocks)]
-    pre_caches = template_caches[:len(pre_blocks)]
+    repeated back to back: a stage runs one pass after waiting for its input). Prefill at the
+    j-th P runs the first prefill_blocks[j] blocks (prefill_lengths; default 1: each block
+    alone)."""
     prefill = []
     for i, p in enumerate(m.prefill_tokens):
+        n = max(1, prefill_blocks[i]) if prefill_blocks else 1
+        pre_blocks, pre_caches = blocks[:n], template_caches[:n]
         x = hidden(m.batch, p, hidden_size, dtype, seed=m.seed + i)
 
-        def run(x=x):
+        def run(x=x, pre_blocks=pre_blocks, pre_caches=pre_caches):
             caches = [copy.deepcopy(t) for t in pre_caches]
             h, mask = x, _mask(x, caches[0])
             for b, c in zip(pre_blocks, caches):

@@ -183,8 +183,10 @@ def _point(table: CostTable, phase: str, x: int, fns: dict, tm: _Timing,
 
 
 def _prefill_point(w: _Whole, table: CostTable, tm: _Timing, j: int, p: int,
-                   measured_blocks: list[int]) -> CheckPoint:
-    """Prefill of `p` tokens into empty caches; each measured block re-timed alone."""
+                   chains: dict[int, list[int]]) -> CheckPoint:
+    """Prefill of `p` tokens into empty caches; each measured block re-timed as the table
+    timed it: in the first n of its chain, n = method.prefill_chain_blocks (1: alone)."""
+    lengths = table.method.get("prefill_chain_blocks", {})
     dt = build.mx_dtype(table.dtype)
     ids = mx.random.randint(0, table.model.vocab_size, (tm.batch, p), key=mx.random.key(30 + j))
     xp = rows.hidden(tm.batch, p, table.model.hidden_size, dt, seed=40 + j)
@@ -195,18 +197,26 @@ def _prefill_point(w: _Whole, table: CostTable, tm: _Timing, j: int, p: int,
         out = w.forward(ids, caches)
         mx.eval(out, *[a for c in caches for a in rows.cache_arrays(c)])
 
-    def block_run(i):
+    def block_run(js):
         def fn():
-            c = copy.deepcopy(w.templates[i])
-            y = w.parts.layers[i](xp, w.mask(xp, c), c)
-            mx.eval(y, *rows.cache_arrays(c))
+            cs = [copy.deepcopy(w.templates[i]) for i in js]
+            y, mask = xp, w.mask(xp, cs[0])
+            for i, c in zip(js, cs):
+                y = w.parts.layers[i](y, mask, c)
+            mx.eval(y, *[a for c in cs for a in rows.cache_arrays(c)])
         return fn
+
+    grid = list(table.prefill_tokens)  # the table's chain length at p, or at the nearest P
+    g = grid.index(p) if p in grid else min(range(len(grid)), key=lambda k: abs(grid[k] - p))
+    pre = {i: chain[:max(1, int(lengths.get(f"layers.{i}", [1] * len(grid))[g]))]
+           for i, chain in chains.items()}
 
     fns = {"e2e": (run, None), "embed": (lambda: mx.eval(w.parts.embed(ids)), None),
            "head": (lambda: mx.eval(w.head(xp)), None)}
-    for i in measured_blocks:
-        fns[f"layers.{i}"] = (block_run(i), None)
-    return _point(table, "prefill", p, fns, tm, {})
+    for i, js in pre.items():
+        fns[f"layers.{i}"] = (block_run(js), None)
+    return _point(table, "prefill", p, fns, tm, {f"layers.{i}": len(js)
+                                                 for i, js in pre.items()})
 
 
 def _decode_point(w: _Whole, table: CostTable, tm: _Timing, c: int,
@@ -274,8 +284,6 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
                                                  - theirs.astype(mx.float32))).item())
     measured_blocks = sorted({int(r.measured_from.split(".")[1]) for r in table.rows
                               if r.kind == "block"})
-    for j, p in enumerate(prefill_tokens or table.prefill_tokens):
-        res.points.append(_prefill_point(w, table, tm, j, p, measured_blocks))
     # each measured block re-timed as the table timed it: inside a chain of up to
     # method.chain_blocks blocks that carry its measurement (1: alone, older tables)
     chain_k = max(1, int(table.method.get("chain_blocks", 1)))
@@ -283,6 +291,8 @@ def self_check(spec: ModelSpec, table: CostTable, progress=None, prefill_tokens=
     chains = {i: [j for j, r in enumerate(blocks)
                   if r.measured_from == f"layers.{i}" and j >= i][:chain_k]
               for i in measured_blocks}
+    for j, p in enumerate(prefill_tokens or table.prefill_tokens):
+        res.points.append(_prefill_point(w, table, tm, j, p, chains))
     for c in decode_context or table.decode_context:
         res.points.append(_decode_point(w, table, tm, c, chains))
     return res

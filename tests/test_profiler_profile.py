@@ -269,6 +269,37 @@ def test_decode_is_timed_per_block_inside_a_chain_of_distinct_blocks():
     assert 0.01 <= pre[0].median_s
 
 
+def test_short_prefill_passes_are_timed_in_a_chain_of_blocks():
+    """rows.prefill_lengths: as many blocks as one pass of pass_s holds by one block's prefill
+    (at least 1, at most the chain; pass_s 0: alone); time_chain then runs that many blocks in
+    order per prefill pass and records the pass / n (before: always the first block alone)."""
+    import mlx.core as mx
+
+    from profiler import rows
+
+    calls = []
+
+    def block(n):
+        def f(h, mask, cache):
+            calls.append((n, h.shape[1]))
+            time.sleep(0.02)
+            return h + 1.0
+        return f
+
+    chain = [block(0), block(1), block(2)]
+    m = rows.Method(prefill_tokens=[4], decode_context=[8], warmup=1, repeats=3, max_rounds=1,
+                    flush=False)
+    assert rows.prefill_lengths(chain, [None] * 3, 16, mx.float32, m, 0.0) == [1]
+    assert rows.prefill_lengths(chain, [None] * 3, 16, mx.float32, m, 10.0) == [3]
+    n = rows.prefill_lengths(chain, [None] * 3, 16, mx.float32, m, 0.05)
+    assert n == [2]  # one pass of 0.02-0.025 s: two fit in 0.05 s, three do not
+    calls.clear()
+    pre, _ = rows.time_chain(chain, [None] * 3, 16, mx.float32, m, n)
+    prefill_calls = [k for k, t in calls if t == 4]
+    assert prefill_calls == [0, 1] * 4  # warm-up + 3 samples, blocks 0 then 1 each pass
+    assert 0.02 <= pre[0].median_s < 0.04  # per block: the pass / 2
+
+
 def test_profile_times_decode_in_a_chain_of_the_models_own_blocks(tmp_path, monkeypatch):
     """profile_model hands rows.time_chain the measured block and the next blocks of the same
     structure, each with its own (distinct) weights, up to chain_blocks; the table says so."""
@@ -294,5 +325,11 @@ def test_profile_times_decode_in_a_chain_of_the_models_own_blocks(tmp_path, monk
     assert table.method["chain_blocks"] == 3
     assert [r.measured_from for r in table.rows if r.kind == "block"] == ["layers.0"] * 5
     assert read_table(tmp_path / "c.json").method["chain_blocks"] == 3
+    # prefill: per prefill length, the first n of that chain (short passes), recorded
+    n = table.method["prefill_chain_blocks"]["layers.0"]
+    assert len(n) == len(FAST["prefill_tokens"]) and all(1 <= k <= 3 for k in n)
+    assert table.method["prefill_chain_s"] == rows.PREFILL_CHAIN_PASS_S
     alone = profile_model(spec, ProfileOptions(**FAST, chain_blocks=1), tmp_path / "a.json")
     assert alone.method["chain_blocks"] == 1 and [k for k, _ in seen] == [3, 1]
+    assert alone.method["prefill_chain_s"] == 0.0
+    assert alone.method["prefill_chain_blocks"]["layers.0"] == [1, 1]
