@@ -67,7 +67,7 @@ def main(argv=None):
                   f"{len(rr.replicas)} ({'/'.join(str(r.streams) for r in rr.replicas)}) | "
                   f"{rr.result.proven}"
                   + (f", gap {rr.result.gap:.1%}" if rr.result.gap else "")
-                  + f" | {dt:.2f} |", flush=True)
+                  + f" | {dt:.2f} | {rr.result.nit} |", flush=True)
 
 
 if __name__ == "__main__":

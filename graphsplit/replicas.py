@@ -35,20 +35,22 @@ Reference: set partitions enumerated by restricted growth strings (Knuth, TAOCP 
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
-from graphsplit.batching import (Serving, batch_grid, proven_label, serving_for,
-                                 solve_serving)
+from graphsplit.batching import (PATTERN, Serving, batch_grid, max_batch, proven_label, served_streams,
+                                 serving_for, solve_serving)
 from graphsplit.costmodel import Prediction, Workload, predict
 from graphsplit.plan import Stage
 from graphsplit.result import SplitResult
 from profiler.errors import UserError
 
-MAX_SOLVES = 200  # exact search: distinct node sets x B inner solves at most
-EXACT_MAX_NODES = 10  # and Bell(10) = 115,975 set partitions
+MAX_WORK = 50_000  # the best-first search stops (labelled bound) past this much inner work
+EXACT_MAX_NODES = 10  # and Bell(10) = 115,975 set partitions to enumerate
+MAX_PARTITIONS = 5000  # distinct partitions (up to symmetry) the best-first search ranks
 
 
 @dataclass
@@ -141,16 +143,113 @@ def set_partitions(items: Sequence[str]) -> Iterator[list[list[str]]]:
     yield from rec(1, 1) if n > 1 else iter([[list(items)]])
 
 
+class _Bounds:
+    """Upper bounds on f(A, b), one pipeline on node set A serving b streams (module
+    docstring, "Bounds"), from per-node pieces cached by batch size."""
+
+    def __init__(self, cluster, workload: Workload, runtime: str, micro_batch: int | None):
+        from graphsplit.costmodel import resident_bytes
+        self.cluster, self.runtime, self.micro_batch = cluster, runtime, micro_batch
+        self.C, self.L = workload.context_tokens, cluster.n_layers
+        self.kv_tokens = workload.kv_tokens
+        self.rows = {n.id: [n.table.row(f"layers.{i}") for i in range(self.L)]
+                     for n in cluster.nodes}
+        self.room = {n.id: n.memory_bytes - min(resident_bytes(n.table, runtime, f, la)
+                                                for f in (False, True) for la in (False, True))
+                     for n in cluster.nodes}
+        self.times: dict[tuple, tuple] = {}  # (node, m) -> (per block step at batch m, least)
+        self.lm: dict[tuple, float] = {}  # (sorted ids, m) -> L_m(A)
+
+    def batches(self, b: int) -> list[int]:
+        """The decode batches a pipeline serving b streams may run."""
+        if self.runtime != "mlx-pipeline":
+            return [serving_for(self.runtime, b).micro_batch]
+        return [min(self.micro_batch, b)] if self.micro_batch else list(range(1, b + 1))
+
+    def step(self, nid: str, m: int) -> tuple:
+        k = (nid, m)
+        if k not in self.times:
+            from graphsplit.batching import decode_seconds
+            t = self.cluster.node(nid).table
+            ts = [decode_seconds(t, r, self.C, m) for r in self.rows[nid]]
+            self.times[k] = (ts, min(ts))
+        return self.times[k]
+
+    def blocks_held(self, nid: str, served: int) -> int:
+        """The most blocks node nid can hold with the KV of `served` streams (smallest first)."""
+        room, n = self.room[nid], 0
+        for need in sorted(r.weight_bytes + self.kv_tokens * served * r.kv_bytes_per_token
+                           for r in self.rows[nid]):
+            if need > room:
+                break
+            room -= need
+            n += 1
+        return n
+
+    def per_batch(self, ids: Sequence[str], b: int) -> list[tuple[int, float]]:
+        """[(m, an upper bound on the throughput of any plan on A = ids serving b streams at
+        decode batch m)] over the batches m the runtime may run; [] when A cannot hold the
+        model with the KV of b streams."""
+        ids = tuple(sorted(ids))
+        served = served_streams(self.runtime, b)
+        held = [self.blocks_held(x, served) for x in ids]
+        if sum(held) < self.L:
+            return []
+        out = []
+        for m in self.batches(b):
+            k = (ids, m)
+            if k not in self.lm:
+                steps = [self.step(x, m)[0] for x in ids]
+                self.lm[k] = sum(min(col) for col in zip(*steps))
+            lm = self.lm[k]
+            if lm <= 0:
+                out.append((m, math.inf))
+            elif self.runtime == "exo-current":  # tpot >= L_m, one batch per step
+                out.append((m, served / lm))
+            else:
+                M = -(-served // m)
+                tmax = max(lm / len(ids), _waterfill(held, [self.step(x, m)[1] for x in ids],
+                                                     self.L))
+                out.append((m, served / lm if tmax <= 0 else
+                            min(served / lm, served / (M * tmax))))
+        return out
+
+
+def _waterfill(cap: list[int], tau: list[float], L: int) -> float:
+    """min T such that sum_d min(cap_d, T / tau_d) >= L: the least slowest stage when node d
+    runs x_d <= cap_d blocks at tau_d or more each (x continuous, sum x_d = L)."""
+    if any(t <= 0 and c > 0 for c, t in zip(cap, tau)):
+        return 0.0
+    nodes = sorted((c * t, c, t) for c, t in zip(cap, tau) if c > 0)
+    left, rate = float(L), sum(1.0 / t for _, _, t in nodes)
+    for brk, c, t in nodes:  # saturate nodes in order of the T at which they fill
+        if rate <= 0:
+            break
+        T = left / rate
+        if T <= brk:
+            return T
+        left -= c
+        rate -= 1.0 / t
+    return math.inf if left > 1e-9 else 0.0
+
+
+_UNSOLVED = "unsolved"
+
+
 class _Table:
-    """f(A, b): the best single pipeline on node set A for b streams (cached up to symmetry)."""
+    """f(A, b): the best single pipeline on node set A for b streams, solved lazily (only the
+    (A, b) a search asks for) and cached up to symmetry; beside it an upper bound per (A, b)."""
 
     def __init__(self, cluster, workload: Workload, runtime: str, micro_batch, use_all, solver):
         self.cluster, self.workload, self.runtime = cluster, workload, runtime
         self.micro_batch, self.use_all, self.solver = micro_batch, use_all, solver
         self.cls = node_classes(cluster)
         self.n_cls = max(self.cls.values()) + 1
-        self.cache: dict[tuple, list] = {}  # key -> [None] + per b: (thr, result, wl) or None
-        self.solves, self.labels = 0, set()
+        self.bounds = _Bounds(cluster, workload, runtime, micro_batch)
+        self.cache: dict[tuple, list] = {}  # key -> [None] + per b: entry, None or _UNSOLVED
+        self.ub: dict[tuple, list] = {}  # key -> [None] + per b: upper bound on f
+        self.per: dict[tuple, list] = {}  # key -> [None] + per b: [(m, bound at batch m)]
+        self.solves, self.work, self.labels = 0, 0, set()
 
     def key(self, ids: Sequence[str]) -> tuple:
         v = [0] * self.n_cls
@@ -160,46 +259,90 @@ class _Table:
 
     def canonical(self, ids: Sequence[str]) -> list[str]:
         """The first nodes of each class (sorted ids) in the counts of `ids`."""
-        want = list(self.key(ids))
-        out = []
+        return self._members(self.key(ids))
+
+    def _slots(self, k: tuple, ids: Sequence[str]) -> list:
+        if k not in self.cache:
+            canon = self.canonical(ids)
+            per = [None] + [self.bounds.per_batch(canon, b)
+                            for b in range(1, self.workload.streams + 1)]
+            ub = [None] + [max((x for _, x in p), default=0.0) for p in per[1:]]
+            self.per[k], self.ub[k] = per, ub
+            self.cache[k] = [None] + [_UNSOLVED if u > 0 else None for u in ub[1:]]
+        return self.cache[k]
+
+    def entry(self, ids: Sequence[str], b: int):
+        """f(A, b)'s entry (thr, result, workload, canonical ids, cycle), solving it if
+        needed; None when A cannot hold the model at b streams."""
+        k = self.key(ids)
+        slots = self._slots(k, ids)
+        if slots[b] is _UNSOLVED:
+            self._solve(k, slots, b)
+        return slots[b]
+
+    def _solve(self, k: tuple, slots: list, b: int) -> None:
+        canon = self._members(k)
+        sub = subcluster(self.cluster, canon)
+        cap = max_batch(self.runtime)
+        if cap and b > cap:  # exo-current: streams past its cap only queue (module docstring)
+            e = self.entry(canon, cap)
+            if e is not None:
+                wl = replace(e[2], streams=b)
+                p = predict(sub, e[1].stages, wl, self.runtime)
+                slots[b] = (p.throughput_tps, e[1], wl, canon, p.cycle_s)
+            else:
+                slots[b] = None
+            return
+        wl = replace(self.workload, streams=b, batch=1)
+        mb = min(self.micro_batch, b) if self.micro_batch else None
+        near = sorted((abs(b - j), j) for j in range(1, len(slots))
+                      if isinstance(slots[j], tuple))
+        seeds = [slots[near[0][1]][1].stages] if near else []  # a solved b's plan: an incumbent
+        r, wl = solve_serving(sub, wl, self.runtime, mb, self.use_all, self.solver, seeds)
+        self.solves += 1
+        self.work += getattr(r, 'nit', 0) or 0
+        if r is None or r.stages is None:  # cannot hold the model at b: nor at more streams
+            for j in range(b, len(slots)):
+                slots[j] = None
+            return
+        self.labels.add(proven_label(r))
+        pr = predict(sub, r.stages, wl, self.runtime)
+        slots[b] = (1.0 / r.fun if r.fun > 0 else math.inf, r, wl, canon, pr.cycle_s)
+        if proven_label(r) != "bound" and PATTERN[self.runtime] == "micro-batch":
+            self._scale_down(k, b, slots[b][0])
+
+    def _scale_down(self, k: tuple, b0: int, f0: float) -> None:
+        """f(A, b) <= max(f(A, b0) b / b0, the bound at batches m > b0) for b > b0
+        (module docstring, "Bounds", iii)."""
+        slots, ub, per = self.cache[k], self.ub[k], self.per[k]
+        for b in range(b0 + 1, len(slots)):
+            if slots[b] is _UNSOLVED:
+                above = max((x for m, x in per[b] if m > b0), default=0.0)
+                ub[b] = min(ub[b], max(f0 * b / b0, above))
+
+    def _members(self, k: tuple) -> list[str]:
+        want, out = list(k), []
         for x in sorted(self.cluster.ids):
             if want[self.cls[x]]:
                 want[self.cls[x]] -= 1
                 out.append(x)
         return out
 
-    def upper(self, ids: Sequence[str]) -> list:
-        """Per b, an upper bound on f(A, b) (throughput_upper_bound on A alone; memory
-        ignored), in row()'s shape."""
-        k = ("upper",) + self.key(ids)
-        if k not in self.cache:
-            sub = subcluster(self.cluster, self.canonical(ids))
-            self.cache[k] = [None] + [
-                (throughput_upper_bound(sub, replace(self.workload, streams=b), self.runtime),
-                 None, None, None, 0.0) for b in range(1, self.workload.streams + 1)]
-        return self.cache[k]
-
-    def row(self, ids: Sequence[str]) -> list:
+    def row(self, ids: Sequence[str], mode: str = "solve") -> list:
+        """Per b = 0..B, in _share's shape: "solve" f itself (every b solved), "exact" the
+        solved entries only (a lower bound), "upper" solved entries and the bound elsewhere
+        (an upper bound)."""
         k = self.key(ids)
-        if k in self.cache:
-            return self.cache[k]
-        canon = self.canonical(ids)
-        sub = subcluster(self.cluster, canon)
-        out: list = [None]
-        for b in range(1, self.workload.streams + 1):
-            wl = replace(self.workload, streams=b, batch=1)
-            mb = min(self.micro_batch, b) if self.micro_batch else None
-            seeds = [out[-1][1].stages] if out[-1] else []  # b - 1's plan: a first incumbent
-            r, wl = solve_serving(sub, wl, self.runtime, mb, self.use_all, self.solver, seeds)
-            self.solves += 1
-            if r is None or r.stages is None:
-                out += [None] * (self.workload.streams + 1 - len(out))
-                break
-            self.labels.add(proven_label(r))
-            cycle = predict(sub, r.stages, wl, self.runtime).cycle_s
-            out.append((1.0 / r.fun if r.fun > 0 else math.inf, r, wl, canon, cycle))
-        self.cache[k] = out
-        return out
+        slots = self._slots(k, ids)
+        if mode == "solve":
+            return [None] + [self.entry(ids, b) for b in range(1, len(slots))]
+        ub = self.ub[k]
+        return [None] + [s if isinstance(s, tuple) else
+                         (ub[b], None, None, None, math.inf) if s is _UNSOLVED and mode == "upper"
+                         else None for b, s in enumerate(slots) if b]
+
+    def unsolved(self, ids: Sequence[str], b: int) -> bool:
+        return self._slots(self.key(ids), ids)[b] is _UNSOLVED
 
 
 def _share(rows: list[list], B: int, at_least_one: bool):
@@ -276,7 +419,7 @@ def throughput_upper_bound(cluster, workload: Workload, runtime: str) -> float:
 
 def solve_replicas(cluster, workload: Workload, runtime: str, replicas: int | None = None,
                    micro_batch: int | None = None, use_all_nodes: bool = False,
-                   solver: str = "auto", max_solves: int = MAX_SOLVES) -> ReplicaResult | None:
+                   solver: str = "auto", max_work: int = MAX_WORK) -> ReplicaResult | None:
     """The best replicas (`replicas`: None = any k, else exactly that many); None if nothing
     fits. See the module docstring for the method and its exactness."""
     t0 = time.perf_counter()
@@ -285,66 +428,148 @@ def solve_replicas(cluster, workload: Workload, runtime: str, replicas: int | No
         raise UserError(f"--replicas {replicas}: {len(ids)} node(s) and {B} stream(s) make at "
                         f"most {min(len(ids), B)} replicas (each needs a node and a stream)")
     tab = _Table(cluster, workload, runtime, micro_batch, use_all_nodes, solver)
-    sizes = [list(tab.cls.values()).count(c) for c in range(tab.n_cls)]
-    n_sets = math.prod(s + 1 for s in sizes) - 1  # distinct node sets up to symmetry
-    exact = len(ids) <= EXACT_MAX_NODES and n_sets * B <= max_solves
-    parts = set_partitions(ids) if exact else _snake_partitions(cluster, ids, replicas)
-    best = (-math.inf, None, None)
-    seen, pruned = set(), 0
-    for blocks in parts:
-        if replicas is not None and len(blocks) != replicas:
-            continue
-        canon = tuple(sorted(tab.key(b) for b in blocks))
-        if canon in seen:
-            continue
-        seen.add(canon)
-        need_one = replicas is not None or use_all_nodes
-        if best[1] is not None:  # an optimistic total first: no better, no inner solves
-            ub, _ = _share([tab.upper(b) for b in blocks], B, need_one)
-            if ub <= best[0] * (1 + 1e-9):
-                pruned += 1
-                continue
-        rows = [tab.row(b) for b in blocks]
-        total, shares = _share(rows, B, at_least_one=need_one)
-        if shares is not None and total > best[0] * (1 + 1e-12):
-            best = (total, blocks, shares)
-    total, blocks, shares = best
+    need_one = replicas is not None or use_all_nodes
+    parts = _distinct_partitions(tab, ids, replicas)
+    if parts is not None:
+        found = _best_first(tab, parts, B, need_one, max_work)
+    else:
+        found = _snake(tab, cluster, ids, replicas, B, need_one)
+    total, blocks, shares, upper, how = found
     if blocks is None:
         return None
-    reps = []
-    for blk, b, row in zip(blocks, shares, [tab.row(x) for x in blocks]):
-        if b == 0:
-            continue
-        rep = _replica(cluster, runtime, row[b], b)
-        # the cached plan runs on the canonical members of blk's classes: map them onto blk
-        canon = row[b][3]
-        mapping = dict(zip(canon, _by_class(tab, canon, blk)))
-        rep.stages = _relabel(rep.stages, mapping)
-        rep.prediction = predict(cluster, rep.stages, rep.workload, runtime)
-        reps.append(rep)
-    reps.sort(key=lambda r: (-r.streams, r.stages[0].node))
+    reps = _replicas_of(tab, cluster, runtime, blocks, shares)
     total = sum(r.prediction.throughput_tps for r in reps)
     labels = tab.labels
-    if exact:
+    if upper is None:  # proven: the best partition, its shares and splits exact
         proven = "bound" if "bound" in labels else (
             "optimal-given-order" if "optimal-given-order" in labels
             else "optimal-all-orders-subsets")
-        lb = (1.0 / total) if proven != "bound" else None
-        how = (f"exact over {len(seen)} distinct node partition(s) (symmetry-reduced, "
-               f"{pruned} bounded out), {tab.solves} inner solve(s)")
     else:
         proven = "bound"
-        ub = throughput_upper_bound(cluster, workload, runtime)
-        lb = 1.0 / ub if ub > 0 else None
-        how = (f"best of {len(seen)} speed-ordered partition(s) ({n_sets} node sets x "
-               f"{B} streams exceeds the exact search's {max_solves} solves); throughput "
-               f"bound {ub:.4g} tok/s")
+    if proven == "bound":
+        upper = min(upper if upper is not None else math.inf,
+                    throughput_upper_bound(cluster, workload, runtime))
+        lb = 1.0 / upper if 0 < upper < math.inf else None
+        how += f"; throughput bound {upper:.4g} tok/s"
+    else:
+        lb = 1.0 / total
     msg = f"{len(reps)} replica(s) serving {', '.join(str(r.streams) for r in reps)} stream(s): {how}"
     res = SplitResult(reps[0].stages, 1.0 / total, proven != "bound", 0 if proven != "bound"
                       else 1, msg, "replicas", time.perf_counter() - t0, tab.solves,
                       {"replicas": reps}, proven=proven, lower_bound=lb,
                       gap=None if lb is None else (1.0 / total - lb) * total)
     return ReplicaResult(reps, res)
+
+
+def _replicas_of(tab: _Table, cluster, runtime: str, blocks, shares) -> list[Replica]:
+    """The chosen partition's replicas, each cached plan mapped onto its block's own nodes."""
+    reps = []
+    for blk, b in zip(blocks, shares):
+        if b == 0:
+            continue
+        e = tab.entry(blk, b)
+        rep = _replica(cluster, runtime, e, b)
+        # the cached plan runs on the canonical members of blk's classes: map them onto blk
+        canon = e[3]
+        rep.stages = _relabel(rep.stages, dict(zip(canon, _by_class(tab, canon, blk))))
+        rep.prediction = predict(cluster, rep.stages, rep.workload, runtime)
+        reps.append(rep)
+    reps.sort(key=lambda r: (-r.streams, r.stages[0].node))
+    return reps
+
+
+def _distinct_partitions(tab: _Table, ids: list[str], replicas: int | None):
+    """The set partitions of the nodes up to symmetry (with `replicas` blocks when given), in
+    restricted-growth order; None past the search's size (EXACT_MAX_NODES nodes, or
+    MAX_PARTITIONS distinct partitions): a size, never a time."""
+    if len(ids) > EXACT_MAX_NODES or (tab.n_cls == len(ids) and
+                                      _bell(len(ids)) > MAX_PARTITIONS):
+        return None
+    seen, out = set(), []
+    for blocks in set_partitions(ids):
+        if replicas is not None and len(blocks) != replicas:
+            continue
+        canon = tuple(sorted(tab.key(b) for b in blocks))
+        if canon not in seen:
+            seen.add(canon)
+            out.append(blocks)
+            if len(out) > MAX_PARTITIONS:
+                return None
+    return out
+
+
+def _bell(n: int) -> int:
+    row = [1]
+    for _ in range(n - 1):
+        nxt = [row[-1]]
+        for x in row:
+            nxt.append(nxt[-1] + x)
+        row = nxt
+    return row[-1]
+
+
+def _best_first(tab: _Table, parts: list, B: int, need_one: bool, max_work: int):
+    """Best-first over partitions by their upper value (the knapsack over solved entries and
+    bounds elsewhere); solves only the (set, streams) the top partition's shares use. Returns
+    (total, blocks, shares, None when proven else the proven upper bound on throughput, how)."""
+    def value(i: int, mode: str):
+        return _share([tab.row(blk, mode) for blk in parts[i]], B, need_one)
+
+    heap = []
+    for i in range(len(parts)):
+        v, sh = value(i, "upper")
+        if sh is not None:
+            heap.append((-v, i))
+    heapq.heapify(heap)
+    inc = (-math.inf, None, None)  # the best real plan seen: (total, partition, shares)
+    one = [j for j, p in enumerate(parts) if len(p) == 1]
+    if one and tab.entry(parts[one[0]][0], B) is not None:  # one pipeline: a first incumbent
+        inc = (tab.entry(parts[one[0]][0], B)[0], one[0], [B])
+    while heap:
+        _, i = heapq.heappop(heap)
+        v, sh = value(i, "upper")
+        if sh is None:
+            continue
+        if heap and (-v, i) > heap[0]:  # its bound fell since it was queued
+            heapq.heappush(heap, (-v, i))
+            continue
+        todo = [(blk, b) for blk, b in zip(parts[i], sh) if b and tab.unsolved(blk, b)]
+        if not todo:  # its value is exact and no other partition's bound exceeds it
+            return (v, parts[i], sh, None,
+                    f"exact: best-first over {len(parts)} distinct node partition(s) "
+                    f"(symmetry-reduced), {tab.solves} inner solve(s)")
+        if tab.work >= max_work and inc[1] is not None:
+            break
+        for blk, b in todo:
+            tab.entry(blk, b)
+        ev, esh = value(i, "exact")
+        if esh is not None and ev > inc[0] * (1 + 1e-12):
+            inc = (ev, i, esh)
+        heapq.heappush(heap, (-v, i))
+    else:
+        return (-math.inf, None, None, None, "")
+    upper = v  # the top bound: every partition's optimum is at most it
+    for j in range(len(parts)):  # the best real plan among what was solved (no new solves)
+        ev, esh = value(j, "exact")
+        if esh is not None and ev > inc[0] * (1 + 1e-12):
+            inc = (ev, j, esh)
+    return (inc[0], parts[inc[1]], inc[2], upper,
+            f"best of {tab.solves} inner solve(s) over {len(parts)} distinct node "
+            f"partition(s) (the search stops past {max_work} units of inner work)")
+
+
+def _snake(tab: _Table, cluster, ids: list[str], replicas: int | None, B: int, need_one: bool):
+    """The bound mode past the partition search's size: the best snake partition."""
+    best = (-math.inf, None, None)
+    n = 0
+    for blocks in _snake_partitions(cluster, ids, replicas):
+        n += 1
+        total, shares = _share([tab.row(b) for b in blocks], B, need_one)
+        if shares is not None and total > best[0] * (1 + 1e-12):
+            best = (total, blocks, shares)
+    return (*best, math.inf,
+            f"best of {n} speed-ordered partition(s) ({len(ids)} nodes exceed the partition "
+            f"search's size), {tab.solves} inner solve(s)")
 
 
 def _by_class(tab: _Table, canon: list[str], blk: list[str]) -> list[str]:

@@ -152,7 +152,7 @@ def test_bound_mode_states_a_valid_bound():
     c = _three()
     wl = Workload(streams=4)
     exact = solve_replicas(c, wl, "mlx-pipeline")
-    bound = solve_replicas(c, wl, "mlx-pipeline", max_solves=1)
+    bound = solve_replicas(c, wl, "mlx-pipeline", max_work=1)
     r = bound.result
     assert r.proven == "bound" and not r.optimal and r.lower_bound is not None
     assert r.lower_bound <= exact.result.fun <= r.fun
