@@ -4,45 +4,72 @@ Problem. Given D nodes and B streams, choose a set partition of (a subset of) th
 replicas A_1..A_k, each replica's split (node order, subset, layer ranges, micro-batch) and its
 streams b_j (sum b_j = B) to maximise the total throughput sum_j f(A_j, b_j), where f(A, b) is
 the best single-pipeline throughput over the nodes of A serving b streams under the runtime's
-batching pattern (graphsplit.batching.solve_serving; f(A, 0) = 0: a replica with no streams is
-not run). Replicas share nothing: no stage of one talks to another, each holds the KV of its own
-streams, and current exo runs each as its own instance.
+batching pattern (graphsplit.batching.solve_serving, the inner solver; f(A, 0) = 0: a replica
+with no streams is not run). Replicas share nothing: no stage of one talks to another, each
+holds the KV of its own streams, and current exo runs each as its own instance.
 
-Method (exact). f(A, b) for every node set A up to symmetry and every b = 1..B (the inner
-solver; a set that cannot hold the model at b streams cannot at more, so b stops there); then
-every set partition of the nodes (Bell(D) of them, e.g. 4,140 for 8 nodes) up to symmetry, each
-with its optimal stream shares by a knapsack DP over its blocks (O(k B^2)). Symmetry: two nodes
-are interchangeable when swapping them changes nothing (same cost table, same memory, same links
-to every other node and to each other); within a class any permutation is an automorphism, so
-f(A, b) depends only on how many nodes of each class A holds, and a partition only on the
-multiset of those count vectors. Exact (label of the inner solver: all orders and subsets for
-the bitmask DP) when the distinct node sets times B stays within `max_solves`.
+Symmetry. Two nodes are interchangeable when swapping them changes nothing (same cost table,
+memory, links to every other node and to each other); within a class any permutation is an
+automorphism, so f(A, b) depends only on how many nodes of each class A holds, and a partition
+only on the multiset of those count vectors. Partitions are enumerated by restricted growth
+strings (Bell(D): 15 for 4 nodes, 4,140 for 8) and kept once up to symmetry.
 
-Method (bound), beyond that size: k = 1..D replicas of nodes dealt in speed order (snake order,
-fastest first), each solved exactly and the streams shared optimally; the best is returned with
-an upper bound on any plan's throughput, sum_d 1 / (L x c_d), c_d node d's cheapest per-token
-block time over the batches it could run (each token needs all L blocks once; node d spends at
-least c_d per block-token) and B / L_min (a stream's token needs every block in turn, at least
-L_min, per block the cheapest step of any node at any batch, summed), and the gap to it.
+Method (best-first). A partition's value is the knapsack over its blocks (the streams shared
+optimally, O(k B^2), ties to the smaller slowest cycle) of f(A, b) where solved and an upper
+bound U(A, b) where not: an upper bound on the partition's optimum that falls as entries are
+solved. Partitions sit in a heap by that value; the top one is re-valued, and if its knapsack's
+shares use only solved entries its value is exact and at least every other partition's bound:
+the optimum, proven. Otherwise the (A, b) its shares use are solved (the inner solver, seeded
+with the set's nearest solved b's plan) and it goes back. So f is solved only where a
+partition that may still win needs it (e.g. 69 of 15 x 32 = 480 (set, streams) pairs for
+mlx-pipeline on 4 unlike nodes and 32 streams; bench/bench_serving.py). exo-current's f(A, b)
+for b past its batch cap (8) is f(A, 8) with the same plan, no solve: its prediction reads the
+streams only through the served min(b, 8) (costmodel.predict, stage_memory).
 
-A partition whose optimistic total (the knapsack over per-set upper bounds, the bound below on
-each set alone) cannot beat the best found is skipped before its sets are solved; the one-block
-partition (a single pipeline) comes first.
+Bounds, for one pipeline on A serving b streams at decode batch m (M = ceil(b / m) batches,
+served = min(b, 8) for exo-current, else b; t_d,i(m) node d's time for block i at batch m):
+(i) memory: every block sits on a node of A, whose weights plus the KV of `served` streams
+(plus its least resident embedding/head) fit, so A needs sum_d n_d >= L, n_d the most blocks d
+can hold (smallest first); else f(A, b) = 0. (ii) throughput = min(served / tpot,
+(served / M) / T_max) (costmodel.predict), tpot >= L_m = sum_i min_d t_d,i(m) (every block
+computes once per step), and T_max >= max(L_m / |A|, T*), T* the least max_d x_d tau_d over
+x_d <= n_d, sum x_d = L (continuous; tau_d = min_i t_d,i(m); a water-filling), since a stage
+of x blocks takes at least x tau_d; exo-current runs no overlap: served / L_m. U(A, b) is the
+largest over the batches m the runtime may run (1..b for mlx-pipeline, 1 for exo-legacy, the
+served batch for exo-current, or --micro-batch). (iii) micro-batch runtimes: a plan at batch
+m that fits b streams fits b0 < b (less KV), and b / ceil(b / m) <= (b / b0) x b0 / ceil(b0 /
+m), so its throughput at b is at most b / b0 times that at b0: f(A, b) <= max(f(A, b0) b / b0,
+the (ii) bound over m > b0) once f(A, b0) is solved (proven). Each bound is checked against
+brute-force f(A, b) in tests/test_split_replicas.py.
 
-Complexity: (distinct sets x B) inner solves at most + Bell(D) x k B^2 for the partitions.
-Reference: set partitions enumerated by restricted growth strings (Knuth, TAOCP 7.2.1.5).
+Size (deterministic: a size, never a time). The best-first search runs when D <= 10 and the
+partitions up to symmetry number at most MAX_PARTITIONS; it stops once the inner solves' work
+(their DP states, SplitResult.nit) passes `max_work` with a real plan in hand (the one pipeline
+on every node at B streams is the first); it then returns the best plan among the solved
+entries, labelled `bound`, with the heap's top value (an upper bound on every partition) as the
+throughput bound, and the gap. Past the size: k = 1..D replicas of nodes dealt in speed order
+(snake order, fastest first), each solved exactly, labelled `bound` against min(sum_d 1 /
+(L c_d), B / L_min) (throughput_upper_bound, valid for any replicas on the whole cluster).
+
+Complexity: at most (distinct sets x B) inner solves (usually far fewer, above), + Bell(D)
+partitions enumerated + O(P k B^2) for the P distinct partitions' knapsacks, once each and
+again per re-valuation.
+Reference: set partitions by restricted growth strings (Knuth, TAOCP 7.2.1.5); best-first with
+lazily tightened bounds (A*, Hart, Nilsson & Raphael 1968, the admissible heuristic here an
+upper bound).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
-from graphsplit.batching import (PATTERN, Serving, batch_grid, max_batch, proven_label, served_streams,
-                                 serving_for, solve_serving)
+from graphsplit.batching import (PATTERN, Serving, batch_grid, max_batch, proven_label,
+                                 served_streams, serving_for, solve_serving)
 from graphsplit.costmodel import Prediction, Workload, predict
 from graphsplit.plan import Stage
 from graphsplit.result import SplitResult
@@ -151,14 +178,14 @@ class _Bounds:
         from graphsplit.costmodel import resident_bytes
         self.cluster, self.runtime, self.micro_batch = cluster, runtime, micro_batch
         self.C, self.L = workload.context_tokens, cluster.n_layers
-        self.kv_tokens = workload.kv_tokens
+        self.kv_tokens, self.workload = workload.kv_tokens, workload
         self.rows = {n.id: [n.table.row(f"layers.{i}") for i in range(self.L)]
                      for n in cluster.nodes}
         self.room = {n.id: n.memory_bytes - min(resident_bytes(n.table, runtime, f, la)
                                                 for f in (False, True) for la in (False, True))
                      for n in cluster.nodes}
-        self.times: dict[tuple, tuple] = {}  # (node, m) -> (per block step at batch m, least)
-        self.lm: dict[tuple, float] = {}  # (sorted ids, m) -> L_m(A)
+        self.times: dict[tuple, tuple] = {}  # (node, m) -> (per block step, least, embed, head)
+        self.lm: dict[tuple, float] = {}  # (sorted ids, m) -> L_m(A) (with embedding and head)
 
     def batches(self, b: int) -> list[int]:
         """The decode batches a pipeline serving b streams may run."""
@@ -167,12 +194,16 @@ class _Bounds:
         return [min(self.micro_batch, b)] if self.micro_batch else list(range(1, b + 1))
 
     def step(self, nid: str, m: int) -> tuple:
+        """Node nid at decode batch m: (per block step time, the least, embedding, head with
+        sampling), as the runtime's protocol charges them (costmodel.protocol_time)."""
         k = (nid, m)
         if k not in self.times:
-            from graphsplit.batching import decode_seconds
+            from graphsplit.costmodel import protocol
+            pr = protocol(self.cluster, self.runtime, "decode", replace(self.workload, batch=m))
             t = self.cluster.node(nid).table
-            ts = [decode_seconds(t, r, self.C, m) for r in self.rows[nid]]
-            self.times[k] = (ts, min(ts))
+            ts = [pr.block_time(t, r) for r in self.rows[nid]]
+            self.times[k] = (ts, min(ts), pr.block_time(t, t.embed),
+                             pr.head_time(t, self.workload.sampling_s))
         return self.times[k]
 
     def blocks_held(self, nid: str, served: int) -> int:
@@ -186,6 +217,51 @@ class _Bounds:
             n += 1
         return n
 
+    def links(self, ids: tuple, m: int) -> tuple[float, float]:
+        """(the cheapest cut between two nodes of ids, the cheapest ring closure) at batch m,
+        as the protocol charges them (the least activation bytes of any block)."""
+        k = ("links", ids, m)
+        if k not in self.lm:
+            from graphsplit.costmodel import protocol
+            pr = protocol(self.cluster, self.runtime, "decode", replace(self.workload, batch=m))
+            act = min(r.activation_bytes_per_token for x in ids for r in self.rows[x])
+            lk = self.cluster.link
+            pairs = [(u, v) for u in ids for v in ids if u != v]
+            self.lm[k] = (min((pr.cut_time(lk(u, v), lk(v, u), act) for u, v in pairs),
+                              default=0.0),
+                          min((pr.closure_time(lk(u, v), self.workload.token_bytes)
+                               for u, v in pairs), default=0.0))
+        return self.lm[k]
+
+    def capped(self, ids: tuple, m: int, held: tuple) -> float:
+        """A lower bound on a step's compute when node d runs at most held_d blocks: node d's
+        x_d blocks take at least its x_d cheapest block times, so the step takes at least the
+        L cheapest of the nodes' held_d cheapest (a convex separable relaxation, taken greedily),
+        plus the cheapest embedding and head."""
+        k = ("capped", ids, m, held)
+        if k not in self.lm:
+            per = [self.step(x, m) for x in ids]
+            pool = [t for p, n in zip(per, held) for t in sorted(p[0])[:n]]
+            self.lm[k] = (sum(heapq.nsmallest(self.L, pool)) + min(p[2] for p in per)
+                          + min(p[3] for p in per))
+        return self.lm[k]
+
+    def bottleneck(self, ids: tuple, m: int, held: tuple, s_min: int) -> float:
+        """A lower bound on a plan's slowest stage (compute + outgoing transfer) at batch m:
+        a stage of x blocks on node d computes at least d's x cheapest block times, and with
+        two stages or more sends at least the cheapest cut or closure (_least_bottleneck)."""
+        k = ("bott", ids, m, held, s_min)
+        if k not in self.lm:
+            prefix = []
+            for x in ids:
+                p = [0.0]
+                for t in sorted(self.step(x, m)[0]):
+                    p.append(p[-1] + t)
+                prefix.append(p)
+            extra = min(self.links(ids, m)) if s_min > 1 else 0.0
+            self.lm[k] = _least_bottleneck(prefix, list(held), self.L, extra)
+        return self.lm[k]
+
     def per_batch(self, ids: Sequence[str], b: int) -> list[tuple[int, float]]:
         """[(m, an upper bound on the throughput of any plan on A = ids serving b streams at
         decode batch m)] over the batches m the runtime may run; [] when A cannot hold the
@@ -195,42 +271,52 @@ class _Bounds:
         held = [self.blocks_held(x, served) for x in ids]
         if sum(held) < self.L:
             return []
+        s_min = next(s for s in range(1, len(held) + 1)  # stages at least: nodes to hold L
+                     if sum(sorted(held, reverse=True)[:s]) >= self.L)
         out = []
         for m in self.batches(b):
             k = (ids, m)
-            if k not in self.lm:
-                steps = [self.step(x, m)[0] for x in ids]
-                self.lm[k] = sum(min(col) for col in zip(*steps))
-            lm = self.lm[k]
+            if k not in self.lm:  # every step runs each block, the embedding and the head once
+                per = [self.step(x, m) for x in ids]
+                self.lm[k] = (sum(min(col) for col in zip(*(p[0] for p in per)))
+                              + min(p[2] for p in per) + min(p[3] for p in per))
+            lm = max(self.lm[k], self.capped(ids, m, tuple(held)))
+            if s_min > 1:  # and crosses s_min - 1 cuts or more, and the closure
+                cut, close = self.links(ids, m)
+                lm += (s_min - 1) * cut + close
             if lm <= 0:
                 out.append((m, math.inf))
             elif self.runtime == "exo-current":  # tpot >= L_m, one batch per step
                 out.append((m, served / lm))
             else:
                 M = -(-served // m)
-                tmax = max(lm / len(ids), _waterfill(held, [self.step(x, m)[1] for x in ids],
-                                                     self.L))
-                out.append((m, served / lm if tmax <= 0 else
-                            min(served / lm, served / (M * tmax))))
+                tmax = max(lm / len(ids), self.bottleneck(ids, m, tuple(held), s_min))
+                out.append((m, min(served / lm, served / (M * tmax))))
         return out
 
 
-def _waterfill(cap: list[int], tau: list[float], L: int) -> float:
-    """min T such that sum_d min(cap_d, T / tau_d) >= L: the least slowest stage when node d
-    runs x_d <= cap_d blocks at tau_d or more each (x continuous, sum x_d = L)."""
-    if any(t <= 0 and c > 0 for c, t in zip(cap, tau)):
-        return 0.0
-    nodes = sorted((c * t, c, t) for c, t in zip(cap, tau) if c > 0)
-    left, rate = float(L), sum(1.0 / t for _, _, t in nodes)
-    for brk, c, t in nodes:  # saturate nodes in order of the T at which they fill
-        if rate <= 0:
-            break
-        T = left / rate
-        if T <= brk:
-            return T
-        left -= c
-        rate -= 1.0 / t
-    return math.inf if left > 1e-9 else 0.0
+def _least_bottleneck(prefix: list[list[float]], cap: list[int], L: int,
+                      extra: float) -> float:
+    """min over integers 0 <= x_d <= cap_d with sum x_d = L of max over d with x_d > 0 of
+    prefix_d[x_d] + extra (prefix_d[x]: node d's x cheapest block times, summed; extra: what
+    every stage adds); inf when the caps cannot cover L. Binary search over the candidate
+    values: T is feasible when the blocks each node fits within T add up to L."""
+    stage = [[t + extra for t in p] for p in prefix]  # stage[d][x]: x blocks on d, and extra
+    cands = sorted({s[x] for s, c in zip(stage, cap) for x in range(1, c + 1)})
+
+    def ok(T: float) -> bool:
+        return sum(bisect.bisect_right(s, T, 1, c + 1) - 1 for s, c in zip(stage, cap)) >= L
+
+    lo, hi = 0, len(cands) - 1
+    if hi < 0 or not ok(cands[hi]):
+        return math.inf
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(cands[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return cands[lo]
 
 
 _UNSOLVED = "unsolved"
@@ -395,12 +481,14 @@ def _relabel(stages: list[Stage], mapping: dict[str, str]) -> list[Stage]:
 
 
 def throughput_upper_bound(cluster, workload: Workload, runtime: str) -> float:
-    """min(sum_d 1 / (L c_d), B / L_min): no plan, with any replicas, exceeds it (module
-    docstring). c_d: node d's cheapest time per block per stream over the batches b it could
+    """min(sum_d 1 / (L c_d), B / L_min): no plan, with any replicas on any of the nodes,
+    exceeds it. c_d: node d's cheapest time per block per stream over the batches b it could
     run (b <= B ours, <= 8 exo-current, 1 legacy exo; decode_seconds is piecewise-linear in b,
-    so t(b) / b is least at a grid point or an end). L_min: per block the cheapest step time
-    of any node at any of those batches, summed: a stream's next token needs every block in
-    turn, so it comes at most once per L_min (embedding, head and links only add)."""
+    so t(b) / b is least at a grid point or an end): each token needs all L blocks once and
+    node d spends at least c_d per block-token, so d adds at most 1 / (L c_d) tok/s whatever
+    replica it serves in. L_min: per block the cheapest step time of any node at any of those
+    batches, summed: a stream's next token needs every block in turn, so it comes at most once
+    per L_min (embedding, head and links only add)."""
     from graphsplit.batching import decode_seconds
     top = workload.streams if runtime == "mlx-pipeline" else \
         serving_for(runtime, workload.streams).micro_batch
@@ -449,11 +537,12 @@ def solve_replicas(cluster, workload: Workload, runtime: str, replicas: int | No
     if proven == "bound":
         upper = min(upper if upper is not None else math.inf,
                     throughput_upper_bound(cluster, workload, runtime))
-        lb = 1.0 / upper if 0 < upper < math.inf else None
+        lb = min(1.0 / upper, 1.0 / total) if 0 < upper < math.inf else None
         how += f"; throughput bound {upper:.4g} tok/s"
     else:
         lb = 1.0 / total
-    msg = f"{len(reps)} replica(s) serving {', '.join(str(r.streams) for r in reps)} stream(s): {how}"
+    shares = ", ".join(str(r.streams) for r in reps)
+    msg = f"{len(reps)} replica(s) serving {shares} stream(s): {how}"
     res = SplitResult(reps[0].stages, 1.0 / total, proven != "bound", 0 if proven != "bound"
                       else 1, msg, "replicas", time.perf_counter() - t0, tab.solves,
                       {"replicas": reps}, proven=proven, lower_bound=lb,
