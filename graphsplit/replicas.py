@@ -379,14 +379,11 @@ class _Table:
             else:
                 slots[b] = None
             return
-        wl = replace(self.workload, streams=b, batch=1)
-        mb = min(self.micro_batch, b) if self.micro_batch else None
         near = sorted((abs(b - j), j) for j in range(1, len(slots))
                       if isinstance(slots[j], tuple))
         seeds = [slots[near[0][1]][1].stages] if near else []  # a solved b's plan: an incumbent
-        r, wl = solve_serving(sub, wl, self.runtime, mb, self.use_all, self.solver, seeds)
+        r, wl = self._serve(sub, self.per[k][b], b, seeds)
         self.solves += 1
-        self.work += getattr(r, 'nit', 0) or 0
         if r is None or r.stages is None:  # cannot hold the model at b: nor at more streams
             for j in range(b, len(slots)):
                 slots[j] = None
@@ -396,6 +393,28 @@ class _Table:
         slots[b] = (1.0 / r.fun if r.fun > 0 else math.inf, r, wl, canon, pr.cycle_s)
         if proven_label(r) != "bound" and PATTERN[self.runtime] == "micro-batch":
             self._scale_down(k, b, slots[b][0])
+
+    def _serve(self, sub, per: list[tuple[int, float]], b: int, seeds):
+        """solve_serving on sub for b streams. mlx-pipeline choosing its micro-batch: one m at a
+        time, in decreasing order of this module's bound at m (per), until the bound at the
+        next m cannot beat the best found (the same optimum, with the tighter bounds)."""
+        wl = replace(self.workload, streams=b, batch=1)
+        if self.runtime != "mlx-pipeline" or self.micro_batch:
+            mb = min(self.micro_batch, b) if self.micro_batch else None
+            r, wl = solve_serving(sub, wl, self.runtime, mb, self.use_all, self.solver, seeds)
+            self.work += getattr(r, "nit", 0) or 0
+            return r, wl
+        best = (None, wl)
+        for m, x in sorted(per, key=lambda z: (-z[1], z[0])):
+            if best[0] is not None and x <= (1.0 / best[0].fun) * (1 + 1e-9):
+                break
+            r, w = solve_serving(sub, wl, self.runtime, m, self.use_all, self.solver, seeds)
+            self.work += getattr(r, "nit", 0) or 0
+            if r is None or r.stages is None:  # memory does not depend on m: nothing fits
+                return r, w
+            if best[0] is None or r.fun < best[0].fun * (1 - 1e-12):
+                best = (r, w)
+        return best
 
     def _scale_down(self, k: tuple, b0: int, f0: float) -> None:
         """f(A, b) <= max(f(A, b0) b / b0, the bound at batches m > b0) for b > b0
