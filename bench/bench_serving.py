@@ -3,6 +3,7 @@ graphsplit.replicas) on synthetic but format-valid tables with a batch grid.
 
     python bench/bench_serving.py          # the table in docs/splitter.md ("Many streams")
     python bench/bench_serving.py --quick  # the small rows only
+    python bench/bench_serving.py --size 32x5x32  # other sizes (blocks x nodes x streams)
 
 Nodes: random speeds 0.5-2x, memory 30-120 % of the model each, random directed links 0.1-3 ms /
 1-40 Gbit/s (bench_split.make_cluster), every block and head given a batch grid 1, 2, 4, 8, 16
@@ -44,8 +45,12 @@ def with_batch_grid(cluster, slope=0.08):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--size", action="append", metavar="LxDxB",
+                    help="blocks x nodes x streams instead of the table's rows (repeatable)")
     args = ap.parse_args(argv)
     rows = [(32, 4, 8), (32, 4, 32), (80, 8, 8)] if not args.quick else [(32, 4, 8)]
+    if args.size:
+        rows = [tuple(int(x) for x in s.split("x")) for s in args.size]
     print("| runtime | size | streams | plan | tok/s (predicted) | micro-batch | replicas | "
           "proven | solve s | inner solves |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -21,26 +21,33 @@ solved. Partitions sit in a heap by that value; the top one is re-valued, and if
 shares use only solved entries its value is exact and at least every other partition's bound:
 the optimum, proven. Otherwise the (A, b) its shares use are solved (the inner solver, seeded
 with the set's nearest solved b's plan) and it goes back. So f is solved only where a
-partition that may still win needs it (e.g. 69 of 15 x 32 = 480 (set, streams) pairs for
+partition that may still win needs it (e.g. 41 of 15 x 32 = 480 (set, streams) pairs for
 mlx-pipeline on 4 unlike nodes and 32 streams; bench/bench_serving.py). exo-current's f(A, b)
 for b past its batch cap (8) is f(A, 8) with the same plan, no solve: its prediction reads the
 streams only through the served min(b, 8) (costmodel.predict, stage_memory).
 
 Bounds, for one pipeline on A serving b streams at decode batch m (M = ceil(b / m) batches,
-served = min(b, 8) for exo-current, else b; t_d,i(m) node d's time for block i at batch m):
-(i) memory: every block sits on a node of A, whose weights plus the KV of `served` streams
-(plus its least resident embedding/head) fit, so A needs sum_d n_d >= L, n_d the most blocks d
-can hold (smallest first); else f(A, b) = 0. (ii) throughput = min(served / tpot,
-(served / M) / T_max) (costmodel.predict), tpot >= L_m = sum_i min_d t_d,i(m) (every block
-computes once per step), and T_max >= max(L_m / |A|, T*), T* the least max_d x_d tau_d over
-x_d <= n_d, sum x_d = L (continuous; tau_d = min_i t_d,i(m); a water-filling), since a stage
-of x blocks takes at least x tau_d; exo-current runs no overlap: served / L_m. U(A, b) is the
-largest over the batches m the runtime may run (1..b for mlx-pipeline, 1 for exo-legacy, the
-served batch for exo-current, or --micro-batch). (iii) micro-batch runtimes: a plan at batch
-m that fits b streams fits b0 < b (less KV), and b / ceil(b / m) <= (b / b0) x b0 / ceil(b0 /
-m), so its throughput at b is at most b / b0 times that at b0: f(A, b) <= max(f(A, b0) b / b0,
-the (ii) bound over m > b0) once f(A, b0) is solved (proven). Each bound is checked against
-brute-force f(A, b) in tests/test_split_replicas.py.
+served = min(b, 8) for exo-current, else b; t_d,i(m) node d's time for block i at batch m as
+the runtime's protocol charges it). (i) Memory: every block sits on one node of A, with its
+weights and the KV of `served` streams (plus the node's least resident embedding/head), so
+with n_d the most blocks node d can hold (smallest first) A needs sum_d n_d >= L, else
+f(A, b) = 0; and a plan has at least s_min stages, the fewest nodes whose n_d reach L.
+(ii) throughput = min(served / tpot, (served / M) / T_max) (costmodel.predict). tpot (the sum
+of the stages' compute and transfers) >= P_m = max(sum_i min_d t_d,i(m), the L cheapest of
+the nodes' n_d cheapest block times) + the cheapest embedding + the cheapest head, + (s_min -
+1) cheapest cuts + the cheapest closure when s_min > 1 (node d's x_d blocks cost at least its
+x_d cheapest; every step runs the embedding and head once and crosses every cut). T_max >=
+max(P_m / |A|, T*), T* = min over integers x_d <= n_d, sum x_d = L, of max over used d of
+(d's x_d cheapest block times + the cheapest cut or closure when s_min > 1) (a binary search
+over its candidate values). exo-current runs no overlap: served / P_m. U(A, b) is the largest
+over the batches m the runtime may run (1..b for mlx-pipeline, 1 for exo-legacy, the served
+batch for exo-current, or --micro-batch). (iii) Micro-batch runtimes: a plan at batch m that
+fits b streams fits b0 < b (less KV), and b / ceil(b / m) <= (b / b0) x b0 / ceil(b0 / m), so
+its throughput at b is at most b / b0 times that at b0: f(A, b) <= max(f(A, b0) b / b0, the
+(ii) bound over m > b0) once f(A, b0) is solved (proven). Each bound is checked against
+brute-force f(A, b) in tests/test_split_replicas.py. mlx-pipeline's f(A, b) itself is solved
+one micro-batch m at a time (solve_serving with that m), in decreasing order of the (ii) bound
+at m, until the next bound cannot beat the best found: the same optimum in fewer DP runs.
 
 Size (deterministic: a size, never a time). The best-first search runs when D <= 10 and the
 partitions up to symmetry number at most MAX_PARTITIONS; it stops once the inner solves' work
