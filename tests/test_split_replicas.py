@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import random
 
 import pytest
 
@@ -17,8 +18,9 @@ from graphsplit.brute import all_plans
 from graphsplit.cluster import cluster_from_tables
 from graphsplit.costmodel import Workload, objective_value, predict
 from graphsplit.plan import PlanError, plan_from_dict, read_plan, write_plan
-from graphsplit.replicas import node_classes, set_partitions, solve_replicas, subcluster
-from test_split_batching import batched
+from graphsplit.replicas import (_Bounds, node_classes, set_partitions, solve_replicas,
+                                 subcluster)
+from test_split_batching import GRID, batched
 
 BELL = [1, 1, 2, 5, 15, 52, 203]
 
@@ -47,11 +49,12 @@ def _brute_one(cluster, ids, b, runtime):
     return best
 
 
-def brute_replicas(cluster, B, runtime, k=None):
-    """Every set partition of the nodes x every share of the B streams x every plan."""
+def brute_replicas(cluster, B, runtime, k=None, one=None):
+    """Every set partition of the nodes x every share of the B streams x every plan (`one`:
+    a memo of _brute_one by (block, b), filled in)."""
     best = 0.0
     ids = sorted(cluster.ids)
-    one = {}
+    one = {} if one is None else one
     for part in set_partitions(ids):
         if k is not None and len(part) != k:
             continue
@@ -152,7 +155,7 @@ def test_bound_mode_states_a_valid_bound():
     c = _three()
     wl = Workload(streams=4)
     exact = solve_replicas(c, wl, "mlx-pipeline")
-    bound = solve_replicas(c, wl, "mlx-pipeline", max_solves=1)
+    bound = solve_replicas(c, wl, "mlx-pipeline", max_work=1)
     r = bound.result
     assert r.proven == "bound" and not r.optimal and r.lower_bound is not None
     assert r.lower_bound <= exact.result.fun <= r.fun
@@ -204,3 +207,72 @@ def test_same_replicas_whatever_the_node_order():
     b = solve_replicas(rev, Workload(streams=4), "exo-current")
     assert [(r.stages, r.streams) for r in a.replicas] == [(r.stages, r.streams)
                                                           for r in b.replicas]
+
+
+def _random_four(seed: int):
+    """Four unlike nodes of a 4-block model (800 MiB of weights with embedding and head): random
+    speeds, batch slopes and links; memory 0.45-1.3 x 1200 MiB, the KV of 32 streams (4 KiB
+    per token per block at context 1024: 512 MiB) making memory bind as streams grow."""
+    rng = random.Random(seed)
+    tables = {}
+    for n in "abcd":
+        base, slope = rng.uniform(5, 20), rng.uniform(0.02, 0.5)
+        grid = tuple(base * (1 + slope * (b - 1)) for b in GRID)
+        tables[n] = batched(make_table(n, 4, embed_decode_s=0.0,
+                                       memory_usable=int(rng.uniform(0.45, 1.3) * 1200 * MiB)),
+                            grid, tuple(x / 5 for x in grid))
+    links = {(u, v): {"latency_ms": rng.uniform(0.1, 3), "bandwidth_gbps": rng.uniform(0.5, 20)}
+             for u in "abcd" for v in "abcd" if u != v}
+    return cluster_from_tables(tables, links=links)
+
+
+def _check_real(c, rr, runtime):
+    """The plan is real: disjoint nodes, every replica fits, its prediction is the reference
+    model's, and the reported objective is 1 / their sum."""
+    nodes = [s.node for r in rr.replicas for s in r.stages]
+    assert len(nodes) == len(set(nodes))
+    total = 0.0
+    for r in rr.replicas:
+        p = predict(c, r.stages, r.workload, runtime)
+        assert p.fits and p.throughput_tps == pytest.approx(r.prediction.throughput_tps)
+        total += p.throughput_tps
+    assert rr.result.fun == pytest.approx(1 / total, rel=1e-12)
+
+
+@pytest.mark.parametrize("runtime, B, seed", [("exo-current", 32, 1), ("exo-legacy", 32, 2),
+                                              ("mlx-pipeline", 14, 3)])
+def test_four_nodes_many_streams_exact_and_equal_to_brute_force(runtime, B, seed):
+    """4 unlike nodes (15 node sets) with B streams: 15 x B inner solves exceeded the old exact
+    search's 200 and fell back to the bound mode; the best-first search solves only the
+    (set, streams) it needs and proves the optimum, equal to every partition x share x plan
+    (here 2-3 replicas of different sizes). Every per-set bound is checked against the brute
+    force f(A, b) on the way."""
+    c = _random_four(seed)
+    rr = solve_replicas(c, Workload(streams=B), runtime)
+    assert rr.result.proven == "optimal-all-orders-subsets" and rr.result.gap == 0.0
+    one = {}
+    assert rr.throughput_tps == pytest.approx(brute_replicas(c, B, runtime, one=one), rel=1e-9)
+    _check_real(c, rr, runtime)
+    assert len(rr.replicas) > 1
+    assert rr.result.nit < 15 * B  # fewer inner solves than every (set, streams)
+    bounds = _Bounds(c, Workload(streams=B), runtime, None)
+    for (blk, b), f in one.items():
+        assert max((x for _, x in bounds.per_batch(list(blk), b)), default=0.0) >= \
+            f * (1 - 1e-9), (blk, b)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bound_mode_bound_holds_on_random_clusters(seed):
+    """Stopped early (a work budget of 1), the plan is real and the stated bound is at least
+    the exact optimum's throughput, on random 4-node clusters under each runtime."""
+    c = _random_four(10 + seed)
+    runtime = ("mlx-pipeline", "exo-current", "exo-legacy", "exo-current")[seed]
+    wl = Workload(streams=(6, 12, 9, 20)[seed])
+    exact = solve_replicas(c, wl, runtime)
+    assert exact.result.proven == "optimal-all-orders-subsets"
+    early = solve_replicas(c, wl, runtime, max_work=1)
+    _check_real(c, early, runtime)
+    r = early.result
+    assert r.proven == "bound" and r.lower_bound <= exact.result.fun * (1 + 1e-9)
+    assert early.throughput_tps <= exact.throughput_tps * (1 + 1e-9)
+    assert r.gap == pytest.approx((r.fun - r.lower_bound) / r.fun)
