@@ -238,6 +238,18 @@ def test_short_calls_are_timed_back_to_back():
     assert one.inner == 1  # long enough already
 
 
+def sleeping_blocks(calls: list, seconds: float):
+    """block(n): a stand-in block that records (n, tokens) in `calls`, sleeps `seconds` (its
+    "compute") and returns its input + 1, for tests of the timing method's call pattern."""
+    def block(n):
+        def f(h, mask, cache):
+            calls.append((n, h.shape[1]))
+            time.sleep(seconds)
+            return h + 1.0
+        return f
+    return block
+
+
 def test_decode_is_timed_per_block_inside_a_chain_of_distinct_blocks():
     """rows.time_chain runs the k blocks as one chain per decode pass (each block once per
     pass, in order, one after the other: the output of one is the input of the next) and
@@ -247,14 +259,7 @@ def test_decode_is_timed_per_block_inside_a_chain_of_distinct_blocks():
     from profiler import rows
 
     calls = []
-
-    def block(n):
-        def f(h, mask, cache):
-            calls.append((n, h.shape[1]))
-            time.sleep(0.01)
-            return h + 1.0
-        return f
-
+    block = sleeping_blocks(calls, 0.01)
     m = rows.Method(prefill_tokens=[4], decode_context=[8], warmup=1, repeats=3, max_rounds=1,
                     flush=False, decode_min_sample_s=1.0, decode_max_steps=8)
     pre, dec = rows.time_chain([block(0), block(1), block(2)], [None, None, None], 16,
@@ -278,14 +283,7 @@ def test_short_prefill_passes_are_timed_in_a_chain_of_blocks():
     from profiler import rows
 
     calls = []
-
-    def block(n):
-        def f(h, mask, cache):
-            calls.append((n, h.shape[1]))
-            time.sleep(0.02)
-            return h + 1.0
-        return f
-
+    block = sleeping_blocks(calls, 0.02)
     chain = [block(0), block(1), block(2)]
     m = rows.Method(prefill_tokens=[4], decode_context=[8], warmup=1, repeats=3, max_rounds=1,
                     flush=False)
