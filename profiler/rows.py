@@ -68,6 +68,16 @@ def _mask(x, cache):
     return create_attention_mask(x, cache)
 
 
+def chain_pass(blocks: list, x: mx.array, caches: list) -> None:
+    """One pass of `x` through `blocks` in order, block i with caches[i], one attention mask
+    (from the first cache) and one mx.eval of the output and every cache: how a pipeline stage
+    runs its blocks, and what every chain timing here and in the self-check runs."""
+    h, mask = x, _mask(x, caches[0])
+    for b, c in zip(blocks, caches):
+        h = b(h, mask, c)
+    mx.eval(h, *[a for c in caches for a in cache_arrays(c)])
+
+
 def fill_cache(block, template_cache, context: int, x1: mx.array, seed: int = 1):
     """A cache for `block` holding `context` tokens. KV-style caches are written directly with
     normal noise of the shape and dtype the block's own keys/values have (found by running one
@@ -181,7 +191,7 @@ def prefill_lengths(blocks: list, template_caches: list, hidden_size: int, dtype
         def run(x=x) -> float:
             cache = copy.deepcopy(template_caches[0])
             t0 = time.perf_counter()
-            mx.eval(blocks[0](x, _mask(x, cache), cache), *cache_arrays(cache))
+            chain_pass(blocks[:1], x, [cache])
             return time.perf_counter() - t0
 
         if run() > pass_s:  # even cold: alone, and so is every longer prompt (seconds-long
@@ -210,11 +220,7 @@ def time_chain(blocks: list, template_caches: list, hidden_size: int, dtype, m: 
         x = hidden(m.batch, p, hidden_size, dtype, seed=m.seed + i)
 
         def run(x=x, pre_blocks=pre_blocks, pre_caches=pre_caches):
-            caches = [copy.deepcopy(t) for t in pre_caches]
-            h, mask = x, _mask(x, caches[0])
-            for b, c in zip(pre_blocks, caches):
-                h = b(h, mask, c)
-            mx.eval(h, *[a for c in caches for a in cache_arrays(c)])
+            chain_pass(pre_blocks, x, [copy.deepcopy(t) for t in pre_caches])
 
         prefill.append(_per_block(_t(run, m), len(pre_blocks)))
         del x
@@ -234,11 +240,7 @@ def time_decode_chain(blocks: list, template_caches: list, hidden_size: int, dty
                   for n, (b, t) in enumerate(zip(blocks, template_caches))]
 
         def step(caches=caches):
-            h = x1
-            mask = _mask(x1, caches[0])
-            for b, cc in zip(blocks, caches):
-                h = b(h, mask, cc)
-            mx.eval(h, *[a for cc in caches for a in cache_arrays(cc)])
+            chain_pass(blocks, x1, caches)
 
         def back(caches=caches, c=c):
             for cc in caches:

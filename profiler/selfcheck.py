@@ -199,11 +199,8 @@ def _prefill_point(w: _Whole, table: CostTable, tm: _Timing, j: int, p: int,
 
     def block_run(js):
         def fn():
-            cs = [copy.deepcopy(w.templates[i]) for i in js]
-            y, mask = xp, w.mask(xp, cs[0])
-            for i, c in zip(js, cs):
-                y = w.parts.layers[i](y, mask, c)
-            mx.eval(y, *[a for c in cs for a in rows.cache_arrays(c)])
+            rows.chain_pass([w.parts.layers[i] for i in js], xp,
+                            [copy.deepcopy(w.templates[i]) for i in js])
         return fn
 
     grid = list(table.prefill_tokens)  # the table's chain length at p, or at the nearest P
@@ -239,10 +236,8 @@ def _decode_point(w: _Whole, table: CostTable, tm: _Timing, c: int,
 
     def block_step(i):
         def fn():
-            y, mask = x1, w.mask(x1, caches[chains[i][0]])
-            for j in chains[i]:
-                y = w.parts.layers[j](y, mask, caches[j])
-            mx.eval(y, *[a for j in chains[i] for a in rows.cache_arrays(caches[j])])
+            rows.chain_pass([w.parts.layers[j] for j in chains[i]], x1,
+                            [caches[j] for j in chains[i]])
 
         def setup():
             for j in chains[i]:
