@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_machine import line, steadiness  # noqa: E402
+from bench.bench_machine import line, quantiles, steadiness  # noqa: E402
 from profiler.models import resolve_model  # noqa: E402
 from profiler.profile import ProfileOptions, profile_model  # noqa: E402
 from profiler.selfcheck import self_check  # noqa: E402
@@ -59,14 +59,6 @@ def _ints(s: str) -> list[int]:
 
 def pct(v: float) -> str:
     return f"{100 * v:+.1f}%"
-
-
-def quantiles(v: list[float]) -> tuple[float, float]:
-    """p10, p90 (nearest rank) of a short list."""
-    s = sorted(v)
-    lo = s[int(0.1 * (len(s) - 1) + 0.5)]
-    hi = s[int(0.9 * (len(s) - 1) + 0.5)]
-    return lo, hi
 
 
 def verdict(err: float, noise: float) -> str:

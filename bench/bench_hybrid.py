@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_machine import line as steady_line, steadiness  # noqa: E402
+from bench_testbed import MODEL_CONFIG as TESTBED_MODEL  # noqa: E402
 from bench_testbed import ensure_model as testbed_ensure_model  # noqa: E402
 from bench_testbed import log, measure_link, record_link  # noqa: E402
 from bench_testbed import profile_node as testbed_profile_node  # noqa: E402
@@ -61,10 +62,7 @@ from exo_bridge.testbed.bed import Testbed  # noqa: E402
 from exo_bridge.testbed.spec import LinkSpec, NodeSpec, TestbedSpec  # noqa: E402
 from exo_bridge.testbed.system import available  # noqa: E402
 
-MODEL_CONFIG = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 8,
-                "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
-                "vocab_size": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-                "max_position_embeddings": 2048, "torch_dtype": "float32"}
+MODEL_CONFIG = {**TESTBED_MODEL, "num_hidden_layers": 8}  # bench_testbed's model, 8 blocks
 MODEL_NAME = "bench-llama-8x1024-kv4"
 MB = 1 << 20
 # id, cpu share, usable memory the planner fits into, available memory exo's placement sees

@@ -34,6 +34,12 @@ def quantile(s: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(q * (len(s) - 1) + 0.5)))]
 
 
+def quantiles(v: list[float]) -> tuple[float, float]:
+    """p10, p90 (nearest rank) of an unsorted list: the spread the benchmarks print."""
+    s = sorted(v)
+    return quantile(s, 0.1), quantile(s, 0.9)
+
+
 def samples(seconds: float) -> list[tuple[float, float, float]]:
     """(start since the first sample, wall s, CPU s) of each run of the fixed computation."""
     import mlx.core as mx

@@ -37,18 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_machine import line, steadiness  # noqa: E402
+from bench.bench_machine import line, quantiles, steadiness  # noqa: E402
 from bench.exp_chain_vs_alone import BENCH_LLAMA, cpu_group, in_group  # noqa: E402
 
 DEFAULT = ("0.5:0-8,0.9:8-16,0.25:0-8,0.3:8-12,0.5:12-14,0.9:14-16,0.9:0-4,0.5:4-8,"
            "0.3:8-12,0.25:12-16")
 TARGET = 0.05
-
-
-def quantiles(v: list[float]) -> tuple[float, float]:
-    """p10, p90 (nearest rank)."""
-    q = sorted(v)
-    return q[int(0.1 * (len(q) - 1) + 0.5)], q[int(0.9 * (len(q) - 1) + 0.5)]
 
 
 def spread(v: list[float]) -> float:
@@ -134,16 +128,13 @@ def node(args) -> int:
                 h = head(h)
             mx.eval(h, *[x for i in range(a, b) for x in rows.cache_arrays(caches[i])])
 
-        def stage_sample(a=a, b=b):
-            for i in range(a, b):
-                rows.rewind(caches[i], C)
-            rows.flush_caches()
-            mx.synchronize()
-            time.sleep(settle)  # a stage waits for its input
-            t0 = time.perf_counter()
-            stage()
-            mx.synchronize()
-            return time.perf_counter() - t0
+        def stage_sample(a=a, b=b, stage=stage) -> float:
+            """One decode pass timed the profiler's way (rows._t: caches rewound and flushed,
+            the settle idled, as a stage waits for its input; then the clock)."""
+            def rewind():
+                for i in range(a, b):
+                    rows.rewind(caches[i], C)
+            return rows._t(stage, m1, setup=rewind).median_s
 
         samples, now = [], []
         stage_sample()  # warm-up

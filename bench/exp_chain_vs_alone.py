@@ -43,10 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BENCH_LLAMA = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 16,
-               "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
-               "vocab_size": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-               "max_position_embeddings": 2048, "torch_dtype": "float32"}
+from bench.bench_testbed import MODEL_CONFIG as BENCH_LLAMA  # noqa: E402 (the testbed's model)
 CG = Path("/sys/fs/cgroup/cpu")
 
 
